@@ -1,0 +1,98 @@
+"""The hook interface: how plugins attach to the sampling loop.
+
+The loop (:func:`stablefused.sampling.denoise`) calls, in order:
+
+* ``hook.before_loop(ctx: LoopContext)`` once. Return ``None`` or a tensor that replaces the initial latents.
+* For each loop iteration (= each UNet evaluation; a 2nd-order scheduler such as Heun makes two per step):
+  the **guidance hook** (:class:`stablefused.guidance.Guidance`) gives the per-sample scale
+  ``w = schedule(base_scale, info)`` and decides which halves of the batch need a UNet pass
+  (``rule.passes(w)``); after the UNet call it combines the predictions (``rule(cond, uncond, w, info)``).
+  Then the scheduler steps, and every ``hook.on_step(state: StepState)`` runs. Return ``None`` or a tensor
+  that replaces ``x_{t-1}`` (for example latent blending for inpainting).
+* ``hook.after_loop(ctx, latents)`` once, with the final latents (return value ignored).
+
+Hooks see tensors as they are; they must not modify them in place. Anything a hook wants to keep it copies
+(``.detach().to("cpu")``). A hook may hold state; the loop calls ``reset()`` (if present) before each run so
+no state leaks between runs of a sweep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class StepInfo:
+    """Where the loop is: what a guidance schedule needs to decide a scale."""
+
+    index: int  # loop iteration, 0-based (UNet evaluations; Heun/KDPM2 make two per step)
+    num_steps: int  # loop iterations in this run
+    t: torch.Tensor  # the scheduler's timestep for this iteration
+    sigma: float  # noise level in the x = x0 + sigma * eps convention: sqrt((1 - alpha_bar) / alpha_bar)
+    sigma_max: float  # sigma of the first iteration of a full schedule (for interval guidance)
+    sigma_min: float  # sigma of the last iteration of a full schedule
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the loop already done before this iteration: 0 at the first, (n-1)/n at the last."""
+        return self.index / self.num_steps
+
+
+@dataclass
+class StepState(StepInfo):
+    """Everything known after one loop iteration. Predictions are in the model's parameterisation
+    (epsilon, or v for v-prediction models). Rows whose pass was skipped (scale 0 needs no conditional
+    pass, scale 1 no unconditional) hold the other prediction; ``has_cond``/``has_uncond`` say which."""
+
+    x_t: torch.Tensor = None  # latents entering the iteration (scheduler space)
+    eps_cond: torch.Tensor = None
+    eps_uncond: torch.Tensor = None
+    eps_guided: torch.Tensor = None
+    x0_pred: torch.Tensor = None  # predicted clean latents, x̂0
+    x_prev: torch.Tensor = None  # latents after the scheduler step, x_{t-1}
+    guidance_scale: torch.Tensor = None  # (B,) scale used at this iteration
+    has_cond: torch.Tensor = None  # (B,) bool
+    has_uncond: torch.Tensor = None  # (B,) bool
+    unet_rows: int = 0  # rows evaluated by the UNet in this iteration
+
+
+@dataclass
+class LoopContext:
+    """What a run is: given to ``before_loop`` and ``after_loop``."""
+
+    latents: torch.Tensor  # initial latents (already scaled by the scheduler's init_noise_sigma)
+    cond_embeds: torch.Tensor
+    uncond_embeds: torch.Tensor
+    base_scales: torch.Tensor  # (B,) guidance scale per sample before any schedule
+    timesteps: torch.Tensor
+    scheduler: Any
+    unet: Any
+    samples: list[dict] = field(default_factory=list)  # per-sample metadata (prompt, seed, ...)
+    stats: dict = field(default_factory=dict)  # filled by the loop: unet_rows, model_calls
+
+
+class Hook(Protocol):
+    def before_loop(self, ctx: LoopContext) -> torch.Tensor | None: ...
+
+    def on_step(self, state: StepState) -> torch.Tensor | None: ...
+
+    def after_loop(self, ctx: LoopContext, latents: torch.Tensor) -> None: ...
+
+
+class BaseHook:
+    """Convenience base: every method does nothing. Override what you need."""
+
+    def reset(self) -> None:
+        pass
+
+    def before_loop(self, ctx: LoopContext) -> torch.Tensor | None:
+        return None
+
+    def on_step(self, state: StepState) -> torch.Tensor | None:
+        return None
+
+    def after_loop(self, ctx: LoopContext, latents: torch.Tensor) -> None:
+        return None

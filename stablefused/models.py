@@ -1,0 +1,219 @@
+"""Loading model components: a hub id, a local diffusers folder, a single ``.safetensors`` file, a bundled
+model, or the ``tiny_random`` test model built in code. Loaded models are cached per process (keyed by
+source, dtype and device) so a sweep loads each model once.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stablefused.paths import bundled_models_dir
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The weights could not be found or loaded; the message says how to get them."""
+
+
+@dataclass
+class Components:
+    name: str
+    tokenizer: Any
+    text_encoder: Any
+    unet: Any
+    vae: Any
+    scheduler_config: dict
+    device: torch.device
+    dtype: torch.dtype
+    source: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def make_scheduler(self, cls_name: str | None = None, **overrides: Any) -> Any:
+        """A fresh scheduler from the model's own scheduler config, of class ``cls_name`` (default: the
+        model's), with ``overrides`` applied. Fresh per run, so no state leaks between runs."""
+        import diffusers
+
+        cls_name = cls_name or self.scheduler_config["_class_name"]
+        try:
+            cls = getattr(diffusers, cls_name)
+        except AttributeError:
+            raise ModelLoadError(f"scheduler.cls: diffusers has no scheduler class {cls_name!r}") from None
+        return cls.from_config(self.scheduler_config, **overrides)
+
+
+_CACHE: dict[tuple, Components] = {}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device=cuda: no CUDA device is available here; use device=cpu or device=auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def load_components(model_cfg: Any, device: str = "auto", dtype: str = "float32") -> Components:
+    """Load (or fetch from the cache) the components that ``model_cfg`` names."""
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    source = model_source(model_cfg)
+    key = (source, model_cfg.get("prediction_type"), bool(model_cfg.get("allow_pickle")), str(dev), str(dt))
+    if key not in _CACHE:
+        if source == "builtin:tiny_random":
+            comps = build_tiny_random(seed=int(model_cfg.get("seed", 0)))
+        else:
+            comps = _load_from(source, model_cfg)
+        if model_cfg.get("prediction_type"):
+            comps.scheduler_config["prediction_type"] = model_cfg["prediction_type"]
+        comps.name = model_cfg["name"]
+        comps.source = source
+        for m in (comps.text_encoder, comps.unet, comps.vae):
+            m.to(device=dev, dtype=dt).eval().requires_grad_(False)
+        comps.device, comps.dtype = dev, dt
+        _CACHE[key] = comps
+    comps = _CACHE[key]
+    # Each run gets its own copy of the scheduler config; the modules are shared (read-only).
+    return Components(**{**comps.__dict__, "scheduler_config": copy.deepcopy(comps.scheduler_config)})
+
+
+def model_source(model_cfg: Any) -> str:
+    if model_cfg.get("path"):
+        return str(Path(model_cfg["path"]).expanduser().resolve())
+    if model_cfg.get("bundled"):
+        return str(bundled_models_dir() / model_cfg["bundled"])
+    if model_cfg.get("builtin"):
+        return f"builtin:{model_cfg['builtin']}"
+    if model_cfg.get("hub_id"):
+        return model_cfg["hub_id"]
+    raise ModelLoadError(f"model {model_cfg.get('name')!r}: set model.path, model.hub_id or model.bundled")
+
+
+def _load_from(source: str, model_cfg: Any) -> Components:
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    allow_pickle = bool(model_cfg.get("allow_pickle"))
+    name = model_cfg.get("name", source)
+    path = Path(source)
+    if path.suffix in (".safetensors", ".ckpt", ".pt", ".bin") or path.is_file():
+        if path.suffix != ".safetensors" and not allow_pickle:
+            raise ModelLoadError(
+                f"model.path={source}: refusing to load pickle weights (arbitrary code). Convert it to "
+                "safetensors, or set model.allow_pickle=true if you trust the file."
+            )
+        if not path.is_file():
+            raise ModelLoadError(f"model.path={source}: no such file")
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), safety_checker=None, requires_safety_checker=False,
+                original_config=model_cfg.get("original_config"), config=model_cfg.get("config"),
+            )
+        except Exception as e:  # diffusers needs the model's config (a hub id or local folder)
+            raise ModelLoadError(
+                f"model.path={source}: could not load the single-file checkpoint ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}). Set model.config=<local diffusers folder or hub id> with "
+                "the matching configs, or use a diffusers folder."
+            ) from e
+        return Components(name, pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae,
+                          dict(pipe.scheduler.config), torch.device("cpu"), torch.float32)
+
+    is_local = path.is_dir()
+    if not is_local and (source.startswith(("/", ".", "~")) or model_cfg.get("path")):
+        raise ModelLoadError(f"model.path={source}: no such folder")
+    kw = dict(use_safetensors=None if allow_pickle else True, revision=model_cfg.get("revision"))
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=kw["revision"])
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kw)
+        from diffusers import DDIMScheduler
+
+        scheduler_config = dict(DDIMScheduler.load_config(source, subfolder="scheduler", revision=kw["revision"]))
+    except (OSError, ValueError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if is_local:
+            raise ModelLoadError(f"model.path={source}: not a loadable diffusers folder ({first})") from e
+        raise ModelLoadError(
+            f"model={name}: cannot load {source!r} from the Hugging Face hub (offline, not downloaded, or "
+            f"gated: {first}). Download it with `hf download {source}` on a machine with network (and "
+            f"accept its licence), or set model.path=<local diffusers folder or .safetensors file>."
+        ) from e
+    return Components(name, tokenizer, text_encoder, unet, vae, scheduler_config,
+                      torch.device("cpu"), torch.float32)
+
+
+TINY_WORDS = "a an the red green blue yellow white black circle square triangle small large on of photo cat dog".split()
+
+
+def build_tiny_random(seed: int = 0, prediction_type: str = "epsilon", cross_attention_dim: int = 32) -> Components:
+    """A tiny Stable-Diffusion-shaped model with random weights, built in code (for tests)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from stablefused.text import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(TINY_WORDS, model_max_length=16)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1, sample_size=16,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=cross_attention_dim, intermediate_size=37,
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer) + 8, max_position_embeddings=16,
+    ))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+    )
+    return Components("tiny_random", tokenizer, text_encoder, unet, vae, dict(scheduler.config),
+                      torch.device("cpu"), torch.float32, source="builtin:tiny_random")
+
+
+def save_components(comps: Components, folder: str | Path) -> Path:
+    """Write components as a diffusers folder (``model_index.json`` + subfolders, safetensors)."""
+    import diffusers
+
+    folder = Path(folder)
+    comps.tokenizer.save_pretrained(folder / "tokenizer")
+    comps.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    comps.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    comps.vae.save_pretrained(folder / "vae", safe_serialization=True)
+    sched = getattr(diffusers, comps.scheduler_config["_class_name"]).from_config(comps.scheduler_config)
+    sched.save_pretrained(folder / "scheduler")
+    import json
+
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", comps.scheduler_config["_class_name"]],
+        "text_encoder": ["transformers", type(comps.text_encoder).__name__],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", type(comps.unet).__name__], "vae": ["diffusers", type(comps.vae).__name__],
+    }, indent=2))
+    return folder

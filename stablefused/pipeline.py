@@ -1,0 +1,97 @@
+"""Text-to-image on top of the one loop: encode prompts → initial latents → :func:`denoise` → decode.
+
+Other tasks reuse these pieces (``encode``, ``initial_latents``, ``decode``) and call the same
+:func:`stablefused.sampling.denoise` with their own latents, embeddings or extra channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from stablefused.guidance import Guidance
+from stablefused.hooks import LoopContext
+from stablefused.models import Components
+from stablefused.sampling import denoise
+
+
+@dataclass
+class Generation:
+    images: np.ndarray  # (B, H, W, 3) float32 in [0, 1]
+    latents: torch.Tensor  # final latents
+    context: LoopContext
+
+
+class Sampler:
+    def __init__(self, components: Components, scheduler: Any | None = None):
+        self.c = components
+        self.scheduler = scheduler if scheduler is not None else components.make_scheduler()
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings (B, L, D), as diffusers' ``encode_prompt`` computes them (no clip skip)."""
+        tok = self.c.tokenizer
+        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.c.device)
+        return self.c.text_encoder(ids)[0].to(self.c.dtype)
+
+    def initial_latents(self, seeds: Sequence[int], height: int, width: int,
+                        frames: int | None = None) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Noise per image from its own CPU generator: an image depends on its seed only (not on the
+        device, the batch size or its neighbours). The generators are returned for the scheduler's noise."""
+        f = self.c.vae_scale_factor
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        shape = (len(seeds), self.c.unet.config.in_channels)
+        shape += (frames,) if frames else ()
+        shape += (height // f, width // f)
+        latents = randn_tensor(shape, generator=generators, device=self.c.device, dtype=self.c.dtype)
+        return latents * self.scheduler.init_noise_sigma, generators
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
+        """Latents → float images (B, H, W, 3) in [0, 1], in batches of ``batch_size``."""
+        vae = self.c.vae
+        out = []
+        n = batch_size or len(latents)
+        for chunk in latents.split(n):
+            img = vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+            out.append((img / 2 + 0.5).clamp(0, 1).float().permute(0, 2, 3, 1).cpu().numpy())
+        return np.concatenate(out)
+
+    @torch.no_grad()
+    def txt2img(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        guidance_scales: Sequence[float] | float = 7.5,
+        negative_prompts: Sequence[str] | str = "",
+        *,
+        steps: int = 20,
+        height: int | None = None,
+        width: int | None = None,
+        guidance: Guidance | None = None,
+        hooks: Sequence[Any] = (),
+        samples: list[dict] | None = None,
+        eta: float = 0.0,
+        progress: bool = True,
+    ) -> Generation:
+        n = len(prompts)
+        if isinstance(negative_prompts, str):
+            negative_prompts = [negative_prompts] * n
+        if isinstance(guidance_scales, (int, float)):
+            guidance_scales = [float(guidance_scales)] * n
+        if not (len(seeds) == len(negative_prompts) == len(guidance_scales) == n):
+            raise ValueError("prompts, seeds, negative_prompts and guidance_scales must have the same length")
+        default = self.c.unet.config.sample_size * self.c.vae_scale_factor
+        height, width = height or default, width or default
+        cond, uncond = self.encode(prompts), self.encode(negative_prompts)
+        latents, generators = self.initial_latents(seeds, height, width)
+        latents, ctx = denoise(
+            self.c.unet, self.scheduler, latents, cond, uncond, guidance_scales, num_steps=steps,
+            guidance=guidance, hooks=hooks, generators=generators, eta=eta, samples=samples, progress=progress,
+        )
+        return Generation(self.decode(latents), latents, ctx)

@@ -1,0 +1,166 @@
+"""The one sampling loop. Every task (text-to-image, image-to-image, inpainting, video, walks) calls
+:func:`denoise`; tasks differ only in the latents, embeddings and extra inputs they pass.
+
+The loop follows diffusers' ``StableDiffusionPipeline.__call__`` step for step (same UNet batch order
+``[uncond, cond]``, same scheduler calls), so with all passes needed its output equals the pipeline's. What
+it adds: a guidance scale per sample (a whole guidance sweep in one batch), half-batch skipping where the
+rule allows it, x̂0 for every scheduler, and the hook calls described in :mod:`stablefused.hooks`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from stablefused.guidance import Guidance
+from stablefused.hooks import LoopContext, StepInfo, StepState
+
+
+def _step_kwargs(scheduler: Any, generators: Any, eta: float) -> dict:
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {}
+    if "generator" in accepted:
+        kwargs["generator"] = generators
+    if "eta" in accepted:
+        kwargs["eta"] = eta
+    return kwargs
+
+
+def _sigmas(scheduler: Any, timesteps: torch.Tensor, begin: int) -> list[float]:
+    """Noise level of each iteration in the x = x0 + σ·ε convention, whatever the scheduler family."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    n = len(timesteps)
+    if sigmas is not None and len(sigmas) >= begin + n:
+        return [float(s) for s in sigmas[begin : begin + n]]
+    ac = scheduler.alphas_cumprod
+    out = []
+    for t in timesteps:
+        a = float(ac[int(t)])
+        out.append(math.sqrt((1 - a) / a))
+    return out
+
+
+def predict_x0(model_output: torch.Tensor, model_input: torch.Tensor, sigma: float, prediction_type: str) -> torch.Tensor:
+    """x̂0 from a prediction. ``model_input`` is what the UNet saw (the scheduler's scaled input), which for
+    every scheduler is sqrt(ᾱ)·x0 + sqrt(1-ᾱ)·ε with ᾱ = 1 / (1 + σ²)."""
+    alpha_bar = 1.0 / (1.0 + sigma * sigma)
+    a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+    if prediction_type == "epsilon":
+        return (model_input - s * model_output) / a
+    if prediction_type == "v_prediction":
+        return a * model_input - s * model_output
+    if prediction_type == "sample":
+        return model_output
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def denoise(
+    unet: Any,
+    scheduler: Any,
+    latents: torch.Tensor,
+    cond_embeds: torch.Tensor,
+    uncond_embeds: torch.Tensor,
+    base_scales: torch.Tensor | Sequence[float],
+    *,
+    num_steps: int,
+    guidance: Guidance | None = None,
+    hooks: Sequence[Any] = (),
+    generators: list[torch.Generator] | None = None,
+    start_step: int = 0,
+    extra_channels: torch.Tensor | None = None,
+    eta: float = 0.0,
+    samples: list[dict] | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, LoopContext]:
+    """Run the denoising loop and return the final latents (and the run's context with its stats).
+
+    Args:
+        latents: initial latents, (B, C, H, W) or (B, C, F, H, W) for video, already multiplied by
+            ``scheduler.init_noise_sigma`` (text-to-image) or noised to ``start_step`` (image-to-image).
+        cond_embeds / uncond_embeds: text embeddings per sample (B, L, D); walks pass their own.
+        base_scales: guidance scale per sample (B,), any real value.
+        start_step: skip the first ``start_step`` steps of a ``num_steps`` schedule (image-to-image).
+        extra_channels: (B, C', H, W) concatenated to the UNet input (inpainting UNets: mask + masked latents).
+        generators: one CPU generator per sample, for stochastic schedulers.
+    """
+    guidance = guidance or Guidance.default()
+    device, batch = latents.device, latents.shape[0]
+    base_scales = torch.as_tensor(base_scales, dtype=torch.float32).reshape(-1).cpu()
+    if base_scales.numel() != batch:
+        raise ValueError(f"got {base_scales.numel()} guidance scales for a batch of {batch}")
+    scheduler.set_timesteps(num_steps, device=device)
+    begin = start_step * scheduler.order
+    timesteps = scheduler.timesteps[begin:]
+    if begin and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin)
+    all_sigmas = _sigmas(scheduler, scheduler.timesteps, 0)
+    sigmas = all_sigmas[begin:]
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    step_kwargs = _step_kwargs(scheduler, generators, eta)
+
+    guidance.reset()
+    for hook in hooks:
+        if hasattr(hook, "reset"):
+            hook.reset()
+    ctx = LoopContext(
+        latents=latents, cond_embeds=cond_embeds, uncond_embeds=uncond_embeds, base_scales=base_scales,
+        timesteps=timesteps, scheduler=scheduler, unet=unet, samples=samples or [],
+        stats={"unet_rows": 0, "model_calls": 0},
+    )
+    for hook in hooks:
+        new = hook.before_loop(ctx)
+        if new is not None:
+            latents = new
+
+    for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", leave=False)):
+        info = StepInfo(i, len(timesteps), t, sigmas[i], all_sigmas[0], all_sigmas[-1])
+        w = torch.as_tensor(guidance.scale(base_scales, info), dtype=torch.float32).reshape(batch)
+        need_cond, need_uncond = guidance.rule.passes(w)
+        if not bool((need_cond | need_uncond).all()):
+            raise ValueError("guidance rule asked for neither the conditional nor the unconditional pass")
+
+        model_input = scheduler.scale_model_input(latents, t)
+        # UNet batch: [rows needing uncond, rows needing cond], as diffusers' torch.cat([latents] * 2).
+        u_rows, c_rows = need_uncond.nonzero().flatten(), need_cond.nonzero().flatten()
+        x_in = torch.cat([model_input[u_rows], model_input[c_rows]])
+        emb = torch.cat([uncond_embeds[u_rows], cond_embeds[c_rows]])
+        if extra_channels is not None:
+            x_in = torch.cat([x_in, torch.cat([extra_channels[u_rows], extra_channels[c_rows]])], dim=1)
+        out = unet(x_in, t, encoder_hidden_states=emb, return_dict=False)[0]
+        ctx.stats["unet_rows"] += x_in.shape[0]
+        ctx.stats["model_calls"] += 1
+
+        eps_uncond = out.new_empty((batch, *out.shape[1:]))
+        eps_cond = out.new_empty((batch, *out.shape[1:]))
+        eps_uncond[u_rows] = out[: len(u_rows)]
+        eps_cond[c_rows] = out[len(u_rows) :]
+        eps_uncond[~need_uncond] = eps_cond[~need_uncond]
+        eps_cond[~need_cond] = eps_uncond[~need_cond]
+        eps = guidance.rule(eps_cond, eps_uncond, w.to(device), info)
+
+        step_out = scheduler.step(eps, t, latents, **step_kwargs, return_dict=True)
+        x_prev = step_out.prev_sample
+        x0 = getattr(step_out, "pred_original_sample", None)
+        if x0 is None:
+            x0 = predict_x0(eps, model_input, sigmas[i], prediction_type)
+
+        if hooks:
+            state = StepState(
+                index=i, num_steps=len(timesteps), t=t, sigma=sigmas[i], sigma_max=all_sigmas[0],
+                sigma_min=all_sigmas[-1], x_t=latents, eps_cond=eps_cond, eps_uncond=eps_uncond,
+                eps_guided=eps, x0_pred=x0, x_prev=x_prev, guidance_scale=w, has_cond=need_cond,
+                has_uncond=need_uncond, unet_rows=x_in.shape[0],
+            )
+            for hook in hooks:
+                new = hook.on_step(state)
+                if new is not None:
+                    x_prev = state.x_prev = new
+        latents = x_prev
+
+    for hook in hooks:
+        hook.after_loop(ctx, latents)
+    return latents, ctx
