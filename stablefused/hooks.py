@@ -12,8 +12,8 @@ The loop (:func:`stablefused.sampling.denoise`) calls, in order:
 * ``hook.after_loop(ctx, latents)`` once, with the final latents (return value ignored).
 
 Hooks see tensors as they are; they must not modify them in place. Anything a hook wants to keep it copies
-(``.detach().to("cpu")``). A hook may hold state; the loop calls ``reset()`` (if present) before each run so
-no state leaks between runs of a sweep.
+(``.detach().to("cpu")``). A hook may hold state across the batches of one StableFused run; the app creates
+fresh plugin instances for every run, so nothing leaks between the jobs of a sweep.
 """
 
 from __future__ import annotations
@@ -84,9 +84,6 @@ class Hook(Protocol):
 
 class BaseHook:
     """Convenience base: every method does nothing. Override what you need."""
-
-    def reset(self) -> None:
-        pass
 
     def before_loop(self, ctx: LoopContext) -> torch.Tensor | None:
         return None

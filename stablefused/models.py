@@ -55,6 +55,10 @@ class Components:
 _CACHE: dict[tuple, Components] = {}
 
 
+def _scheduler_dict(scheduler: Any) -> dict:
+    return {**scheduler.config, "_class_name": type(scheduler).__name__}
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
@@ -86,8 +90,11 @@ def load_components(model_cfg: Any, device: str = "auto", dtype: str = "float32"
         comps.name = model_cfg["name"]
         comps.source = source
         for m in (comps.text_encoder, comps.unet, comps.vae):
-            m.to(device=dev, dtype=dt).eval().requires_grad_(False)
+            m.to(device=dev).eval().requires_grad_(False)
+            if m.dtype != dt:
+                m.to(dtype=dt)
         comps.device, comps.dtype = dev, dt
+        log.info("Loaded model %s from %s (%s, %s)", comps.name, source, dev, dt)
         _CACHE[key] = comps
     comps = _CACHE[key]
     # Each run gets its own copy of the scheduler config; the modules are shared (read-only).
@@ -133,7 +140,7 @@ def _load_from(source: str, model_cfg: Any) -> Components:
                 "the matching configs, or use a diffusers folder."
             ) from e
         return Components(name, pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae,
-                          dict(pipe.scheduler.config), torch.device("cpu"), torch.float32)
+                          _scheduler_dict(pipe.scheduler), torch.device("cpu"), torch.float32)
 
     is_local = path.is_dir()
     if not is_local and (source.startswith(("/", ".", "~")) or model_cfg.get("path")):
@@ -190,7 +197,7 @@ def build_tiny_random(seed: int = 0, prediction_type: str = "epsilon", cross_att
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
     )
-    return Components("tiny_random", tokenizer, text_encoder, unet, vae, dict(scheduler.config),
+    return Components("tiny_random", tokenizer, text_encoder, unet, vae, _scheduler_dict(scheduler),
                       torch.device("cpu"), torch.float32, source="builtin:tiny_random")
 
 

@@ -131,8 +131,8 @@ def get(kind: str, name: str) -> Any:
         ) from None
 
 
-def create(kind: str, name: str, **params: Any) -> Any:
-    """Instantiate plugin ``name`` of ``kind`` with ``params``; unknown parameters are named in the error."""
+def check_params(kind: str, name: str, params: dict) -> Any:
+    """The plugin class for ``name``, after checking that it accepts every key of ``params``."""
     cls = get(kind, name)
     accepted = _parameters(cls)
     if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
@@ -144,7 +144,12 @@ def create(kind: str, name: str, **params: Any) -> Any:
                 f"{kind} plugin {name!r} has no parameter {unknown[0]!r}.{hint} "
                 f"Parameters: {', '.join(accepted) or '(none)'}"
             )
-    return cls(**params)
+    return cls
+
+
+def create(kind: str, name: str, **params: Any) -> Any:
+    """Instantiate plugin ``name`` of ``kind`` with ``params``; unknown parameters are named in the error."""
+    return check_params(kind, name, params)(**params)
 
 
 def _parameters(obj: Any) -> dict[str, inspect.Parameter]:

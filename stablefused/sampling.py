@@ -102,10 +102,7 @@ def denoise(
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
     step_kwargs = _step_kwargs(scheduler, generators, eta)
 
-    guidance.reset()
-    for hook in hooks:
-        if hasattr(hook, "reset"):
-            hook.reset()
+    guidance.reset()  # per-run guidance state (e.g. APG momentum) starts fresh for every batch
     ctx = LoopContext(
         latents=latents, cond_embeds=cond_embeds, uncond_embeds=uncond_embeds, base_scales=base_scales,
         timesteps=timesteps, scheduler=scheduler, unet=unet, samples=samples or [],

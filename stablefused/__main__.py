@@ -1,0 +1,4 @@
+from stablefused.app import main
+
+if __name__ == "__main__":
+    main()

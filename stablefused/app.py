@@ -1,0 +1,87 @@
+"""``python -m stablefused``: compose the config, check it, load the model (cached across sweep jobs), run
+the experiment, write the run dir and the W&B run."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from stablefused import registry
+from stablefused.config import ConfigError, validate
+from stablefused.experiments import RUNNERS, Run, make_plugins
+from stablefused.guidance import Guidance
+from stablefused.logger import make_logger
+from stablefused.models import ModelLoadError, load_components
+from stablefused.outputs import Manifest
+from stablefused.paths import config_dir
+from stablefused.pipeline import Sampler
+
+log = logging.getLogger("stablefused")
+USER_ERRORS = (ConfigError, ModelLoadError, registry.PluginError)
+
+
+def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Run:
+    """One StableFused run into ``run_dir``. Plugins, scheduler and logger are created fresh here, so
+    nothing of one sweep job leaks into the next; only the loaded model modules are shared."""
+    validate(cfg)
+    if cfg.task not in RUNNERS:
+        raise ConfigError(f"task={cfg.task}: unknown; tasks are {', '.join(RUNNERS)}")
+    components = load_components(cfg.model, cfg.device, cfg.dtype)
+    scheduler = components.make_scheduler(cfg.scheduler.get("cls"), **(cfg.scheduler.get("overrides") or {}))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir,
+                         name=f"{cfg.name}/{run_dir.name}", group=group, job_type=cfg.name)
+    r = Run(
+        cfg=cfg, run_dir=run_dir, components=components, sampler=Sampler(components, scheduler),
+        guidance=Guidance.from_config(cfg.guidance), logger=logger, manifest=Manifest(run_dir / "manifest.jsonl"),
+        recorders=make_plugins(cfg, "recorders"), metrics=make_plugins(cfg, "metrics"),
+        visualizers=make_plugins(cfg, "visualizers"),
+    )
+    ok = False
+    try:
+        RUNNERS[cfg.task](r)
+        for rec in r.recorders.values():
+            if hasattr(rec, "save"):
+                rec.save(r)
+        for vis in r.visualizers.values():
+            vis(r)
+        logger.summary({"unet_rows": r.stats["unet_rows"], "model_calls": r.stats["model_calls"],
+                        "images": len(r.records)})
+        ok = True
+    finally:
+        logger.finish(exit_code=0 if ok else 1)
+    log.info("run dir: %s (%d images)", run_dir, len(r.records))
+    return r
+
+
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    group = None
+    if hc.mode == RunMode.MULTIRUN:
+        group = f"{cfg.name}-{Path(hc.sweep.dir).name}"
+        log.info("sweep job %s", hc.job.get("num"))
+    try:
+        run(cfg, run_dir, group=group)
+    except USER_ERRORS as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["plugins"]:
+        from stablefused.cli import print_plugins
+
+        print_plugins(sys.argv[2] if len(sys.argv) > 2 else None)
+        return
+    torch.set_grad_enabled(False)
+    hydra_main()

@@ -1,0 +1,140 @@
+"""Checks on the composed config, run before any model loads. Each problem is one line naming the key and
+what is allowed (``ConfigError``)."""
+
+from __future__ import annotations
+
+import difflib
+from numbers import Real
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from stablefused import registry
+
+TOP_LEVEL = {
+    "name", "task", "prompts", "negative_prompt", "seeds", "combine", "guidance_scales", "steps", "height",
+    "width", "batch_size", "eta", "device", "dtype", "progress", "plugin_dirs", "model", "scheduler",
+    "guidance", "recorders", "visualizers", "metrics", "logger",
+}
+MODEL_KEYS = {
+    "name", "builtin", "bundled", "hub_id", "path", "config", "revision", "allow_pickle", "prediction_type",
+    "seed", "size_multiple", "height", "width", "example_prompts",
+}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("float32", "float16", "bfloat16")
+PREDICTION_TYPES = (None, "epsilon", "v_prediction", "sample")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the key and the fix."""
+
+
+def _unknown(keys: Any, allowed: set[str], where: str) -> None:
+    for k in keys:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+            hint = f" Did you mean {where}{close[0]}?" if close else ""
+            raise ConfigError(f"{where}{k}: unknown setting.{hint} Allowed: {', '.join(sorted(allowed))}")
+
+
+def _int(cfg: Any, key: str, minimum: int | None = None, allow_none: bool = False) -> None:
+    v = cfg.get(key)
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{key}={v!r}: must be an integer" + (f" >= {minimum}" if minimum is not None else ""))
+    if minimum is not None and v < minimum:
+        raise ConfigError(f"{key}={v}: must be >= {minimum}")
+
+
+def _list(cfg: Any, key: str, item_type: type | tuple, what: str, allow_none: bool = False) -> list:
+    v = cfg.get(key)
+    if v is None and allow_none:
+        return []
+    if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+        raise ConfigError(f"{key}={v!r}: must be a list of {what}, e.g. {key}=[{v}]")
+    if not isinstance(v, (list, ListConfig)):
+        raise ConfigError(f"{key}={v!r}: must be a list of {what}")
+    items = list(v)
+    if not items:
+        raise ConfigError(f"{key}=[]: must hold at least one {what.rstrip('s')}")
+    for x in items:
+        if isinstance(x, bool) or not isinstance(x, item_type):
+            raise ConfigError(f"{key}: item {x!r} is not {what.rstrip('s')}")
+    return items
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError on the first problem found; cheap checks only (no model is loaded)."""
+    _unknown(cfg.keys(), TOP_LEVEL, "")
+    model = cfg.model
+    _unknown(model.keys(), MODEL_KEYS, "model.")
+
+    prompts = _list(cfg, "prompts", str, "strings", allow_none=True) or list(model.get("example_prompts") or [])
+    if not prompts:
+        raise ConfigError(f"prompts: empty, and model {model.name} has no example_prompts; set prompts=[...]")
+    if any(not p.strip() for p in prompts):
+        raise ConfigError("prompts: an empty prompt; use negative guidance or guidance_scales=[0] for unconditional images")
+    seeds = _list(cfg, "seeds", int, "integers")
+    scales = _list(cfg, "guidance_scales", Real, "numbers")
+    if cfg.combine not in ("product", "zip"):
+        raise ConfigError(f"combine={cfg.combine!r}: must be product or zip")
+    if cfg.combine == "zip" and len(seeds) != len(prompts):
+        raise ConfigError(
+            f"seeds: {len(seeds)} seeds for {len(prompts)} prompts with combine=zip; give one seed per prompt "
+            "or use combine=product"
+        )
+    if not isinstance(cfg.negative_prompt, str):
+        raise ConfigError(f"negative_prompt={cfg.negative_prompt!r}: must be a string")
+    _int(cfg, "steps", 1)
+    _int(cfg, "batch_size", 1)
+    mult = int(model.get("size_multiple") or 8)
+    for key in ("height", "width"):
+        _int(cfg, key, mult, allow_none=True)
+        v = cfg.get(key) or model.get(key)
+        if v is None:
+            raise ConfigError(f"{key}: not set and model {model.name} has no default {key}")
+        if v % mult:
+            lo, hi = v - v % mult, v - v % mult + mult
+            raise ConfigError(f"{key}={v}: must be a multiple of {mult} for model {model.name}; use {lo or hi} or {hi}")
+    if not isinstance(cfg.eta, Real) or isinstance(cfg.eta, bool):
+        raise ConfigError(f"eta={cfg.eta!r}: must be a number")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"device={cfg.device!r}: must be one of {', '.join(DEVICES)}")
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype={cfg.dtype!r}: must be one of {', '.join(DTYPES)}")
+    if cfg.device == "cpu" and cfg.dtype == "float16":
+        raise ConfigError("dtype=float16: half precision is not supported on device=cpu; use dtype=float32 or bfloat16")
+    if model.get("prediction_type") not in PREDICTION_TYPES:
+        raise ConfigError(f"model.prediction_type={model.prediction_type!r}: must be epsilon, v_prediction or sample")
+    if not isinstance(cfg.progress, bool):
+        raise ConfigError(f"progress={cfg.progress!r}: must be true or false")
+
+    sched = cfg.scheduler
+    if sched.get("cls"):
+        import diffusers
+
+        if not hasattr(diffusers, sched.cls):
+            raise ConfigError(f"scheduler.cls={sched.cls}: diffusers has no such scheduler class")
+    if cfg.logger.name not in ("wandb", "none"):
+        raise ConfigError(f"logger={cfg.logger.name}: must be wandb or none")
+
+    registry.discover(list(cfg.plugin_dirs))
+    _plugin(cfg.guidance, "schedule", "guidance_schedule", "params", "guidance")
+    _plugin(cfg.guidance, "rule", "guidance_rule", "rule_params", "guidance")
+    for kind in ("recorders", "visualizers", "metrics"):
+        for name, params in (cfg.get(kind) or {}).items():
+            _create_check(kind, name, params, f"{kind}.{name}")
+
+
+def _plugin(group: Any, name_key: str, kind: str, params_key: str, where: str) -> None:
+    _create_check(kind, group.get(name_key), group.get(params_key) or {}, f"{where}.{name_key}")
+
+
+def _create_check(kind: str, name: str, params: Any, where: str) -> None:
+    if isinstance(params, DictConfig):
+        params = OmegaConf.to_container(params, resolve=True)
+    try:
+        registry.check_params(kind, name, dict(params or {}))
+    except registry.PluginError as e:
+        raise ConfigError(f"{where}: {e}") from None

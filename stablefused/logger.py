@@ -1,0 +1,95 @@
+"""Weights & Biases logging (``logger=wandb``, offline unless ``WANDB_MODE`` says otherwise) or nothing
+(``logger=none``). Images go as uint8 (W&B renders float images black); videos as mp4 file paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+class NullLogger:
+    """``logger=none``: every call does nothing."""
+
+    run = None
+
+    def image(self, key: str, image: Any, caption: str | None = None) -> None: ...
+    def images(self, key: str, images: Sequence[Any], captions: Sequence[str]) -> None: ...
+    def video(self, key: str, path: Path, caption: str | None = None, fps: int | None = None) -> None: ...
+    def table(self, key: str, columns: list[str], rows: list[list]) -> None: ...
+    def line_plot(self, key: str, columns: list[str], rows: list[list], x: str, y: str, title: str) -> None: ...
+    def metrics(self, values: dict, step_metric: str | None = None) -> None: ...
+    def summary(self, values: dict) -> None: ...
+    def finish(self, exit_code: int = 0) -> None: ...
+
+
+class WandbLogger(NullLogger):
+    """One W&B run per StableFused run; sweep jobs share a group, ``job_type`` = experiment name."""
+
+    def __init__(self, cfg: Any, config: dict, run_dir: Path, name: str, group: str | None, job_type: str):
+        import wandb
+
+        self.wandb = wandb
+        mode = cfg.get("mode") or os.environ.get("WANDB_MODE") or "offline"
+        self.run = wandb.init(
+            project=cfg.get("project") or "stablefused", entity=cfg.get("entity"), dir=str(run_dir),
+            name=name, group=group, job_type=job_type, config=config, tags=list(cfg.get("tags") or []),
+            mode=mode, reinit="create_new",
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, init_timeout=60),
+        )
+        self._defined: set[str] = set()
+
+    def _img(self, image: Any, caption: str | None) -> Any:
+        if isinstance(image, np.ndarray) and image.dtype != np.uint8:
+            raise TypeError("log images as uint8 (float images render black in W&B)")
+        return self.wandb.Image(image, caption=caption)
+
+    def image(self, key, image, caption=None):
+        self.run.log({key: self._img(image, caption)})
+
+    def images(self, key, images, captions):
+        self.run.log({key: [self._img(i, c) for i, c in zip(images, captions)]})
+
+    def video(self, key, path, caption=None, fps=None):
+        self.run.log({key: self.wandb.Video(str(path), caption=caption, format=Path(path).suffix.lstrip("."))})
+
+    def table(self, key, columns, rows):
+        rows = [[self._img(v, None) if _is_image(v) else v for v in r] for r in rows]
+        self.run.log({key: self.wandb.Table(columns=columns, data=rows)})
+
+    def line_plot(self, key, columns, rows, x, y, title):
+        table = self.wandb.Table(columns=columns, data=rows)
+        self.run.log({key: self.wandb.plot.line(table, x, y, title=title)})
+
+    def metrics(self, values, step_metric=None):
+        if step_metric:
+            if step_metric not in self._defined:
+                self.run.define_metric(step_metric)
+                self._defined.add(step_metric)
+            for k in values:
+                if k != step_metric and k not in self._defined:
+                    self.run.define_metric(k, step_metric=step_metric)
+                    self._defined.add(k)
+        self.run.log(values)
+
+    def summary(self, values):
+        self.run.summary.update(values)
+
+    def finish(self, exit_code=0):
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+
+
+def _is_image(v: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(v, Image.Image) or (isinstance(v, np.ndarray) and v.dtype == np.uint8 and v.ndim == 3)
+
+
+def make_logger(cfg: Any, config: dict, run_dir: Path, name: str, group: str | None, job_type: str) -> NullLogger:
+    if cfg.name == "none":
+        return NullLogger()
+    return WandbLogger(cfg, config, run_dir, name, group, job_type)

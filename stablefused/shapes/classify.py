@@ -1,0 +1,110 @@
+"""Read a shapes image back into attributes, and a prompt into the attributes it names.
+
+The classifier is analytic (no weights): background = nearest of black/white to the median border pixel;
+foreground = pixels far from that background; the largest 4-connected foreground blob is the shape. Its
+colour is the nearest palette colour to the mean of its core pixels; its size is small/large by bounding box
+side; its shape is read from how much of its bounding box it fills (square ~1, circle ~0.79, triangle ~0.5).
+An image without a blob gets ``None`` for colour, shape and size (scored as wrong).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from stablefused.shapes.data import ATTRIBUTES, BACKGROUNDS, CHOICES, COLORS, SHAPES, SIZES
+
+FOREGROUND_DISTANCE = 0.4  # RGB distance from the background colour that counts as foreground
+LARGE_MIN_SIDE = 15  # bounding-box side (px, at 32x32) from which a shape is "large"
+TRIANGLE_MAX_FILL, CIRCLE_MAX_FILL = 0.66, 0.89
+_PALETTE = np.array(list(COLORS.values()), np.float32)
+_BGS = np.array(list(BACKGROUNDS.values()), np.float32)
+
+
+def parse_prompt(prompt: str) -> dict[str, str]:
+    """Attributes a prompt names: a subset of {"color", "shape", "size", "background"} -> value.
+
+    Colour words are the shape colours; "black"/"white" name the background (they are never shape
+    colours). Plural shapes ("circles") count. Unknown words are ignored.
+    """
+    out: dict[str, str] = {}
+    for word in re.findall(r"[a-z]+", prompt.lower()):
+        if word in COLORS:
+            out.setdefault("color", word)
+        elif word in BACKGROUNDS:
+            out.setdefault("background", word)
+        elif word in SIZES:
+            out.setdefault("size", word)
+        elif word in SHAPES or (word.endswith("s") and word[:-1] in SHAPES):
+            out.setdefault("shape", word.rstrip("s") if word not in SHAPES else word)
+    return out
+
+
+def to_array(image: Any) -> np.ndarray:
+    """PIL image, uint8 or float array (H, W, 3) -> float32 (H, W, 3) in [0, 1]."""
+    a = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    if a.dtype == np.uint8:
+        a = a.astype(np.float32) / 255.0
+    return np.clip(a.astype(np.float32)[..., :3], 0.0, 1.0)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    h, w = mask.shape
+    seen = np.zeros_like(mask, bool)
+    best: list[tuple[int, int]] = []
+    for sy, sx in zip(*np.nonzero(mask)):
+        if seen[sy, sx]:
+            continue
+        comp, queue = [], deque([(sy, sx)])
+        seen[sy, sx] = True
+        while queue:
+            y, x = queue.popleft()
+            comp.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        if len(comp) > len(best):
+            best = comp
+    out = np.zeros_like(mask, bool)
+    if best:
+        ys, xs = zip(*best)
+        out[list(ys), list(xs)] = True
+    return out
+
+
+def classify_image(image: Any) -> dict[str, str | None]:
+    """Colour, shape, size and background of a shapes image (PIL or array); ``None`` where no shape."""
+    img = to_array(image)
+    h, w, _ = img.shape
+    scale = h / 32.0
+    border = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
+    bg_rgb = np.median(border, axis=0)
+    bg_idx = int(np.argmin(((_BGS - bg_rgb) ** 2).sum(-1)))
+    out: dict[str, str | None] = {"background": CHOICES["background"][bg_idx], "color": None, "shape": None, "size": None}
+    dist = np.sqrt(((img - _BGS[bg_idx]) ** 2).sum(-1))
+    blob = _largest_component(dist > FOREGROUND_DISTANCE)
+    area = int(blob.sum())
+    if area < 3 * scale * scale:
+        return out
+    d = dist[blob]
+    core = img[blob][d >= np.median(d)]
+    out["color"] = CHOICES["color"][int(np.argmin(((_PALETTE - core.mean(0)) ** 2).sum(-1)))]
+    ys, xs = np.nonzero(blob)
+    bh, bw = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    out["size"] = "large" if max(bh, bw) >= LARGE_MIN_SIDE * scale else "small"
+    fill = area / float(bh * bw)
+    out["shape"] = "triangle" if fill < TRIANGLE_MAX_FILL else "circle" if fill < CIRCLE_MAX_FILL else "square"
+    return out
+
+
+def score(predicted: dict[str, str | None], prompt: str | dict[str, str]) -> dict[str, float]:
+    """1.0/0.0 per attribute the prompt names (NaN for the others), plus their mean."""
+    wanted = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    out = {a: (float(predicted.get(a) == wanted[a]) if a in wanted else float("nan")) for a in ATTRIBUTES}
+    vals = [v for v in out.values() if v == v]
+    out["mean"] = float(np.mean(vals)) if vals else float("nan")
+    return out
