@@ -8,8 +8,9 @@ from stablefused.registry import register
 class CFG(GuidanceRule):
     """Classifier-free guidance: u + w (c - u) (Ho & Salimans 2022), any real w.
 
-    Equation: eps = eps_uncond + w * (eps_cond - eps_uncond). w = 0 gives the unconditional prediction and
-    w = 1 the conditional one, so those rows skip the other UNet pass.
+    Ho & Salimans 2022, "Classifier-Free Diffusion Guidance" (arXiv:2207.12598), in the w = 1 + w_paper
+    convention of SD pipelines: eps = eps_uncond + w * (eps_cond - eps_uncond). w = 0 gives the
+    unconditional prediction and w = 1 the conditional one, so those rows skip the other UNet pass.
     """
 
     def passes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
