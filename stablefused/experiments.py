@@ -239,3 +239,13 @@ def plot_metrics(summary: dict[float, dict[str, float]], path: Path, title: str)
 
 
 RUNNERS: dict[str, Callable[[Run], None]] = {"txt2img": run_txt2img}
+
+
+def _guidance_grid(run: Run) -> None:
+    """``task=guidance_grid``: columns = guidance schedules/rules (:mod:`stablefused.guidance_experiment`)."""
+    from stablefused.guidance_experiment import run_guidance_grid  # imported here: it imports this module
+
+    run_guidance_grid(run)
+
+
+RUNNERS["guidance_grid"] = _guidance_grid

@@ -1,0 +1,231 @@
+"""``task=guidance_grid``: the same prompts and seeds under several guidance variants (schedule + rule).
+
+The variants come from ``guidance.grid`` (``conf/guidance/schedules.yaml``, ``conf/guidance/rules.yaml``);
+each may set ``label``, ``schedule``, ``params``, ``rule``, ``rule_params``, and takes what it leaves out
+from the guidance group's own keys (``params``/``rule_params`` only when it keeps the same schedule/rule).
+Without ``guidance.grid`` the run has one variant, the guidance group itself, so a Hydra sweep
+(``-m guidance=constant,linear``) gives one single-column run per job.
+
+Every variant runs through the one loop (:func:`stablefused.sampling.denoise` via the sampler) with its own
+fresh :class:`~stablefused.guidance.Guidance`; images of one variant share batches. Outputs:
+
+* ``grid.png``: rows = prompt/seed, columns = variant (x guidance scale).
+* manifest: the image records (with ``guidance_variant``, ``guidance_schedule``, ``guidance_rule``) and one
+  ``compute`` record per variant: UNet rows evaluated, what full CFG would have evaluated, the saving.
+* ``guidance_grid.json`` + W&B tables ``samples`` (per image, with metrics) and ``guidance_variants``
+  (per variant: compute and mean metrics) + ``metrics_by_variant.png`` when metrics are configured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+from PIL import Image
+
+from stablefused import registry
+from stablefused.config import ConfigError
+from stablefused.experiments import (
+    Run, _batched, _image_record, _score, _wrap, image_size, metric_keys, sample_rows,
+)
+from stablefused.guidance import Guidance
+from stablefused.outputs import grid, save_png, to_uint8
+
+log = logging.getLogger(__name__)
+VARIANT_KEYS = ("label", "schedule", "params", "rule", "rule_params")
+
+
+def _plain(x: Any) -> Any:
+    return OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x
+
+
+def variants(guidance_cfg: Any) -> list[dict]:
+    """The variants of a guidance config, each ``{label, schedule, params, rule, rule_params}``, checked
+    against the registry (``ConfigError`` names the bad variant)."""
+    g = _plain(guidance_cfg)
+    top = {"schedule": g.get("schedule", "constant"), "params": dict(g.get("params") or {}),
+           "rule": g.get("rule", "cfg"), "rule_params": dict(g.get("rule_params") or {})}
+    items = g.get("grid") or [{}]
+    if not isinstance(items, list):
+        raise ConfigError("guidance.grid: must be a list of variants ({schedule: ..., rule: ...})")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ConfigError(f"guidance.grid[{i}]={item!r}: must be a mapping with keys {', '.join(VARIANT_KEYS)}")
+        bad = [k for k in item if k not in VARIANT_KEYS]
+        if bad:
+            raise ConfigError(f"guidance.grid[{i}].{bad[0]}: unknown key; allowed: {', '.join(VARIANT_KEYS)}")
+        v = {"schedule": item.get("schedule", top["schedule"]), "rule": item.get("rule", top["rule"])}
+        v["params"] = dict(item.get("params") or (top["params"] if v["schedule"] == top["schedule"] else {}))
+        v["rule_params"] = dict(item.get("rule_params") or (top["rule_params"] if v["rule"] == top["rule"] else {}))
+        for name_key, kind, params_key in (("schedule", "guidance_schedule", "params"),
+                                           ("rule", "guidance_rule", "rule_params")):
+            try:
+                registry.check_params(kind, v[name_key], v[params_key])
+            except registry.PluginError as e:
+                raise ConfigError(f"guidance.grid[{i}]: {e}") from None
+        v["label"] = item.get("label")
+        out.append(v)
+    _labels(out)
+    for v in out:  # record the parameters in effect, defaults included
+        v["params"] = {**_defaults("guidance_schedule", v["schedule"]), **v["params"]}
+        v["rule_params"] = {**_defaults("guidance_rule", v["rule"]), **v["rule_params"]}
+    return out
+
+
+def _defaults(kind: str, name: str) -> dict:
+    return next(p.params for p in registry.list_plugins(kind) if p.name == name)
+
+
+def _fmt(params: dict) -> str:
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _labels(vs: list[dict]) -> None:
+    """Default labels name what varies across the variants: the schedule and/or the rule, with their
+    parameters where two variants share a plugin but not its parameters."""
+
+    def varies(name_key: str, params_key: str) -> bool:
+        return len({(v[name_key], json.dumps(v[params_key], sort_keys=True)) for v in vs}) > 1
+
+    def part(v: dict, name_key: str, params_key: str) -> str:
+        same = {json.dumps(o[params_key], sort_keys=True) for o in vs if o[name_key] == v[name_key]}
+        return v[name_key] + (f"({_fmt(v[params_key])})" if len(same) > 1 and v[params_key] else "")
+
+    show_s, show_r = varies("schedule", "params"), varies("rule", "rule_params")
+    if not (show_s or show_r):
+        show_s = show_r = True
+    for v in vs:
+        if not v["label"]:
+            parts = ([part(v, "schedule", "params")] if show_s else []) + ([part(v, "rule", "rule_params")] if show_r else [])
+            v["label"] = " / ".join(parts)
+
+
+def run_guidance_grid(run: Run) -> None:
+    cfg = run.cfg
+    vs = variants(cfg.guidance)
+    rows, scales = sample_rows(cfg), [float(g) for g in cfg.guidance_scales]
+    height, width = image_size(cfg)
+    hooks = list(run.recorders.values())
+    ncols = len(vs) * len(scales)
+    cells: list[Image.Image | None] = [None] * (len(rows) * ncols)
+    summary = []
+    for vi, v in enumerate(vs):
+        guidance = Guidance.from_config(v)  # fresh state per variant
+        compute = {"unet_rows": 0, "model_calls": 0, "full_cfg_rows": 0, "images": 0}
+        todo = [(r, vi * len(scales) + si, p, s, g) for r, (p, s) in enumerate(rows) for si, g in enumerate(scales)]
+        recs_v = []
+        for chunk in _batched(todo, cfg.batch_size):
+            samples = [dict(index=len(run.records) + k, row=r, col=c, prompt=p, seed=s, guidance_scale=g)
+                       for k, (r, c, p, s, g) in enumerate(chunk)]
+            gen = run.sampler.txt2img(
+                [x["prompt"] for x in samples], [x["seed"] for x in samples],
+                [x["guidance_scale"] for x in samples], cfg.negative_prompt, steps=cfg.steps, height=height,
+                width=width, guidance=guidance, hooks=hooks, samples=samples, eta=cfg.eta, progress=cfg.progress,
+            )
+            for k in run.stats:
+                run.stats[k] += gen.context.stats[k]
+            compute["unet_rows"] += gen.context.stats["unet_rows"]
+            compute["model_calls"] += gen.context.stats["model_calls"]
+            compute["full_cfg_rows"] += 2 * len(samples) * len(gen.context.timesteps)
+            compute["images"] += len(samples)
+            images = [Image.fromarray(a) for a in to_uint8(gen.images)]
+            records = [_image_record(run, x, height, width) for x in samples]
+            for rec in records:
+                rec.update(guidance_variant=v["label"], guidance_schedule=v["schedule"], guidance_rule=v["rule"],
+                           guidance_params=v["params"], guidance_rule_params=v["rule_params"])
+            _score(run, images, records)
+            for img, rec in zip(images, records):
+                save_png(img, run.run_dir / rec["path"], rec)
+                run.manifest.append(rec)
+                run.records.append(rec)
+                run.images.append(img)
+                cells[rec["row"] * ncols + rec["col"]] = img
+            recs_v += records
+        compute["saving"] = 1 - compute["unet_rows"] / compute["full_cfg_rows"]
+        run.manifest.append({"type": "compute", "variant": v["label"], "schedule": v["schedule"],
+                             "params": v["params"], "rule": v["rule"], "rule_params": v["rule_params"], **compute})
+        means = _means(recs_v)
+        summary.append({"variant": v["label"], **compute, **means})
+        log.info("%s: %d UNet rows (%.0f%% fewer than full CFG)%s", v["label"], compute["unet_rows"],
+                 100 * compute["saving"], "".join(f", {k}={x:.3f}" for k, x in means.items()))
+
+    col_labels = [_wrap(v["label"]) if len(scales) == 1 else _wrap(f"{v['label']}\nw={g:g}")
+                  for v in vs for g in scales]
+    grid_img = grid(cells, len(rows), ncols, row_labels=[_wrap(f"{p}\nseed {s}") for p, s in rows],
+                    col_labels=col_labels)
+    grid_path = run.path("grid.png")
+    grid_img.save(grid_path)
+    run.add_artifact(grid_path, "grid", caption=f"{cfg.name}: rows prompt/seed, columns guidance variant",
+                     log_key="grid")
+    _report(run, summary)
+
+
+def _means(records: list[dict]) -> dict[str, float]:
+    out = {}
+    for m in metric_keys(records):
+        vals = [r[m] for r in records if r.get(m) is not None]
+        out[m] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+def table_markdown(summary: list[dict]) -> str:
+    """The per-variant table (compute and mean metrics) as Markdown."""
+    keys = [k for k in summary[0] if k not in ("variant", "model_calls", "full_cfg_rows")]
+    lines = ["| variant | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for s in summary:
+        cells = [f"{100 * s[k]:.0f}%" if k == "saving" else (f"{s[k]:.3f}" if isinstance(s[k], float) else str(s[k]))
+                 for k in keys]
+        lines.append(f"| {s['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _report(run: Run, summary: list[dict]) -> None:
+    path = run.path("guidance_grid.json")
+    path.write_text(json.dumps(summary, indent=2))
+    run.add_artifact(path, "file", caption="per guidance variant: UNet rows and mean metrics")
+    md = run.path("guidance_grid.md")
+    md.write_text(table_markdown(summary) + "\n")
+    run.add_artifact(md, "file", caption="per guidance variant, as a Markdown table")
+    log.info("guidance variants:\n%s", table_markdown(summary))
+    columns = list(summary[0])
+    run.logger.table("guidance_variants", columns, [[s.get(c) for c in columns] for s in summary])
+    run.logger.summary({f"{k}@{s['variant']}": s[k] for s in summary for k in columns
+                        if k != "variant" and isinstance(s[k], (int, float))})
+    if run.logger.run is not None:
+        mkeys = metric_keys(run.records)
+        cols = ["image", "variant", "schedule", "rule", "prompt", "seed", "guidance_scale", *mkeys]
+        rows = [[img, r["guidance_variant"], r["guidance_schedule"], r["guidance_rule"], r["prompt"], r["seed"],
+                 r["guidance_scale"], *[r.get(k) for k in mkeys]] for img, r in zip(run.images, run.records)]
+        run.logger.table("samples", cols, rows)
+    mkeys = [k for k in summary[0] if k not in ("variant", "unet_rows", "model_calls", "full_cfg_rows", "images",
+                                                "saving")]
+    if mkeys:
+        plot = _plot(summary, mkeys, run.path("metrics_by_variant.png"), f"{run.cfg.model.name}: metrics per variant")
+        run.add_artifact(plot, "plot", caption="mean metric per guidance variant", log_key="metrics_by_variant")
+
+
+def _plot(summary: list[dict], keys: list[str], path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [s["variant"] for s in summary]
+    x = np.arange(len(labels))
+    width = 0.8 / len(keys)
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(labels)), 4.0), dpi=120)
+    for i, k in enumerate(keys):
+        ax.bar(x + i * width - 0.4 + width / 2, [s.get(k, float("nan")) for s in summary], width, label=k)
+    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("mean value")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path
