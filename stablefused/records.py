@@ -1,0 +1,385 @@
+"""Step records: what the ``recorders`` plugins keep of the denoising loop, how it is saved, how to load it.
+
+A run with recorders writes two files into its run dir:
+
+* ``records.safetensors``: every recorded tensor (on CPU, in the recorder's storage ``dtype``);
+* ``records.json``: a small index: per tensor its recorder, dims and shape; per recorder the recorded steps,
+  their timesteps ``t`` and noise levels ``sigma`` and the recorded samples (global sample indices); and the
+  metadata of every recorded sample (prompt, seed, guidance scale, grid row/col).
+
+Load them in a notebook with one call::
+
+    from stablefused.records import load
+    rec = load("runs/denoise_video/2025-01-01_12-00-00")
+    rec["x0"].shape          # (samples, steps, C, H, W)
+    rec.steps("x0"), rec.t("x0"), rec.sigma("x0")   # what the step axis means
+    rec.samples("x0")        # [{index, prompt, seed, guidance_scale, row, col}, ...] in the sample axis order
+    rec.stats["guidance_delta_norm"]                  # (samples, steps), with recorders=[stats]
+
+Tensor names and layout (``N`` recorded samples, ``S`` recorded steps):
+
+=====================  ===========================  ==========================================================
+name                   recorder                     shape / meaning
+=====================  ===========================  ==========================================================
+``x_t``, ``x_prev``    ``latents``                  (N, S, C, H, W): latents entering / leaving the step
+``x0``                 ``x0``                       (N, S, C, H, W): predicted clean latents x̂0
+``eps_cond`` ...       ``noise``                    (N, S, C, H, W): ``eps_cond``, ``eps_uncond``, ``eps_guided``
+``stats.<name>``       ``stats``                    (N, S): per-step statistics (see the ``stats`` recorder)
+``attention``          ``attention``                (N, T, H, W): cross-attention per prompt token
+=====================  ===========================  ==========================================================
+
+**Steps, and 2nd-order schedulers.** The loop calls hooks once per UNet evaluation; Heun, KDPM2 and
+DPM-SDE evaluate the UNet twice per scheduler step (their ``timesteps`` repeat). With ``per: step`` (the
+default) a recorder keeps one entry per *scheduler step*: ``x_t``, ``t``, ``sigma``, the predictions and x̂0 of
+the step's first (predictor) evaluation, and ``x_prev`` after the step's last (corrector) evaluation, i.e. the
+latents the step ends on. ``per: call`` records every UNet evaluation as the loop reports it (then the step
+axis counts calls and an entry's ``x_t`` may be a predictor's intermediate point). Recorders keep every k-th
+step (``every``: steps 0, k, 2k, ...) and always the last one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from stablefused.hooks import BaseHook, LoopContext, StepState
+from stablefused.registry import PluginError
+
+TENSORS_FILE = "records.safetensors"
+INDEX_FILE = "records.json"
+FORMAT_VERSION = 1
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, None: None}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+class Records(Mapping):
+    """Recorded tensors of one run (a mapping name → CPU tensor) with the index that says what they are."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], index: dict):
+        self.tensors, self.index = tensors, index
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.tensors.items())
+        return f"Records({body})"
+
+    def info(self, key: str) -> dict:
+        """The index entry of the recorder that produced tensor ``key`` (steps, t, sigma, samples, ...)."""
+        rec = self.index["tensors"][key]["recorder"]
+        return self.index["recorders"][rec]
+
+    def steps(self, key: str) -> list[int]:
+        return list(self.info(key)["steps"])
+
+    def t(self, key: str) -> list[float]:
+        return list(self.info(key)["t"])
+
+    def sigma(self, key: str) -> list[float]:
+        return list(self.info(key)["sigma"])
+
+    def samples(self, key: str) -> list[dict]:
+        """Metadata of the samples along dim 0 of ``key``, in that order."""
+        meta = self.index.get("samples", {})
+        return [meta.get(str(i), {"index": i}) for i in self.info(key)["samples"]]
+
+    def position(self, key: str, index: int) -> int:
+        """Position along dim 0 of ``key`` of the sample with global index ``index``."""
+        return list(self.info(key)["samples"]).index(int(index))
+
+    @property
+    def stats(self) -> dict[str, torch.Tensor]:
+        """``stats.<name>`` tensors by ``<name>`` (each (samples, steps))."""
+        return {k[len("stats."):]: v for k, v in self.tensors.items() if k.startswith("stats.")}
+
+
+def load(run_dir: str | Path) -> Records:
+    """Load ``records.safetensors`` + ``records.json`` from a run dir (or either file's path)."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        run_dir = run_dir.parent
+    index_path = run_dir / INDEX_FILE
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path}: no records here; run with recorders=[...] (e.g. recorders=[x0,stats])")
+    index = json.loads(index_path.read_text())
+    return Records(load_file(str(run_dir / TENSORS_FILE)), index)
+
+
+def from_run(run: Any) -> Records:
+    """The records of a run still in memory (what visualizers use): same API as :func:`load`."""
+    state = run.__dict__.get("_records")
+    if state is None:  # recorders not saved yet (or saved elsewhere): collect them now
+        state = {"tensors": {}, "index": _empty_index(run)}
+        for name, rec in run.recorders.items():
+            if hasattr(rec, "result"):
+                _merge(state, name, rec, run)
+    return Records(state["tensors"], state["index"])
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def _empty_index(run: Any) -> dict:
+    cfg = run.cfg
+    return {
+        "version": FORMAT_VERSION, "model": str(cfg.model.name), "scheduler": str(cfg.scheduler.name),
+        "scheduler_class": type(run.sampler.scheduler).__name__, "steps": int(cfg.steps),
+        "height": run.records[0]["height"] if run.records else None,
+        "width": run.records[0]["width"] if run.records else None,
+        "tensors": {}, "recorders": {}, "samples": {},
+    }
+
+
+def _merge(state: dict, name: str, recorder: Any, run: Any) -> None:
+    tensors, info = recorder.result(run)
+    state["index"]["recorders"][name] = info
+    for key, (tensor, dims) in tensors.items():
+        state["tensors"][key] = tensor.contiguous()
+        state["index"]["tensors"][key] = {"recorder": name, "dims": list(dims), "shape": list(tensor.shape),
+                                          "dtype": str(tensor.dtype).replace("torch.", "")}
+    by_index = {int(r["index"]): r for r in run.records}
+    for i in info.get("samples", []):
+        r = by_index.get(int(i), {"index": int(i)})
+        state["index"]["samples"][str(i)] = {k: r.get(k) for k in
+                                             ("index", "prompt", "seed", "guidance_scale", "row", "col", "path")
+                                             if k in r}
+
+
+def save_recorder(run: Any, name: str, recorder: Any) -> list[Path]:
+    """Add one recorder's tensors to the run's ``records.safetensors`` / ``records.json`` (rewritten whole,
+    so that every recorder of the run ends up in the same two files); list them in the manifest once."""
+    from safetensors.torch import save_file
+
+    state = run.__dict__.setdefault("_records", {"tensors": {}, "index": _empty_index(run), "listed": False})
+    _merge(state, name, recorder, run)
+    tensors_path, index_path = run.path(TENSORS_FILE), run.path(INDEX_FILE)
+    save_file(state["tensors"], str(tensors_path), metadata={"format": "stablefused-records",
+                                                            "version": str(FORMAT_VERSION)})
+    index_path.write_text(json.dumps(state["index"], indent=1))
+    if not state["listed"]:
+        state["listed"] = True
+        run.add_artifact(tensors_path, "file", caption="recorded tensors: stablefused.records.load(run_dir)")
+        run.add_artifact(index_path, "file", caption="index of records.safetensors")
+    return [tensors_path, index_path]
+
+
+def recorder_name(obj: Any) -> str:
+    return getattr(obj, "plugin_name", type(obj).__name__)
+
+
+# ---------------------------------------------------------------------------------------------- recording
+class StepTracker:
+    """Groups loop iterations (UNet calls) into scheduler steps (see the module doc), and picks samples.
+
+    ``observe(state)`` returns ``(step, starts)``: the scheduler step this call belongs to and whether the
+    call started it. A call starts a step when the previous call completed one; after ``scheduler.step`` a
+    2nd-order scheduler reports ``state_in_first_order`` False while it waits for its corrector call.
+    """
+
+    def __init__(self, per: str = "step"):
+        if per not in ("step", "call"):
+            raise PluginError(f"per={per!r}: must be step (one entry per scheduler step) or call (per UNet call)")
+        self.per = per
+        self.scheduler = None
+        self.step = -1
+        self._completed = True
+
+    def reset(self, ctx: LoopContext) -> None:
+        self.scheduler, self.step, self._completed = ctx.scheduler, -1, True
+        self.timesteps = [float(t) for t in ctx.timesteps.detach().cpu()]  # once, not a device sync per step
+
+    def t(self, state: StepState) -> float:
+        return self.timesteps[state.index] if state.index < len(self.timesteps) else float(state.t)
+
+    def observe(self, state: StepState) -> tuple[int, bool]:
+        if self.per == "call":
+            self.step = state.index
+            return state.index, True
+        starts = self._completed
+        self._completed = bool(getattr(self.scheduler, "state_in_first_order", True))
+        if starts:
+            self.step += 1
+        return self.step, starts
+
+    def next_call_starts_step(self) -> bool:
+        return self.per == "call" or self._completed
+
+
+def sample_rows(ctx: LoopContext, offset: int, wanted: list[int] | None) -> tuple[list[int], list[int]]:
+    """Global sample indices of this batch's rows, and the batch rows to keep (``wanted``: global indices)."""
+    batch = ctx.latents.shape[0]
+    if ctx.samples:
+        indices = [int(s["index"]) for s in ctx.samples]
+    else:
+        indices = list(range(offset, offset + batch))
+    keep = list(range(batch)) if wanted is None else [k for k, i in enumerate(indices) if i in wanted]
+    return indices, keep
+
+
+def _check_samples(samples: Any) -> list[int] | None:
+    if samples is None:
+        return None
+    if isinstance(samples, int) and not isinstance(samples, bool):
+        return [samples]
+    try:
+        return [int(s) for s in samples]
+    except (TypeError, ValueError):
+        raise PluginError(f"samples={samples!r}: must be null (all) or a list of sample indices") from None
+
+
+def _check_every(every: Any) -> int:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise PluginError(f"every={every!r}: must be an integer >= 1")
+    return every
+
+
+def _check_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype not in STORAGE_DTYPES:
+        raise PluginError(f"dtype={dtype!r}: must be float16, bfloat16, float32 or null (as computed)")
+    return STORAGE_DTYPES[dtype]
+
+
+class TensorRecorder(BaseHook):
+    """Base of the tensor recorders: keeps ``FIELDS`` (record name → StepState attribute) of every k-th step
+    for the chosen samples, copied to CPU in the storage dtype as they are recorded.
+
+    ``LAST_CALL`` names fields taken from the step's last UNet call (``x_prev``); the others come from its
+    first call (see the module doc on 2nd-order schedulers).
+    """
+
+    FIELDS: dict[str, str] = {}
+    LAST_CALL: tuple[str, ...] = ("x_prev",)
+
+    def __init__(self, every: int = 1, samples: list[int] | None = None, dtype: str | None = "float16",
+                 per: str = "step"):
+        self.every = _check_every(every)
+        self.samples = _check_samples(samples)
+        self.dtype = _check_dtype(dtype)
+        self.tracker = StepTracker(per)
+        self._offset = 0
+        self._chunks: list[tuple[list[int], dict[str, torch.Tensor]]] = []  # (global indices, name -> (n,S,...))
+        self._steps: list[dict] | None = None
+
+    # -- hook
+    def before_loop(self, ctx: LoopContext) -> None:
+        self.tracker.reset(ctx)
+        indices, keep = sample_rows(ctx, self._offset, self.samples)
+        self._offset += ctx.latents.shape[0]
+        self._indices = [indices[k] for k in keep]
+        self._keep = None if len(keep) == ctx.latents.shape[0] else torch.tensor(keep, device=ctx.latents.device)
+        self._entries: list[dict] = []
+        self._pending: dict | None = None  # the newest step when it is not an every-k step (kept if last)
+
+    def _copy(self, x: torch.Tensor) -> torch.Tensor:
+        if self._keep is not None:
+            x = x.index_select(0, self._keep)
+        return x.detach().to(device="cpu", dtype=self.dtype or x.dtype, copy=True)
+
+    def on_step(self, state: StepState) -> None:
+        if not self._indices:
+            return None
+        step, starts = self.tracker.observe(state)
+        if starts:
+            if self._pending is not None:  # the previous step was neither every-k nor last: drop it
+                self._pending = None
+            entry = {"step": step, "t": self.tracker.t(state), "sigma": float(state.sigma), "raw": {}}
+            recorded = step % self.every == 0
+            for name, attr in self.FIELDS.items():
+                value = getattr(state, attr)
+                entry["raw"][name] = self._copy(value) if recorded else value
+            if recorded:
+                self._entries.append(entry)
+            else:
+                self._pending = entry
+        else:  # corrector call of a 2nd-order step: update what the step ends on
+            entry = self._pending or self._entries[-1]
+            for name in self.LAST_CALL:
+                if name in self.FIELDS:
+                    value = getattr(state, self.FIELDS[name])
+                    entry["raw"][name] = value if entry is self._pending else self._copy(value)
+        return None
+
+    def after_loop(self, ctx: LoopContext, latents: torch.Tensor) -> None:
+        if not self._indices:
+            return
+        if self._pending is not None:  # always keep the last step
+            self._entries.append({**self._pending, "raw": {k: self._copy(v) for k, v in self._pending["raw"].items()}})
+            self._pending = None
+        steps = [{"step": e["step"], "t": e["t"], "sigma": e["sigma"]} for e in self._entries]
+        if self._steps is None:
+            self._steps = steps
+        elif [s["step"] for s in steps] != [s["step"] for s in self._steps]:
+            raise RuntimeError(f"{recorder_name(self)} recorder: batches of one run recorded different steps")
+        stacked = {name: torch.stack([e["raw"][name] for e in self._entries], dim=1) for name in self.FIELDS}
+        self._chunks.append((self._indices, stacked))
+        self._entries = []
+
+    # -- results
+    def result(self, run: Any = None) -> tuple[dict[str, tuple[torch.Tensor, tuple[str, ...]]], dict]:
+        """``({name: (tensor (N, S, ...), dims)}, info)`` in global sample order."""
+        indices = [i for idx, _ in self._chunks for i in idx]
+        order = sorted(range(len(indices)), key=indices.__getitem__)
+        tensors = {}
+        for name in self.FIELDS:
+            parts = [c[name] for _, c in self._chunks]
+            if not parts:
+                continue
+            t = torch.cat(parts)[order] if len(parts) > 1 or order != list(range(len(order))) else parts[0]
+            dims = ("sample", "step") + (("channel", "frame", "height", "width") if t.ndim == 6
+                                         else ("channel", "height", "width"))
+            tensors[name] = (t, dims)
+        steps = self._steps or []
+        info = {
+            "kind": "tensors", "per": self.tracker.per, "every": self.every,
+            "dtype": str(self.dtype).replace("torch.", "") if self.dtype else None,
+            "steps": [s["step"] for s in steps], "t": [s["t"] for s in steps], "sigma": [s["sigma"] for s in steps],
+            "samples": sorted(indices), "fields": list(self.FIELDS),
+        }
+        return tensors, info
+
+    def save(self, run: Any) -> list[Path]:
+        return save_recorder(run, recorder_name(self), self)
+
+
+def check_requirements(cfg: Any) -> None:
+    """Raise :class:`PluginError` (one line naming the fix) when a selected visualizer needs recorders that
+    are not selected. Visualizer classes declare ``requires(params) -> list[str]`` (recorder names)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from stablefused import registry
+
+    selected = set((cfg.get("recorders") or {}).keys())
+    for name, params in (cfg.get("visualizers") or {}).items():
+        cls = registry.get("visualizers", name)
+        if not hasattr(cls, "requires"):
+            continue
+        if isinstance(params, DictConfig):
+            params = OmegaConf.to_container(params, resolve=True)
+        need = list(cls.requires(dict(params or {})))
+        missing = [r for r in need if r not in selected]
+        if missing:
+            raise PluginError(missing_message(name, need, selected))
+
+
+def missing_message(visualizer: str, need: list[str], selected: set[str]) -> str:
+    together = list(dict.fromkeys([*sorted(selected), *need]))
+    return (f"visualizers.{visualizer} needs recorders=[{','.join(need)}]; "
+            f"select them, e.g. recorders=[{','.join(together)}]")
+
+
+def require(run: Any, visualizer: str, need: list[str]) -> None:
+    """Raise the same one-line error as :func:`check_requirements` from inside a visualizer."""
+    missing = [r for r in need if r not in run.recorders]
+    if missing:
+        raise PluginError(missing_message(visualizer, need, set(run.recorders)))
