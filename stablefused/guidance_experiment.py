@@ -100,7 +100,8 @@ def _labels(vs: list[dict]) -> None:
         show_s = show_r = True
     for v in vs:
         if not v["label"]:
-            parts = ([part(v, "schedule", "params")] if show_s else []) + ([part(v, "rule", "rule_params")] if show_r else [])
+            parts = [part(v, "schedule", "params")] if show_s else []
+            parts += [part(v, "rule", "rule_params")] if show_r else []
             v["label"] = " / ".join(parts)
 
 
