@@ -73,7 +73,6 @@ def hydra_main(cfg: DictConfig) -> None:
         run(cfg, run_dir, group=group)
     except USER_ERRORS as e:
         log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -60,7 +60,8 @@ def _list(cfg: Any, key: str, item_type: type | tuple, what: str, allow_none: bo
         raise ConfigError(f"{key}=[]: must hold at least one {what.rstrip('s')}")
     for x in items:
         if isinstance(x, bool) or not isinstance(x, item_type):
-            raise ConfigError(f"{key}: item {x!r} is not {what.rstrip('s')}")
+            one = what.rstrip("s")
+            raise ConfigError(f"{key}: item {x!r} is not {'an' if one[0] in 'aeiou' else 'a'} {one}")
     return items
 
 
@@ -122,19 +123,28 @@ def validate(cfg: DictConfig) -> None:
     registry.discover(list(cfg.plugin_dirs))
     _plugin(cfg.guidance, "schedule", "guidance_schedule", "params", "guidance")
     _plugin(cfg.guidance, "rule", "guidance_rule", "rule_params", "guidance")
+    if cfg.guidance.get("grid"):
+        from stablefused.guidance_experiment import variants
+
+        variants(cfg.guidance)
     for kind in ("recorders", "visualizers", "metrics"):
         for name, params in (cfg.get(kind) or {}).items():
             _create_check(kind, name, params, f"{kind}.{name}")
 
 
 def _plugin(group: Any, name_key: str, kind: str, params_key: str, where: str) -> None:
-    _create_check(kind, group.get(name_key), group.get(params_key) or {}, f"{where}.{name_key}")
+    _create_check(kind, group.get(name_key), group.get(params_key) or {}, f"{where}.{name_key}",
+                  f"{where}.{params_key}")
 
 
-def _create_check(kind: str, name: str, params: Any, where: str) -> None:
+def _create_check(kind: str, name: str, params: Any, where: str, where_params: str | None = None) -> None:
     if isinstance(params, DictConfig):
         params = OmegaConf.to_container(params, resolve=True)
     try:
-        registry.check_params(kind, name, dict(params or {}))
+        registry.get(kind, name)
     except registry.PluginError as e:
         raise ConfigError(f"{where}: {e}") from None
+    try:
+        registry.check_params(kind, name, dict(params or {}))
+    except registry.PluginError as e:
+        raise ConfigError(f"{where_params or where}: {e}") from None

@@ -73,7 +73,8 @@ class Run:
 def make_plugins(cfg: DictConfig, kind: str) -> dict[str, Any]:
     out = {}
     for name, params in (cfg.get(kind) or {}).items():
-        out[name] = registry.create(kind, name, **OmegaConf.to_container(params or {}, resolve=True))
+        params = OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else params
+        out[name] = registry.create(kind, name, **dict(params or {}))
     return out
 
 

@@ -114,7 +114,7 @@ def model_source(model_cfg: Any) -> str:
 
 
 def _load_from(source: str, model_cfg: Any) -> Components:
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     allow_pickle = bool(model_cfg.get("allow_pickle"))
@@ -128,6 +128,8 @@ def _load_from(source: str, model_cfg: Any) -> Components:
             )
         if not path.is_file():
             raise ModelLoadError(f"model.path={source}: no such file")
+        from diffusers import StableDiffusionPipeline
+
         try:
             pipe = StableDiffusionPipeline.from_single_file(
                 str(path), safety_checker=None, requires_safety_checker=False,

@@ -5,8 +5,8 @@
 3. Third-party packages: entry points in the group ``stablefused.plugins``; each entry point names a module
    (imported, so its ``@register`` decorators run) or a callable (called once with no arguments).
 
-A plugin is a class (or function) decorated with ``@register(kind, name)``. Its parameters are the keyword
-arguments of its constructor; config passes them through (``guidance.rule=apg guidance.rule_params.eta=0``).
+A plugin is a class decorated with ``@register(kind, name)``. Its parameters are the keyword arguments of
+its constructor; config passes them through (``guidance.rule=apg guidance.rule_params.eta=0``).
 
     from stablefused.registry import register
 
@@ -22,6 +22,7 @@ import difflib
 import importlib.util
 import inspect
 import sys
+import types
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -86,6 +87,7 @@ def load_plugin_dir(folder: str | Path) -> None:
         mod_name = f"{prefix}.{kind}.{file.stem}"
         if kind == "__pycache__" or mod_name in sys.modules:
             continue
+        _ensure_parents(mod_name)
         spec = importlib.util.spec_from_file_location(mod_name, file)
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module
@@ -94,6 +96,17 @@ def load_plugin_dir(folder: str | Path) -> None:
         except Exception:
             del sys.modules[mod_name]
             raise
+
+
+def _ensure_parents(mod_name: str) -> None:
+    """Make ``a`` and ``a.b`` importable for a plugin module ``a.b.c`` loaded from a file."""
+    parts = mod_name.split(".")
+    for i in range(1, len(parts)):
+        name = ".".join(parts[:i])
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            module.__path__ = []
+            sys.modules[name] = module
 
 
 def _load_entry_points() -> None:
@@ -153,6 +166,8 @@ def create(kind: str, name: str, **params: Any) -> Any:
 
 
 def _parameters(obj: Any) -> dict[str, inspect.Parameter]:
+    if inspect.isclass(obj) and obj.__init__ is object.__init__:
+        return {}
     target = obj.__init__ if inspect.isclass(obj) else obj
     try:
         sig = inspect.signature(target)

@@ -1,0 +1,29 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from stablefused.paths import config_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from stablefused.models import build_tiny_random
+
+    return build_tiny_random()
+
+
+def compose_cfg(*overrides: str):
+    """The app's config as ``python -m stablefused <overrides>`` composes it (defaults: tiny model, no logger)."""
+    base = ["model=tiny_random", "logger=none", "progress=false"]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("config", overrides=base + list(overrides))
+
+
+@pytest.fixture
+def cfg_factory():
+    return compose_cfg

@@ -1,0 +1,87 @@
+"""Loading: a saved diffusers folder (the real from_pretrained path), safety of pickle weights, clear errors."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from stablefused.models import ModelLoadError, build_tiny_random, load_components, save_components
+from stablefused.pipeline import Sampler
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_sd")
+    save_components(build_tiny_random(seed=3), folder)
+    return folder
+
+
+def model_cfg(**kw):
+    base = dict(name="test", builtin=None, bundled=None, hub_id=None, path=None, allow_pickle=False,
+                prediction_type=None)
+    return {**base, **kw}
+
+
+def test_saved_folder_loads_through_from_pretrained_and_samples_the_same(saved):
+    assert (saved / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (saved / "model_index.json").is_file()
+    loaded = load_components(model_cfg(path=str(saved)), "cpu", "float32")
+    built = build_tiny_random(seed=3)
+    a = Sampler(loaded).txt2img(["a red circle"], [1], 6.0, steps=3, progress=False).images
+    b = Sampler(built).txt2img(["a red circle"], [1], 6.0, steps=3, progress=False).images
+    assert np.abs(a - b).max() <= 1e-6
+
+
+def test_model_is_cached_and_scheduler_config_is_per_run(saved):
+    a = load_components(model_cfg(path=str(saved)), "cpu", "float32")
+    a.scheduler_config["steps_offset"] = 99
+    b = load_components(model_cfg(path=str(saved)), "cpu", "float32")
+    assert a.unet is b.unet
+    assert b.scheduler_config["steps_offset"] != 99
+
+
+def test_v_prediction_override(saved):
+    comps = load_components(model_cfg(path=str(saved), prediction_type="v_prediction"), "cpu", "float32")
+    assert comps.make_scheduler("EulerDiscreteScheduler").config.prediction_type == "v_prediction"
+
+
+def test_pickle_weights_are_refused_unless_allowed(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    with pytest.raises(ModelLoadError, match="refusing to load pickle weights.*model.allow_pickle=true"):
+        load_components(model_cfg(path=str(ckpt)), "cpu", "float32")
+
+
+def test_folder_with_only_pickle_weights_is_refused(saved, tmp_path):
+    import shutil
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(saved, folder)
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file
+
+    torch.save(load_file(unet), folder / "unet" / "diffusion_pytorch_model.bin")
+    unet.unlink()
+    with pytest.raises(ModelLoadError, match="not a loadable diffusers folder"):
+        load_components(model_cfg(path=str(folder)), "cpu", "float32")
+    comps = load_components(model_cfg(path=str(folder), allow_pickle=True), "cpu", "float32")
+    assert comps.unet is not None
+
+
+def test_single_file_without_configs_fails_clearly(tmp_path):
+    f = tmp_path / "model.safetensors"
+    save_file({"x": torch.zeros(1)}, f)
+    with pytest.raises(ModelLoadError) as e:
+        load_components(model_cfg(path=str(f)), "cpu", "float32")
+    assert "single-file checkpoint" in str(e.value) and "model.config=" in str(e.value)
+
+
+def test_missing_folder_and_offline_hub_id(tmp_path, monkeypatch):
+    with pytest.raises(ModelLoadError, match="no such folder"):
+        load_components(model_cfg(path=str(tmp_path / "nope")), "cpu", "float32")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as e:
+        load_components(model_cfg(name="sd15", hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5"), "cpu", "float32")
+    msg = str(e.value)
+    assert "model=sd15" in msg and "hf download stable-diffusion-v1-5/stable-diffusion-v1-5" in msg
+    assert "model.path=" in msg and "\n" not in msg
