@@ -1,0 +1,46 @@
+"""The ``shapes_adherence`` metric plugin, through the registry, on dataset images."""
+
+import math
+
+import numpy as np
+from PIL import Image
+
+from stablefused import registry
+from stablefused.shapes import data
+
+
+def _pil(img):
+    return Image.fromarray((img * 255).round().astype(np.uint8))
+
+
+def test_registered_with_doc_and_no_required_params():
+    info = {p.name: p for p in registry.list_plugins("metrics")}["shapes_adherence"]
+    assert info.doc and info.params == {}
+    registry.create("metrics", "shapes_adherence")
+
+
+def test_scores_dataset_images_as_correct_and_unnamed_attributes_as_nan():
+    metric = registry.create("metrics", "shapes_adherence")
+    imgs, attrs, prompts, _ = data.batch(range(4_000_000, 4_000_200))
+    rows = metric([_pil(i) for i in imgs], [{"prompt": p, "seed": 0, "guidance_scale": 7.5} for p in prompts])
+    assert len(rows) == len(imgs)
+    for row, p in zip(rows, prompts):
+        assert set(row) == {f"shapes_adherence/{k}" for k in ("color", "shape", "size", "background", "mean")}
+        named = [k for k in ("color", "shape", "size", "background") if k in p or (k == "color")]
+        assert row["shapes_adherence/color"] == 1.0 and row["shapes_adherence/shape"] == 1.0
+        assert row["shapes_adherence/mean"] == 1.0
+        assert math.isnan(row["shapes_adherence/size"]) == ("small" not in p and "large" not in p)
+        assert math.isnan(row["shapes_adherence/background"]) == ("background" not in p)
+        assert named
+
+
+def test_wrong_prompt_scores_zero():
+    metric = registry.create("metrics", "shapes_adherence")
+    img = data.image_for({"color": "red", "shape": "circle", "size": "large", "background": "black"}, seed=1)
+    (row,) = metric([_pil(img)], [{"prompt": "a small blue square on a white background"}])
+    assert row["shapes_adherence/mean"] == 0.0
+    (row,) = metric([_pil(img)], [{"prompt": "a large red triangle"}])
+    assert row["shapes_adherence/color"] == row["shapes_adherence/size"] == 1.0
+    assert row["shapes_adherence/shape"] == 0.0 and row["shapes_adherence/mean"] == 2 / 3
+    (row,) = metric([_pil(img)], [{"prompt": "an astronaut"}])
+    assert all(math.isnan(v) for v in row.values())
