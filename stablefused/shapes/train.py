@@ -121,7 +121,7 @@ def encode_dataset(vae, n: int, device) -> tuple[torch.Tensor, torch.Tensor, lis
     return torch.cat(means), torch.cat(stds), prompts
 
 
-def train_unet(unet, text_encoder, tokenizer, latents, prompts, args, log):
+def train_unet(unet, text_encoder, tokenizer, latents, prompts, args, log, save=None):
     from diffusers import DDPMScheduler
 
     means, stds = latents
@@ -165,6 +165,8 @@ def train_unet(unet, text_encoder, tokenizer, latents, prompts, args, log):
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if step % 200 == 0 or step == args.unet_steps - 1:
             log(f"unet step {step}/{args.unet_steps} loss {running:.4f} ({time.time() - t0:.0f}s)")
+        if save and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.unet_steps:
+            save(ema_unet, ema_text, step + 1)
     return ema_unet.eval(), ema_text.eval()
 
 
@@ -188,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--p-uncond", type=float, default=0.1, help="prompt dropout for classifier-free guidance")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--dataset-size", type=int, default=50_000, help="items encoded for UNet training")
+    p.add_argument("--save-every", type=int, default=0, help="also save EMA checkpoints every N UNet steps (to <out>-step<N>)")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True, help="quality report at the end")
     args = p.parse_args(argv)
 
@@ -208,21 +211,31 @@ def main(argv: list[str] | None = None) -> None:
     log(f"params: vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, unet "
         f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, text {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M")
     train_vae(vae, args, log)
+    from stablefused.shapes.evaluate import vae_accuracy
+
+    log(f"vae reconstruction accuracy (fresh items): {vae_accuracy(type('C', (), {'vae': vae})())}")
     means, stds, prompts = encode_dataset(vae, args.dataset_size, args.device)
     scaling = float(1.0 / (means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(args.seed))).std())
     vae.register_to_config(scaling_factor=scaling)
     args.scaling_factor = scaling
     log(f"encoded {len(prompts)} items; scaling_factor {scaling:.4f}")
-    unet, text_encoder = train_unet(unet, text_encoder, tokenizer, (means, stds), prompts, args, log)
-
     from diffusers import DDIMScheduler
 
     from stablefused.models import Components, save_components
 
     sched = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-    comps = Components("shapes", tokenizer, text_encoder.cpu(), unet.cpu(), vae.cpu(), {**sched.config, "_class_name": type(sched).__name__},
-                       torch.device("cpu"), torch.float32)
-    save_components(comps, out)
+
+    def save(unet_, text_, step: int | None = None) -> Path:
+        folder = out if step is None else out.with_name(f"{out.name}-step{step}")
+        comps = Components("shapes", tokenizer, copy.deepcopy(text_).cpu(), copy.deepcopy(unet_).cpu(), copy.deepcopy(vae).cpu(),
+                           {**sched.config, "_class_name": type(sched).__name__}, torch.device("cpu"), torch.float32)
+        save_components(comps, folder)
+        if step is not None:
+            log(f"checkpoint at step {step}: {folder}")
+        return folder
+
+    unet, text_encoder = train_unet(unet, text_encoder, tokenizer, (means, stds), prompts, args, log, save)
+    save(unet, text_encoder)
     train_info = {k: v for k, v in vars(args).items() if k not in ("out", "device")}
     train_info["train_seconds"] = round(time.time() - start, 1)
     (out / "training_args.json").write_text(json.dumps(train_info, indent=2) + "\n")
