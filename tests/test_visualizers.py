@@ -1,0 +1,125 @@
+"""Visualizers end to end on the tiny model: videos decode with the expected frame count and size, strips,
+attention maps and plots are written, listed in the manifest and need their recorders."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import json
+
+import imageio.v2 as iio
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from stablefused import records, registry
+from stablefused.app import run
+from stablefused.paths import config_dir
+
+
+def cfg_of(*overrides):
+    base = ["model=tiny_random", "logger=none", "progress=false"]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("config", overrides=base + list(overrides))
+
+
+def frames_of(path):
+    reader = iio.get_reader(str(path), format="FFMPEG")
+    try:
+        frames = [f for f in reader]
+    finally:
+        reader.close()
+    return frames
+
+
+def manifest(run_dir):
+    return [json.loads(x) for x in (run_dir / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_denoise_video_experiment(tmp_path):
+    r = run(cfg_of("experiment=denoise_video", "steps=5", "visualizers.denoise_video.hold=3"), tmp_path)
+    entry = next(m for m in manifest(tmp_path) if m["path"] == "denoise.mp4")
+    frames = frames_of(tmp_path / "denoise.mp4")
+    assert len(frames) == 5 + 3 == entry["frames"]  # one per step, then the end held for 3 frames
+    h, w = frames[0].shape[:2]
+    assert [w, h] == entry["size"] and w % 16 == 0 and h % 16 == 0
+    # 2x2 layout: a cell is 2 panels of 128 px side by side, 2 cells per row
+    assert w >= 2 * (2 * 128) and h >= 2 * 128
+    assert not np.array_equal(frames[0], frames[4])  # the process moves
+    assert np.abs(frames[-1].astype(int) - frames[-2].astype(int)).mean() < 2  # held end frames
+    gif = Image.open(tmp_path / "denoise.gif")
+    assert gif.size == (w, h) and gif.n_frames >= 5
+    strip = Image.open(tmp_path / "step_strip_x0.png")
+    assert strip.width > strip.height  # 4 rows x (5 steps + final)
+    assert Image.open(tmp_path / "stats_plot.png").size[0] > 100
+    listed = {m["path"]: m["type"] for m in manifest(tmp_path)}
+    assert listed["denoise.mp4"] == "video" and listed["denoise.gif"] == "video"
+    assert listed["step_strip_x0.png"] == "image" and listed["stats_plot.png"] == "plot"
+    assert len(r.images) == 4
+
+
+def test_grid_and_sample_layouts_and_linear_preview(tmp_path):
+    cfg = cfg_of("recorders=[latents,x0]", "visualizers=[denoise_video]", "steps=3", "seeds=[0]",
+                 "guidance_scales=[-3,0,7.5]", "visualizers.denoise_video.hold=0",
+                 "visualizers.denoise_video.rows=[1]", "visualizers.denoise_video.decode=linear")
+    run(cfg, tmp_path / "grid")
+    grid = frames_of(tmp_path / "grid" / "denoise.mp4")
+    assert len(grid) == 3
+    cfg = cfg_of("recorders=[x0]", "visualizers=[denoise_video]", "steps=3", "seeds=[0]",
+                 "visualizers.denoise_video.layout=sample", "visualizers.denoise_video.sample=1",
+                 "visualizers.denoise_video.panels=[x0]", "visualizers.denoise_video.hold=2",
+                 "visualizers.denoise_video.fps=4")
+    run(cfg, tmp_path / "one")
+    one = frames_of(tmp_path / "one" / "denoise.mp4")
+    assert len(one) == 5
+    # one row of 3 guidance columns x 2 panels is wider than one sample with one panel
+    assert grid[0].shape[1] > 2 * one[0].shape[1]
+
+
+def test_negative_guidance_gains_a_process_video(tmp_path):
+    run(cfg_of("experiment=negative_guidance", "steps=2", "seeds=[0]", "guidance_scales=[-3,0,3]",
+               "visualizers.denoise_video.hold=1"), tmp_path)
+    assert len(frames_of(tmp_path / "denoise.mp4")) == 3
+    assert (tmp_path / "stats_plot.png").is_file()
+
+
+def test_attention_maps(tmp_path):
+    run(cfg_of("recorders=[attention]", "visualizers=[attention_maps]", "steps=2", "seeds=[0]"), tmp_path)
+    rec = records.load(tmp_path)
+    toks = rec.info("attention")["tokens"]
+    assert toks["0"] == ["<|startoftext|>", "a", "red", "circle", "<|endoftext|>"]
+    img = Image.open(tmp_path / "attention_maps.png")
+    assert img.height > 2 * 96  # one row per prompt
+    assert any(m["path"] == "attention_maps.png" and m["type"] == "image" for m in manifest(tmp_path))
+
+
+def test_missing_recorder_fails_with_one_line(tmp_path):
+    cfg = cfg_of("visualizers=[step_strip]", "recorders=[stats]", "steps=1", "seeds=[0]")
+    with pytest.raises(registry.PluginError, match=r"^visualizers.step_strip needs recorders=\[x0\]"):
+        run(cfg, tmp_path)
+
+
+def test_stats_logged_per_step_to_wandb(tmp_path):
+    from stablefused.logger import NullLogger
+
+    logged = []
+
+    class Capture(NullLogger):
+        run = object()  # as if a W&B run were open
+
+        def metrics(self, values, step_metric=None):
+            logged.append((values, step_metric))
+
+    import stablefused.app as app
+
+    orig = app.make_logger
+    app.make_logger = lambda *a, **k: Capture()
+    try:
+        run(cfg_of("recorders=[stats]", "steps=3", "seeds=[0]", "guidance_scales=[1,7.5]"), tmp_path)
+    finally:
+        app.make_logger = orig
+    stats = [v for v, s in logged if s == "denoise_step"]
+    assert [v["denoise_step"] for v in stats] == [0, 1, 2]
+    assert "denoise/guidance_delta_norm/w=7.5" in stats[0] and stats[0]["denoise/guidance_delta_norm/w=1"] == 0
