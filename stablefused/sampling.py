@@ -122,7 +122,13 @@ def denoise(
 
         model_input = scheduler.scale_model_input(latents, t)
         # UNet batch: [rows needing uncond, rows needing cond], as diffusers' torch.cat([latents] * 2).
-        u_rows, c_rows = need_uncond.nonzero().flatten(), need_cond.nonzero().flatten()
+        all_u, all_c = bool(need_uncond.all()), bool(need_cond.all())
+        if all_u and all_c:  # the common case: no indexing, exactly diffusers' batch
+            u_rows = c_rows = slice(None)
+            n_u = batch
+        else:
+            u_rows, c_rows = need_uncond.nonzero().flatten(), need_cond.nonzero().flatten()
+            n_u = len(u_rows)
         x_in = torch.cat([model_input[u_rows], model_input[c_rows]])
         emb = torch.cat([uncond_embeds[u_rows], cond_embeds[c_rows]])
         if extra_channels is not None:
@@ -131,21 +137,23 @@ def denoise(
         ctx.stats["unet_rows"] += x_in.shape[0]
         ctx.stats["model_calls"] += 1
 
-        eps_uncond = out.new_empty((batch, *out.shape[1:]))
-        eps_cond = out.new_empty((batch, *out.shape[1:]))
-        eps_uncond[u_rows] = out[: len(u_rows)]
-        eps_cond[c_rows] = out[len(u_rows) :]
-        eps_uncond[~need_uncond] = eps_cond[~need_uncond]
-        eps_cond[~need_cond] = eps_uncond[~need_cond]
+        if all_u and all_c:
+            eps_uncond, eps_cond = out[:n_u], out[n_u:]
+        else:
+            eps_uncond = out.new_empty((batch, *out.shape[1:]))
+            eps_cond = out.new_empty((batch, *out.shape[1:]))
+            eps_uncond[u_rows] = out[:n_u]
+            eps_cond[c_rows] = out[n_u:]
+            eps_uncond[~need_uncond] = eps_cond[~need_uncond]
+            eps_cond[~need_cond] = eps_uncond[~need_cond]
         eps = guidance.rule(eps_cond, eps_uncond, w.to(device), info)
 
         step_out = scheduler.step(eps, t, latents, **step_kwargs, return_dict=True)
         x_prev = step_out.prev_sample
-        x0 = getattr(step_out, "pred_original_sample", None)
-        if x0 is None:
-            x0 = predict_x0(eps, model_input, sigmas[i], prediction_type)
-
         if hooks:
+            x0 = getattr(step_out, "pred_original_sample", None)
+            if x0 is None:
+                x0 = predict_x0(eps, model_input, sigmas[i], prediction_type)
             state = StepState(
                 index=i, num_steps=len(timesteps), t=t, sigma=sigmas[i], sigma_max=all_sigmas[0],
                 sigma_min=all_sigmas[-1], x_t=latents, eps_cond=eps_cond, eps_uncond=eps_uncond,

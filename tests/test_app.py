@@ -15,6 +15,7 @@ from stablefused.app import run
 from stablefused.outputs import read_parameters
 from tests.conftest import compose_cfg
 
+WANDB = str(Path(sys.executable).parent / "wandb")
 SMALL = ["experiment=negative_guidance", "seeds=[0,1]", "steps=4", "guidance_scales=[-3,0,1,7.5]"]
 
 
@@ -28,7 +29,7 @@ def read_wandb(run_dir: Path) -> list[dict]:
     """Records of the offline W&B run(s) under run_dir, via `wandb leet inspect --json`."""
     out = []
     for d in sorted((run_dir / "wandb").glob("offline-run-*")):
-        res = subprocess.run(["wandb", "leet", "inspect", "--json", str(d)], capture_output=True, text=True, check=True)
+        res = subprocess.run([WANDB, "leet", "inspect", "--json", str(d)], capture_output=True, text=True, check=True)
         out.append([json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")])
     return out
 
