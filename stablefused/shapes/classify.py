@@ -2,8 +2,11 @@
 
 The classifier is analytic (no weights): background = nearest of black/white to the median border pixel;
 foreground = pixels far from that background; the largest 4-connected foreground blob is the shape. Its
-colour is the nearest palette colour to the mean of its core pixels; its size is small/large by bounding box
-side; its shape is read from how much of its bounding box it fills (square ~1, circle ~0.79, triangle ~0.5).
+colour is the nearest palette colour to the mean of its core pixels. Shape and size come from template
+matching: the blob's soft coverage (projection of each pixel on the background -> colour axis) is compared
+with anti-aliased circles, squares and triangles of sides around the blob's extent, at offsets around its
+bounding box; the best fit gives the shape, and its side gives small/large. Blur (VAE reconstructions,
+generated images) shifts edges but not which template fits best.
 An image without a blob gets ``None`` for colour, shape and size (scored as wrong).
 """
 
@@ -15,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from stablefused.shapes.data import ATTRIBUTES, BACKGROUNDS, CHOICES, COLORS, SHAPES, SIZES
+from stablefused.shapes.data import ATTRIBUTES, BACKGROUNDS, CHOICES, COLORS, SHAPES, SIZES, shape_mask
 
 FOREGROUND_DISTANCE = 0.4  # RGB distance from the background colour that counts as foreground
-LARGE_MIN_SIDE = 15  # bounding-box side (px, at 32x32) from which a shape is "large"
-TRIANGLE_MAX_FILL, CIRCLE_MAX_FILL = 0.66, 0.89
+LARGE_MIN_SIDE = 15  # side (px, at 32x32) from which a shape is "large" (small: 9-11, large: 18-22)
 _PALETTE = np.array(list(COLORS.values()), np.float32)
 _BGS = np.array(list(BACKGROUNDS.values()), np.float32)
 
@@ -76,6 +78,56 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    return out
+
+
+_TEMPLATES: dict[tuple[str, int], np.ndarray] = {}
+
+
+def _template(shape: str, side: int, ss: int = 4) -> np.ndarray:
+    """Anti-aliased coverage (side+2, side+2) of ``shape`` with bounding box ``side`` at offset (1, 1)."""
+    key = (shape, side)
+    if key not in _TEMPLATES:
+        n = side + 2
+        m = shape_mask(shape, side * ss, ss, ss, n * ss).astype(np.float32)
+        _TEMPLATES[key] = m.reshape(n, ss, n, ss).mean((1, 3))
+    return _TEMPLATES[key]
+
+
+def _fit_template(soft: np.ndarray, blob: np.ndarray) -> tuple[str, int]:
+    """The (shape, side) whose drawn template, placed near the blob's bounding box, best matches ``soft``."""
+    h, w = soft.shape
+    ys, xs = np.nonzero(blob)
+    top, left = int(ys.min()), int(xs.min())
+    extent = int(max(ys.max() - top, xs.max() - left)) + 1
+    pad = 4
+    canvas = np.zeros((h + 2 * pad + 40, w + 2 * pad + 40), np.float32)
+    canvas[pad : pad + h, pad : pad + w] = soft
+    total = float((soft**2).sum())
+    best, best_err = ("circle", extent), np.inf
+    for shape in SHAPES:
+        for side in range(max(3, extent - 2), extent + 3):
+            t = _template(shape, side)
+            n = t.shape[0]
+            for dy in (-2, -1, 0, 1):
+                for dx in (-2, -1, 0, 1):
+                    y0, x0 = pad + top + dy - 1, pad + left + dx - 1
+                    if y0 < 0 or x0 < 0:
+                        continue
+                    win = canvas[y0 : y0 + n, x0 : x0 + n]
+                    # error over the whole image = error inside the window + soft mass outside it
+                    err = float(((win - t) ** 2).sum()) + total - float((win**2).sum())
+                    if err < best_err:
+                        best, best_err = (shape, side), err
+    return best
+
+
 def classify_image(image: Any) -> dict[str, str | None]:
     """Colour, shape, size and background of a shapes image (PIL or array); ``None`` where no shape."""
     img = to_array(image)
@@ -93,11 +145,13 @@ def classify_image(image: Any) -> dict[str, str | None]:
     d = dist[blob]
     core = img[blob][d >= np.median(d)]
     out["color"] = CHOICES["color"][int(np.argmin(((_PALETTE - core.mean(0)) ** 2).sum(-1)))]
-    ys, xs = np.nonzero(blob)
-    bh, bw = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-    out["size"] = "large" if max(bh, bw) >= LARGE_MIN_SIDE * scale else "small"
-    fill = area / float(bh * bw)
-    out["shape"] = "triangle" if fill < TRIANGLE_MAX_FILL else "circle" if fill < CIRCLE_MAX_FILL else "square"
+    fg = _PALETTE[CHOICES["color"].index(out["color"])]
+    axis = fg - _BGS[bg_idx]
+    soft = np.clip(((img - _BGS[bg_idx]) @ axis) / float(axis @ axis), 0.0, 1.0)  # 0 = background, 1 = shape
+    soft = np.where(_dilate(blob), soft, 0.0)  # only the blob (and its edge): ignore other specks
+    shape, side = _fit_template(soft, blob)
+    out["shape"] = shape
+    out["size"] = "large" if side >= LARGE_MIN_SIDE * scale else "small"
     return out
 
 
