@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     from stablefused.models import load_components
     from stablefused.paths import config_dir
     from stablefused.pipeline import Sampler
-    from stablefused.preview import LinearPreview, linear_preview
+    from stablefused.preview import linear_preview
     from stablefused.sampling import denoise
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

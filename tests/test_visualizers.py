@@ -11,6 +11,7 @@ import json
 import imageio.v2 as iio
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -18,6 +19,16 @@ from stablefused import records, registry
 from stablefused.app import run
 from stablefused.paths import config_dir
 
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one torch thread is faster, and much faster on a shared, busy CPU (no spinning
+    OpenMP workers). Restored after this module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 def cfg_of(*overrides):
     base = ["model=tiny_random", "logger=none", "progress=false"]

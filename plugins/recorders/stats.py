@@ -20,7 +20,8 @@ class Stats(BaseHook):
     Tensors ``stats.<name>`` (N, S), float32; t and σ of each step are in the index. Per sample and step:
     ``guidance_scale`` (the scale used), ``guidance_delta_norm`` = ‖ε_cond − ε_uncond‖₂ (over all latent
     elements; 0 where a pass was skipped), ``eps_guided_norm`` = ‖ε_guided‖₂, ``latent_mean``/``latent_std``
-    of x_t, ``x0_mean``/``x0_std`` of x̂0, ``x0_change`` = ‖x̂0 − x̂0 of the previous step‖₂ (NaN at the first).
+    of x_t, ``x0_mean``/``x0_std`` of x̂0, ``x0_change`` = ‖x̂0 − x̂0 of the previous step‖₂ (NaN at the
+    first).
     Values stay on the device until the loop ends (no sync per step). ``log`` sends them to W&B as metrics
     ``denoise/<stat>/w=<guidance>`` (mean over the samples of each guidance scale) against ``denoise_step``.
     """
@@ -113,7 +114,8 @@ class Stats(BaseHook):
         for pos, i in enumerate(info["samples"]):
             groups.setdefault(scale_of.get(i, float("nan")), []).append(pos)
         for s, step in enumerate(info["steps"]):
-            values: dict[str, float] = {"denoise_step": step, "denoise/t": info["t"][s], "denoise/sigma": info["sigma"][s]}
+            values: dict[str, float] = {"denoise_step": step, "denoise/t": info["t"][s],
+                                        "denoise/sigma": info["sigma"][s]}
             for name in STATS:
                 col = tensors[f"stats.{name}"][0][:, s]
                 for g, pos in groups.items():

@@ -21,9 +21,9 @@ class AttentionMaps:
     Each token's map (from the ``attention`` recorder, at latent resolution) is upscaled bilinearly to the
     image and divided by its own maximum (so every heat map spans [0, 1]: it shows *where* a token attends,
     not how much compared with other tokens), coloured with ``cmap`` and blended over the image with
-    ``alpha``. ``tokens``: which prompt tokens (null = all but BOS/EOS/padding; else words, matched without
-    the ``</w>`` suffix). ``samples``: global sample indices (null = all recorded). Needs recorder
-    ``attention``.
+    ``alpha``. Samples without a conditional pass (guidance 0) have no maps. ``tokens``: which prompt tokens
+    (null = all but BOS/EOS/padding; else words, matched without the ``</w>`` suffix). ``samples``: global
+    sample indices (null = all recorded). Needs recorder ``attention``.
     """
 
     def __init__(self, tokens: list[str] | None = None, samples: list[int] | None = None, alpha: float = 0.6,
@@ -57,6 +57,7 @@ class AttentionMaps:
         maps = rec["attention"].float().numpy()  # (N, T, h, w)
         info = rec.info("attention")
         tokens = info.get("tokens", {})
+        counts = info.get("maps_averaged") or [1] * maps.shape[0]
         finals = {int(r["index"]): img for r, img in zip(run.records, run.images)}
         cells, labels, row_labels = [], [], []
         for p, m in enumerate(rec.samples("attention")):
@@ -69,8 +70,10 @@ class AttentionMaps:
             image = finals.get(idx)
             if image is None:
                 continue
+            if not counts[p]:  # guidance 0: the loop skipped the conditional pass, there is no map
+                chosen = []
             cells.append([image] + [self.overlay(image, maps[p, k]) for k, _ in chosen])
-            labels.append(["image"] + [t for _, t in chosen])
+            labels.append(["image" if counts[p] else "no cond. pass"] + [t for _, t in chosen])
             g = m.get("guidance_scale")
             row_labels.append(textwrap.shorten(str(m.get("prompt", "")), 24, placeholder="…")
                               + (f" w={float(g):g}" if g is not None else ""))

@@ -4,7 +4,6 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from stablefused import records as rec_io
 from stablefused.preview import compose, decode_to_pil, decoder_for
