@@ -57,15 +57,17 @@ class LinearPreview:
     @classmethod
     @torch.no_grad()
     def fit(cls, sampler: Any, latents: torch.Tensor | None = None, n_random: int = 16, seed: int = 0,
-            batch_size: int = 16) -> "LinearPreview":
-        """Least-squares fit on VAE decodes of ``latents`` (e.g. recorded x̂0) plus ``n_random`` standard
-        normal latents (in the model's scaled latent space)."""
+            batch_size: int = 16, max_latents: int = 32) -> "LinearPreview":
+        """Least-squares fit on VAE decodes of ``latents`` (e.g. recorded x̂0; at most ``max_latents``, evenly
+        spaced) plus ``n_random`` standard normal latents (in the model's scaled latent space)."""
         c = sampler.c
         shape = (latents.shape[1:] if latents is not None else
                  (c.unet.config.in_channels, c.unet.config.sample_size, c.unet.config.sample_size))
         g = torch.Generator("cpu").manual_seed(seed)
         parts = [torch.randn((n_random, *shape), generator=g)]
         if latents is not None:
+            if len(latents) > max_latents:
+                latents = latents[torch.linspace(0, len(latents) - 1, max_latents).round().long()]
             parts.append(latents.detach().to("cpu", torch.float32))
         lat = torch.cat(parts)
         images = torch.from_numpy(sampler.decode(lat.to(c.device, c.dtype), batch_size)).permute(0, 3, 1, 2)
@@ -194,6 +196,15 @@ def decode_to_pil(decoder: Callable[[torch.Tensor], np.ndarray], latents: torch.
     flat = latents.reshape(-1, *latents.shape[-3:])
     images = decoder(flat)
     return [to_pil(a, size, Image.BILINEAR) for a in images]
+
+
+def fit_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """``size`` (w, h) scaled down to at most ``max_side`` pixels on its longer side (never up)."""
+    w, h = size
+    if not max_side or max(w, h) <= max_side:
+        return w, h
+    f = max_side / max(w, h)
+    return max(1, round(w * f)), max(1, round(h * f))
 
 
 def decoder_for(run: Any, mode: str, fit_latents: torch.Tensor | None = None,

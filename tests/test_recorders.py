@@ -195,7 +195,9 @@ def test_experiments_compose():
 
 
 def test_linear_preview(comps):
-    from stablefused.preview import SD_LATENT_RGB, LinearPreview, is_sd_vae, make_decoder
+    from stablefused.preview import SD_LATENT_RGB, LinearPreview, fit_size, is_sd_vae, make_decoder
+
+    assert fit_size((512, 768), 256) == (171, 256) and fit_size((16, 16), 256) == (16, 16)
 
     s = sampler(comps)
     assert SD_LATENT_RGB.shape == (4, 3) and not is_sd_vae(comps.vae)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from stablefused import records as rec_io
-from stablefused.preview import compose, decode_to_pil, decoder_for, hstack
+from stablefused.preview import compose, decode_to_pil, decoder_for, fit_size, hstack
 from stablefused.registry import PluginError, register
 
 PANELS = {"x_t": ("latents", "x_t", "x_t"), "x_prev": ("latents", "x_prev", "x_{t-1}"), "x0": ("x0", "x0", "pred x0")}
@@ -27,13 +27,15 @@ class DenoiseVideo:
     grid rows), ``square`` (the chosen ``samples`` in a near-square grid: 4 prompts → 2×2) or ``sample`` (one
     sample: ``sample`` = its global index). ``panels`` side by side per sample: x_t, x0 (x̂0), x_prev. Each
     frame is titled with step, t and σ; after the last step ``hold`` frames show the end (x_t panel = final
-    latents). ``decode``: vae, linear (fast preview) or auto. Frames are padded to a multiple of 16 pixels.
+    latents). ``decode``: vae, linear (fast preview) or auto. Panels are shown at the image size, upscaled
+    (nearest) to ``min_cell`` or downscaled to ``max_cell`` pixels; frames are padded to a multiple of 16.
     Needs recorders ``latents`` (x_t, x_prev panels) and ``x0`` (x0 panel).
     """
 
     def __init__(self, panels: list[str] = ("x_t", "x0"), layout: str = "grid", rows: list[int] | None = None,
                  samples: list[int] | None = None, sample: int = 0, decode: str = "vae", fps: int = 8,
-                 hold: int = 8, gif: bool = False, min_cell: int = 128, filename: str = "denoise"):
+                 hold: int = 8, gif: bool = False, min_cell: int = 128, max_cell: int | None = 256,
+                 filename: str = "denoise"):
         panels = [panels] if isinstance(panels, str) else list(panels)
         bad = [p for p in panels if p not in PANELS]
         if not panels or bad:
@@ -49,6 +51,7 @@ class DenoiseVideo:
         self.samples = None if samples is None else [int(s) for s in samples]
         self.sample, self.fps, self.hold, self.gif = int(sample), int(fps), int(hold), bool(gif)
         self.min_cell, self.name = int(min_cell), str(filename)
+        self.max_cell = None if max_cell is None else int(max_cell)
 
     @classmethod
     def requires(cls, params: dict) -> list[str]:
@@ -118,7 +121,7 @@ class DenoiseVideo:
             end = t[:, -1:]
             if p == "x_t" and "x_prev" in rec:  # the end frame shows the final latents
                 end = rec["x_prev"][used][:, -1:]
-            imgs = decode_to_pil(decoder, torch_cat(t, end), (w, h))
+            imgs = decode_to_pil(decoder, torch_cat(t, end), fit_size((w, h), self.max_cell))
             per = t.shape[1] + 1
             decoded[p] = {pos: imgs[k * per : (k + 1) * per] for k, pos in enumerate(used)}
 

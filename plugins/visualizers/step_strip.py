@@ -4,9 +4,10 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 
 from stablefused import records as rec_io
-from stablefused.preview import compose, decode_to_pil, decoder_for
+from stablefused.preview import compose, decode_to_pil, decoder_for, fit_size
 from stablefused.registry import PluginError, register
 
 SOURCES = {"x0": "x0", "x_t": "latents", "x_prev": "latents"}
@@ -19,12 +20,13 @@ class StepStrip:
     ``source``: x0, x_t or x_prev. ``steps``: explicit step indices (0-based, as recorded), else ``count``
     steps evenly spread over the recorded ones (first and last included). ``final`` adds the final image as
     the last column. ``samples``: global sample indices (null = every recorded sample). ``decode``: vae,
-    linear or auto. Needs recorder ``x0`` (source x0) or ``latents`` (x_t, x_prev).
+    linear or auto. Cells: image size, at least ``min_cell``, at most ``max_cell`` pixels. Needs recorder
+    ``x0`` (source x0) or ``latents`` (x_t, x_prev).
     """
 
     def __init__(self, source: str = "x0", steps: list[int] | None = None, count: int = 8,
                  samples: list[int] | None = None, final: bool = True, decode: str = "vae", min_cell: int = 96,
-                 filename: str | None = None):
+                 max_cell: int | None = 192, filename: str | None = None):
         if source not in SOURCES:
             raise PluginError(f"visualizers.step_strip: source={source!r}: must be one of {', '.join(SOURCES)}")
         if int(count) < 1:
@@ -33,6 +35,7 @@ class StepStrip:
         self.steps = None if steps is None else [int(s) for s in steps]
         self.samples = None if samples is None else [int(s) for s in samples]
         self.min_cell, self.name = int(min_cell), filename or f"step_strip_{source}"
+        self.max_cell = None if max_cell is None else int(max_cell)
 
     @classmethod
     def requires(cls, params: dict) -> list[str]:
@@ -67,7 +70,8 @@ class StepStrip:
             h, w = image_size(run.cfg)
         lat = rec[self.source][pos][:, cols]  # (n, k, C, h, w)
         fit = rec["x0"][pos].flatten(0, 1).float() if "x0" in rec else None
-        imgs = decode_to_pil(decoder_for(run, self.decode, fit_latents=fit), lat, (w, h))
+        size = fit_size((w, h), self.max_cell)
+        imgs = decode_to_pil(decoder_for(run, self.decode, fit_latents=fit), lat, size)
         k = len(cols)
         finals = {int(r["index"]): img for r, img in zip(run.records, run.images)}
         cells, row_labels = [], []
@@ -75,7 +79,9 @@ class StepStrip:
             row = imgs[n * k : (n + 1) * k]
             idx = int(metas[p]["index"])
             if self.final:
-                row = row + [finals.get(idx)]
+                final = finals.get(idx)
+                row = row + [final.resize(size, Image.BILINEAR) if final is not None and final.size != size
+                             else final]
             cells.append(row)
             m = metas[p]
             g = m.get("guidance_scale")
