@@ -18,6 +18,7 @@ fresh plugin instances for every run, so nothing leaks between the jobs of a swe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,10 +36,37 @@ class StepInfo:
     sigma_max: float  # sigma of the first iteration of a full schedule (for interval guidance)
     sigma_min: float  # sigma of the last iteration of a full schedule
 
+    model_input: torch.Tensor | None = None  # what the UNet saw: the scheduler-scaled x_t
+    prediction_type: str = "epsilon"  # the model's parameterisation: epsilon, v_prediction or sample
+
+    def to_x0(self, pred: torch.Tensor) -> torch.Tensor:
+        """x̂0 from a prediction (ε, v or x0) at this step."""
+        a, b = x0_coefficients(self.sigma, self.prediction_type)
+        return a * self.model_input - b * pred
+
+    def from_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """The prediction (in the model's parameterisation) that gives ``x0`` at this step."""
+        a, b = x0_coefficients(self.sigma, self.prediction_type)
+        return (a * self.model_input - x0) / b
+
     @property
     def progress(self) -> float:
         """Fraction of the loop already done before this iteration: 0 at the first, (n-1)/n at the last."""
         return self.index / self.num_steps
+
+
+def x0_coefficients(sigma: float, prediction_type: str) -> tuple[float, float]:
+    """(A, B) with x̂0 = A·x_in − B·prediction, where x_in = sqrt(ᾱ)·x0 + sqrt(1−ᾱ)·ε is the UNet's input and
+    ᾱ = 1 / (1 + σ²). ε-prediction: (1/√ᾱ, √(1−ᾱ)/√ᾱ); v-prediction: (√ᾱ, √(1−ᾱ)); sample: (0, −1)."""
+    alpha_bar = 1.0 / (1.0 + sigma * sigma)
+    a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+    if prediction_type == "epsilon":
+        return 1.0 / a, s / a
+    if prediction_type == "v_prediction":
+        return a, s
+    if prediction_type == "sample":
+        return 0.0, -1.0
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stablefused.guidance import Guidance
-from stablefused.hooks import LoopContext, StepInfo, StepState
+from stablefused.hooks import LoopContext, StepInfo, StepState, x0_coefficients
 
 
 def _step_kwargs(scheduler: Any, generators: Any, eta: float) -> dict:
@@ -47,15 +47,8 @@ def _sigmas(scheduler: Any, timesteps: torch.Tensor, begin: int) -> list[float]:
 def predict_x0(model_output: torch.Tensor, model_input: torch.Tensor, sigma: float, prediction_type: str) -> torch.Tensor:
     """x̂0 from a prediction. ``model_input`` is what the UNet saw (the scheduler's scaled input), which for
     every scheduler is sqrt(ᾱ)·x0 + sqrt(1-ᾱ)·ε with ᾱ = 1 / (1 + σ²)."""
-    alpha_bar = 1.0 / (1.0 + sigma * sigma)
-    a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
-    if prediction_type == "epsilon":
-        return (model_input - s * model_output) / a
-    if prediction_type == "v_prediction":
-        return a * model_input - s * model_output
-    if prediction_type == "sample":
-        return model_output
-    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    a, b = x0_coefficients(sigma, prediction_type)
+    return a * model_input - b * model_output
 
 
 def denoise(
@@ -114,13 +107,13 @@ def denoise(
             latents = new
 
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", leave=False)):
-        info = StepInfo(i, len(timesteps), t, sigmas[i], all_sigmas[0], all_sigmas[-1])
+        model_input = scheduler.scale_model_input(latents, t)
+        info = StepInfo(i, len(timesteps), t, sigmas[i], all_sigmas[0], all_sigmas[-1], model_input, prediction_type)
         w = torch.as_tensor(guidance.scale(base_scales, info), dtype=torch.float32).reshape(batch)
         need_cond, need_uncond = guidance.rule.passes(w)
         if not bool((need_cond | need_uncond).all()):
             raise ValueError("guidance rule asked for neither the conditional nor the unconditional pass")
 
-        model_input = scheduler.scale_model_input(latents, t)
         # UNet batch: [rows needing uncond, rows needing cond], as diffusers' torch.cat([latents] * 2).
         all_u, all_c = bool(need_uncond.all()), bool(need_cond.all())
         if all_u and all_c:  # the common case: no indexing, exactly diffusers' batch
@@ -156,7 +149,7 @@ def denoise(
                 x0 = predict_x0(eps, model_input, sigmas[i], prediction_type)
             state = StepState(
                 index=i, num_steps=len(timesteps), t=t, sigma=sigmas[i], sigma_max=all_sigmas[0],
-                sigma_min=all_sigmas[-1], x_t=latents, eps_cond=eps_cond, eps_uncond=eps_uncond,
+                sigma_min=all_sigmas[-1], model_input=model_input, prediction_type=prediction_type, x_t=latents, eps_cond=eps_cond, eps_uncond=eps_uncond,
                 eps_guided=eps, x0_pred=x0, x_prev=x_prev, guidance_scale=w, has_cond=need_cond,
                 has_uncond=need_uncond, unet_rows=x_in.shape[0],
             )

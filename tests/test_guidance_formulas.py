@@ -10,7 +10,8 @@ from stablefused.hooks import StepInfo
 
 
 def info(index=0, n=4, sigma=1.0):
-    return StepInfo(index, n, torch.tensor(999 - index), sigma, 14.6, 0.03)
+    # model_input broadcasts against any prediction: rules working in x̂0 space (apg) can convert
+    return StepInfo(index, n, torch.tensor(999 - index), sigma, 14.6, 0.03, model_input=torch.full((1,), 0.3))
 
 
 def t(*values):
@@ -62,23 +63,23 @@ def test_rescaled_cfg_matches_paper_per_sample():
 def test_apg_projection_hand_example():
     # D = c - u = (1, -1, 0, 0); parallel to c = (1, 0, 0, 0) is (1, 0, 0, 0), orthogonal (0, -1, 0, 0).
     c, u = t(1, 0, 0, 0), t(0, 1, 0, 0)
-    out = rule("apg", eta=0.5)(c, u, W, info())
+    out = rule("apg", space="prediction", eta=0.5)(c, u, W, info())
     # c + (w - 1)(D_perp + eta D_par) = (1,0,0,0) + 2 ((0,-1,0,0) + (0.5,0,0,0))
     assert torch.allclose(out, t(2, -2, 0, 0))
-    assert torch.allclose(rule("apg", eta=0.0)(c, u, W, info()), t(1, -2, 0, 0))
+    assert torch.allclose(rule("apg", space="prediction", eta=0.0)(c, u, W, info()), t(1, -2, 0, 0))
 
 
 def test_apg_norm_threshold():
     c, u = t(1, 0, 0, 0), t(0, 1, 0, 0)  # ||D|| = sqrt(2)
-    out = rule("apg", eta=1.0, r=0.5)(c, u, W, info())
+    out = rule("apg", space="prediction", eta=1.0, r=0.5)(c, u, W, info())
     d = t(1, -1, 0, 0) * (0.5 / math.sqrt(2))
     assert torch.allclose(out, c + 2 * d)
     # below the threshold nothing is rescaled
-    assert torch.allclose(rule("apg", eta=1.0, r=10.0)(c, u, W, info()), rule("cfg")(c, u, W, info()))
+    assert torch.allclose(rule("apg", space="prediction", eta=1.0, r=10.0)(c, u, W, info()), rule("cfg")(c, u, W, info()))
 
 
 def test_apg_momentum_per_sample_and_reset():
-    apg = rule("apg", eta=1.0, momentum=-0.5)
+    apg = rule("apg", space="prediction", eta=1.0, momentum=-0.5)
     c1, u1 = torch.cat([t(1, 0, 0, 0), t(0, 0, 2, 0)]), torch.cat([t(0, 1, 0, 0), t(0, 0, 0, 0)])
     c2, u2 = torch.cat([t(2, 0, 0, 0), t(0, 0, 1, 1)]), torch.cat([t(0, 0, 0, 0), t(0, 0, 0, 1)])
     w = torch.tensor([3.0, 2.0])
@@ -94,8 +95,23 @@ def test_apg_eta1_is_cfg():
     g = torch.Generator().manual_seed(1)
     c, u = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
     w = torch.tensor([7.5, -2.0])
-    assert torch.allclose(rule("apg", eta=1.0)(c, u, w, info()), rule("cfg")(c, u, w, info()), atol=1e-5)
+    assert torch.allclose(rule("apg", space="prediction", eta=1.0)(c, u, w, info()), rule("cfg")(c, u, w, info()), atol=1e-5)
 
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_apg_x0_space_is_the_papers_equation_on_denoised_predictions(prediction_type):
+    """Paper (Sadat et al. 2024, Alg. 1): the update is computed on D(x) = x̂0, then mapped back."""
+    g = torch.Generator().manual_seed(2)
+    c, u, x_in = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
+    w = torch.tensor([7.5, 3.0])
+    st = StepInfo(1, 4, torch.tensor(500), 0.8, 14.6, 0.03, model_input=x_in, prediction_type=prediction_type)
+    out = rule("apg", eta=0.25, r=2.0)(c, u, w, st)
+    dc, du = st.to_x0(c), st.to_x0(u)
+    expected_x0 = rule("apg", space="prediction", eta=0.25, r=2.0)(dc, du, w, info())
+    assert torch.allclose(st.to_x0(out), expected_x0, atol=1e-5)
+    # and it is not the same as applying the equations to the raw predictions
+    assert not torch.allclose(out, rule("apg", space="prediction", eta=0.25, r=2.0)(c, u, w, info()), atol=1e-3)
 
 # ---- cfg_zero_star (Fan et al. 2025)
 

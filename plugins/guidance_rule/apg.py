@@ -23,10 +23,11 @@ class APG(GuidanceRule):
     causes the oversaturation); r and beta are tuned per model (its reference code uses beta = -0.75).
     Defaults: eta = 0, no rescaling, no momentum.
 
-    Where it differs from the paper: the paper applies APG to the denoised prediction D(x) (x̂0), but a
-    guidance rule sees only the model's predictions (epsilon or v), not x_t, so here c and u are those
-    predictions (as diffusers' ``AdaptiveProjectedGuidance`` guider does). The norm threshold r is therefore
-    in prediction units, not the paper's x̂0 units.
+    ``space="x0"`` (default) follows the paper: c and u are first turned into denoised predictions
+    x̂0 = A·x_in − B·pred (``StepInfo.to_x0``), the update is computed there (r in x̂0 units), and the
+    result is turned back into the model's parameterisation (``StepInfo.from_x0``). ``space="prediction"``
+    applies the same equations to the raw ε / v predictions, as diffusers' ``AdaptiveProjectedGuidance``
+    guider does.
 
     Momentum state is one running average per sample of the batch, cleared by ``reset()`` (the loop calls
     it at each denoise call, so nothing carries over between batches or runs).
@@ -36,8 +37,10 @@ class APG(GuidanceRule):
     rule is plain CFG (eta = 1, r = 0, momentum = 0) and w = 0.
     """
 
-    def __init__(self, eta: float = 0.0, r: float = 0.0, momentum: float = 0.0):
-        self.eta, self.r, self.momentum = float(eta), float(r), float(momentum)
+    def __init__(self, eta: float = 0.0, r: float = 0.0, momentum: float = 0.0, space: str = "x0"):
+        if space not in ("x0", "prediction"):
+            raise ValueError(f"guidance.rule_params.space={space!r}: must be x0 or prediction")
+        self.eta, self.r, self.momentum, self.space = float(eta), float(r), float(momentum), space
         self._avg: torch.Tensor | None = None
 
     def reset(self) -> None:
@@ -51,6 +54,14 @@ class APG(GuidanceRule):
         return need_cond, need_uncond
 
     def __call__(self, cond, uncond, w, info):
+        if self.space == "x0":
+            if info.model_input is None:
+                raise ValueError("apg with space=x0 needs StepInfo.model_input (set by the loop)")
+            out = self._apg(info.to_x0(cond.double()), info.to_x0(uncond.double()), w)
+            return info.from_x0(out).to(cond.dtype)
+        return self._apg(cond, uncond, w)
+
+    def _apg(self, cond, uncond, w):
         dims = list(range(1, cond.ndim))
         diff = cond - uncond
         if self.momentum != 0:
