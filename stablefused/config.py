@@ -130,6 +130,12 @@ def validate(cfg: DictConfig) -> None:
     for kind in ("recorders", "visualizers", "metrics"):
         for name, params in (cfg.get(kind) or {}).items():
             _create_check(kind, name, params, f"{kind}.{name}")
+    from stablefused.records import check_requirements
+
+    try:
+        check_requirements(cfg)
+    except registry.PluginError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _plugin(group: Any, name_key: str, kind: str, params_key: str, where: str) -> None:

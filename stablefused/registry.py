@@ -144,7 +144,7 @@ def get(kind: str, name: str) -> Any:
         ) from None
 
 
-def check_params(kind: str, name: str, params: dict) -> Any:
+def check_params(kind: str, name: str, params: dict, /) -> Any:
     """The plugin class for ``name``, after checking that it accepts every key of ``params``."""
     cls = get(kind, name)
     accepted = _parameters(cls)
@@ -160,7 +160,7 @@ def check_params(kind: str, name: str, params: dict) -> Any:
     return cls
 
 
-def create(kind: str, name: str, **params: Any) -> Any:
+def create(kind: str, name: str, /, **params: Any) -> Any:
     """Instantiate plugin ``name`` of ``kind`` with ``params``; unknown parameters are named in the error."""
     return check_params(kind, name, params)(**params)
 

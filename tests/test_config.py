@@ -70,3 +70,9 @@ def test_unknown_plugin_in_group_selection():
         cfg.metrics = {"shapes_adherance": {}}
     with pytest.raises(ConfigError, match="metrics.shapes_adherance: no metrics plugin named"):
         validate(cfg)
+
+
+def test_visualizer_without_its_recorders_fails_before_loading():
+    cfg = compose_cfg("visualizers=[denoise_video]", "recorders=[stats]")
+    with pytest.raises(ConfigError, match=r"visualizers.denoise_video needs recorders=\[.*x0.*\]"):
+        validate(cfg)
