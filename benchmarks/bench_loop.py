@@ -3,6 +3,7 @@
     python benchmarks/bench_loop.py                    # tiny_random, CPU
     python benchmarks/bench_loop.py --model shapes     # the bundled model
     python benchmarks/bench_loop.py --model sd15 --device cuda --dtype float16 --size 512
+    python benchmarks/bench_loop.py --model sd15_random --device cuda --dtype float16   # SD1.5 shapes, random weights
 
 Same process, same components, same prompts/seeds, median of ``--repeats`` runs after one warm-up.
 Rows of the table (ratio = ours / baseline; goals in brackets):
@@ -24,6 +25,7 @@ from diffusers import StableDiffusionPipeline
 from stablefused.guidance import Guidance, GuidanceRule, per_sample
 from stablefused.models import build_tiny_random, load_components
 from stablefused.pipeline import Sampler
+from stablefused.sampling import denoise
 
 
 class AlwaysBatchedCFG(GuidanceRule):
@@ -33,23 +35,60 @@ class AlwaysBatchedCFG(GuidanceRule):
         return uncond + per_sample(w, cond) * (cond - uncond)
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fns: dict, repeats: int) -> dict:
+    """Median seconds per function; one warm-up each, then the repeats interleaved so that drift (clocks,
+    other processes) hits every function alike."""
+    for fn in fns.values():
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def sd15_random():
+    """Components with SD 1.5's architecture (UNet, VAE, CLIP ViT-L text encoder) and random weights: the
+    real per-step cost, without a download."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from stablefused.models import TINY_WORDS, Components, _scheduler_dict
+    from stablefused.text import build_word_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_word_tokenizer(TINY_WORDS, model_max_length=77)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                        num_attention_heads=12, max_position_embeddings=77, vocab_size=len(tok) + 8,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    return Components("sd15_random", tok, text, unet, vae, _scheduler_dict(sched), torch.device("cpu"),
+                      torch.float32)
 
 
 def components(args):
-    if args.model == "tiny_random":
-        return build_tiny_random()
+    if args.model in ("tiny_random", "sd15_random"):
+        comps = build_tiny_random() if args.model == "tiny_random" else sd15_random()
+        dtype = getattr(torch, args.dtype)
+        for m in (comps.unet, comps.vae, comps.text_encoder):
+            m.to(device=args.device, dtype=dtype).eval().requires_grad_(False)
+        comps.device, comps.dtype = torch.device(args.device), dtype
+        return comps
     cfg = {"name": args.model, "builtin": None, "hub_id": None, "path": None, "bundled": None}
     if args.model == "shapes":
         cfg["bundled"] = "shapes"
@@ -72,9 +111,6 @@ def main() -> None:
     args = ap.parse_args()
 
     comps = components(args)
-    if args.model == "tiny_random":
-        comps.unet.to(args.device), comps.vae.to(args.device), comps.text_encoder.to(args.device)
-        comps.device = torch.device(args.device)
     size = args.size or comps.unet.config.sample_size * comps.vae_scale_factor
     prompts = ["a red circle"] * args.batch
     seeds = list(range(args.batch))
@@ -88,21 +124,30 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     always = Guidance(Guidance.default().schedule, AlwaysBatchedCFG())
 
-    def ours(w, guidance=None):
-        return lambda: sampler.txt2img(prompts, seeds, w, steps=args.steps, height=size, width=size,
-                                       guidance=guidance, progress=False)
+    def ours():
+        sampler.txt2img(prompts, seeds, 7.5, steps=args.steps, height=size, width=size, progress=False)
 
+    @torch.no_grad()
     def theirs():
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         pipe(prompts, height=size, width=size, num_inference_steps=args.steps, guidance_scale=7.5,
              generator=gens, output_type="np")
 
-    rows = []
-    t_ours, t_pipe = timed(ours(7.5), args.repeats), timed(theirs, args.repeats)
-    rows.append(("guidance 7.5: StableFused vs StableDiffusionPipeline", t_ours, t_pipe, "<= 1.00"))
-    for w in (0.0, 1.0):
-        t_skip, t_full = timed(ours(w), args.repeats), timed(ours(w, always), args.repeats)
-        rows.append((f"guidance {w:g}: half-batch skipping vs always-batched CFG", t_skip, t_full, "<= 0.55"))
+    # The guidance 0/1 rows compare the denoising loop alone (prompts encoded and noise drawn beforehand).
+    cond, uncond = sampler.encode(prompts), sampler.encode([""] * len(prompts))
+    latents, _ = sampler.initial_latents(seeds, size, size)
+
+    def loop(w, guidance=None):
+        return lambda: denoise(comps.unet, sched, latents, cond, uncond, [w] * len(prompts), num_steps=args.steps,
+                               guidance=guidance, progress=False)
+
+    t = timed({"ours": ours, "pipe": theirs, "w0": loop(0.0), "w0_full": loop(0.0, always), "w1": loop(1.0),
+               "w1_full": loop(1.0, always)}, args.repeats)
+    rows = [
+        ("guidance 7.5: StableFused txt2img vs StableDiffusionPipeline", t["ours"], t["pipe"], "<= 1.00"),
+        ("guidance 0: loop with half-batch skipping vs always-batched CFG loop", t["w0"], t["w0_full"], "<= 0.55"),
+        ("guidance 1: loop with half-batch skipping vs always-batched CFG loop", t["w1"], t["w1_full"], "<= 0.55"),
+    ]
 
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"model {args.model}, {size}x{size}, batch {args.batch}, {args.steps} DDIM steps, {args.dtype}, {dev}, "
