@@ -1,13 +1,20 @@
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny models: one thread is as fast, and far faster when other processes share the CPU (no spinning
+# OpenMP workers). Subprocesses (CLI tests) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from stablefused.paths import config_dir  # noqa: E402
+
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -26,14 +26,6 @@ def comps():
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one torch thread is faster, and much faster on a shared, busy CPU (no spinning
-    OpenMP workers). Restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 def cfg_of(*overrides):
     base = ["model=tiny_random", "logger=none", "progress=false"]

@@ -21,14 +21,6 @@ from stablefused.paths import config_dir
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one torch thread is faster, and much faster on a shared, busy CPU (no spinning
-    OpenMP workers). Restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 def cfg_of(*overrides):
     base = ["model=tiny_random", "logger=none", "progress=false"]
@@ -108,8 +100,11 @@ def test_attention_maps(tmp_path):
 
 def test_missing_recorder_fails_with_one_line(tmp_path):
     cfg = cfg_of("visualizers=[step_strip]", "recorders=[stats]", "steps=1", "seeds=[0]")
-    with pytest.raises(registry.PluginError, match=r"^visualizers.step_strip needs recorders=\[x0\]"):
+    from stablefused.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^visualizers.step_strip needs recorders=\[x0\]"):
         run(cfg, tmp_path)
+    assert not (tmp_path / "images").exists()  # refused before sampling
 
 
 def test_stats_logged_per_step_to_wandb(tmp_path):
