@@ -173,7 +173,8 @@ def _log_images(run: Run) -> None:
     if run.logger.run is None:  # logger=none: skip building W&B objects
         return
     captions = [f"{r['prompt']} | seed {r['seed']} | guidance {r['guidance_scale']:g}" for r in run.records]
-    run.logger.images("images", run.images, captions)
+    for i in range(0, len(run.images), 100):  # W&B keeps at most 108 images per logged list
+        run.logger.images("images", run.images[i : i + 100], captions[i : i + 100])
     mkeys = metric_keys(run.records)
     columns = ["image", "prompt", "seed", "guidance_scale", *mkeys]
     rows = [[img, r["prompt"], r["seed"], r["guidance_scale"], *[r.get(k) for k in mkeys]]

@@ -39,7 +39,7 @@ def _sigmas(scheduler: Any, timesteps: torch.Tensor, begin: int) -> list[float]:
     ac = scheduler.alphas_cumprod
     out = []
     for t in timesteps:
-        a = float(ac[int(t)])
+        a = max(float(ac[int(t)]), 1e-20)  # zero-SNR schedules end at alpha_bar = 0
         out.append(math.sqrt((1 - a) / a))
     return out
 

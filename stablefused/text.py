@@ -14,10 +14,13 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
 def build_word_tokenizer(words: list[str], model_max_length: int = 16) -> CLIPTokenizer:
-    """A CLIP tokenizer whose vocabulary holds every word in ``words`` as one token.
+    """A CLIP tokenizer with a BPE merge chain for every word in ``words`` (left to right).
 
-    Other text still tokenizes (letter by letter), so any prompt encodes. Token ids: 0 = BOS, 1 = EOS/pad,
-    then single characters, then merge products in a fixed order: the same words give the same ids.
+    Most words become one token; a word whose chain is pre-empted by an earlier word's higher-ranked merge
+    stays a few tokens (e.g. "green" after "red": ``g re e n</w>``) — still deterministic. Other text
+    tokenizes letter by letter, so any prompt encodes. Token ids: 0 = BOS, 1 = EOS/pad, then single
+    characters, then merge products in a fixed order: the same words give the same ids. (The bundled
+    shapes model's tokenizer was built with this function; keep its behaviour stable.)
     """
     vocab: dict[str, int] = {BOS: 0, EOS: 1}
 

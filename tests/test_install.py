@@ -17,6 +17,8 @@ def test_wheel_ships_configs_and_plugins(tmp_path):
     assert "stablefused/_conf/config.yaml" in names
     assert "stablefused/_conf/experiment/negative_guidance.yaml" in names
     assert "stablefused/_plugins/guidance_rule/cfg.py" in names
+    assert "stablefused/models/shapes/unet/diffusion_pytorch_model.safetensors" in names
+    assert "stablefused/models/shapes/tokenizer/tokenizer.json" in names
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)
