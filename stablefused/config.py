@@ -77,7 +77,7 @@ def validate(cfg: DictConfig) -> None:
     if any(not p.strip() for p in prompts):
         raise ConfigError("prompts: an empty prompt; use negative guidance or guidance_scales=[0] for unconditional images")
     seeds = _list(cfg, "seeds", int, "integers")
-    scales = _list(cfg, "guidance_scales", Real, "numbers")
+    _list(cfg, "guidance_scales", Real, "numbers")
     if cfg.combine not in ("product", "zip"):
         raise ConfigError(f"combine={cfg.combine!r}: must be product or zip")
     if cfg.combine == "zip" and len(seeds) != len(prompts):

@@ -56,6 +56,18 @@ class Run:
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
+    def add_images(self, images: np.ndarray, records: list[dict]) -> list[Image.Image]:
+        """Score a freshly generated batch (float images in [0, 1]) with the selected metrics, write each PNG
+        (with its parameters) and manifest line at once, and keep them for grids and logging."""
+        pil = [Image.fromarray(a) for a in to_uint8(images)]
+        _score(self, pil, records)
+        for img, rec in zip(pil, records):
+            save_png(img, self.run_dir / rec["path"], rec)
+            self.manifest.append(rec)
+            self.records.append(rec)
+            self.images.append(img)
+        return pil
+
     def add_artifact(self, path: Path, kind: str, caption: str | None = None, log_key: str | None = None,
                      **extra: Any) -> None:
         """List ``path`` (under the run dir) in the manifest and log it to W&B (``kind``: image, video,
@@ -108,14 +120,7 @@ def run_txt2img(run: Run) -> None:
         )
         for k in run.stats:
             run.stats[k] += gen.context.stats[k]
-        images = [Image.fromarray(a) for a in to_uint8(gen.images)]
-        records = [_image_record(run, x, height, width) for x in samples]
-        _score(run, images, records)
-        for img, rec in zip(images, records):
-            save_png(img, run.run_dir / rec["path"], rec)
-            run.manifest.append(rec)
-            run.records.append(rec)
-            run.images.append(img)
+        run.add_images(gen.images, [_image_record(run, x, height, width) for x in samples])
         log.info("%d/%d images", len(run.records), len(cells))
 
     grid_img = grid(

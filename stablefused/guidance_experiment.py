@@ -29,10 +29,10 @@ from PIL import Image
 from stablefused import registry
 from stablefused.config import ConfigError
 from stablefused.experiments import (
-    Run, _batched, _image_record, _score, _wrap, image_size, metric_keys, sample_rows,
+    Run, _batched, _image_record, _wrap, image_size, metric_keys, sample_rows,
 )
 from stablefused.guidance import Guidance
-from stablefused.outputs import grid, save_png, to_uint8
+from stablefused.outputs import grid
 
 log = logging.getLogger(__name__)
 VARIANT_KEYS = ("label", "schedule", "params", "rule", "rule_params")
@@ -133,17 +133,11 @@ def run_guidance_grid(run: Run) -> None:
             compute["model_calls"] += gen.context.stats["model_calls"]
             compute["full_cfg_rows"] += 2 * len(samples) * len(gen.context.timesteps)
             compute["images"] += len(samples)
-            images = [Image.fromarray(a) for a in to_uint8(gen.images)]
             records = [_image_record(run, x, height, width) for x in samples]
             for rec in records:
                 rec.update(guidance_variant=v["label"], guidance_schedule=v["schedule"], guidance_rule=v["rule"],
                            guidance_params=v["params"], guidance_rule_params=v["rule_params"])
-            _score(run, images, records)
-            for img, rec in zip(images, records):
-                save_png(img, run.run_dir / rec["path"], rec)
-                run.manifest.append(rec)
-                run.records.append(rec)
-                run.images.append(img)
+            for img, rec in zip(run.add_images(gen.images, records), records):
                 cells[rec["row"] * ncols + rec["col"]] = img
             recs_v += records
         compute["saving"] = 1 - compute["unet_rows"] / compute["full_cfg_rows"]

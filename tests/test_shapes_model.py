@@ -3,7 +3,6 @@ and its images follow the prompt (measured with the shapes_adherence classifier 
 
 import json
 
-import numpy as np
 import pytest
 import torch
 

@@ -11,11 +11,10 @@ import json
 import imageio.v2 as iio
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from stablefused import records, registry
+from stablefused import records
 from stablefused.app import run
 from stablefused.paths import config_dir
 
