@@ -33,6 +33,17 @@ def per_sample(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return w.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
+def strength(base: torch.Tensor, f: float) -> torch.Tensor:
+    """A schedule's scale from its strength factor f: w = 1 + (b - 1) f for base scale b. Exactly b at
+    f = 1 and exactly 1 (conditional only, so the unconditional pass is skipped) at f = 0."""
+    return base if f == 1 else 1 + (base - 1) * f
+
+
+def ramp(info: StepInfo) -> float:
+    """0 at the first loop iteration, 1 at the last (0 when there is only one)."""
+    return info.index / max(1, info.num_steps - 1)
+
+
 class GuidanceRule:
     """Base class of guidance rules; subclasses implement ``__call__``."""
 

@@ -250,7 +250,27 @@ def _check_dtype(dtype: Any) -> torch.dtype | None:
     return STORAGE_DTYPES[dtype]
 
 
-class TensorRecorder(BaseHook):
+class SelectedSteps(BaseHook):
+    """What every recorder shares: every k-th step (``every``, and always the last) of the chosen samples
+    (``samples``: global indices across the batches of a run), one entry per step or per call (``per``)."""
+
+    def __init__(self, every: int = 1, samples: list[int] | None = None, per: str = "step"):
+        self.every = _check_every(every)
+        self.samples = _check_samples(samples)
+        self.tracker = StepTracker(per)
+        self._offset = 0
+        self._chunks: list = []  # per batch: (global indices, what was recorded)
+        self._steps: list[dict] | None = None
+
+    def before_loop(self, ctx: LoopContext) -> None:
+        self.tracker.reset(ctx)
+        indices, keep = sample_rows(ctx, self._offset, self.samples)
+        self._offset += ctx.latents.shape[0]
+        self._indices = [indices[k] for k in keep]
+        self._keep = None if len(keep) == ctx.latents.shape[0] else torch.tensor(keep, device=ctx.latents.device)
+
+
+class TensorRecorder(SelectedSteps):
     """Base of the tensor recorders: keeps ``FIELDS`` (record name → StepState attribute) of every k-th step
     for the chosen samples, copied to CPU in the storage dtype as they are recorded.
 
@@ -263,21 +283,12 @@ class TensorRecorder(BaseHook):
 
     def __init__(self, every: int = 1, samples: list[int] | None = None, dtype: str | None = "float16",
                  per: str = "step"):
-        self.every = _check_every(every)
-        self.samples = _check_samples(samples)
+        super().__init__(every, samples, per)
         self.dtype = _check_dtype(dtype)
-        self.tracker = StepTracker(per)
-        self._offset = 0
-        self._chunks: list[tuple[list[int], dict[str, torch.Tensor]]] = []  # (global indices, name -> (n,S,...))
-        self._steps: list[dict] | None = None
 
     # -- hook
     def before_loop(self, ctx: LoopContext) -> None:
-        self.tracker.reset(ctx)
-        indices, keep = sample_rows(ctx, self._offset, self.samples)
-        self._offset += ctx.latents.shape[0]
-        self._indices = [indices[k] for k in keep]
-        self._keep = None if len(keep) == ctx.latents.shape[0] else torch.tensor(keep, device=ctx.latents.device)
+        super().before_loop(ctx)
         self._entries: list[dict] = []
         self._pending: dict | None = None  # the newest step when it is not an every-k step (kept if last)
 

@@ -1,17 +1,7 @@
 import math
 
-from stablefused.guidance import GuidanceSchedule
+from stablefused.guidance import GuidanceSchedule, ramp, strength
 from stablefused.registry import register
-
-
-def _w(base, f: float):
-    """w = 1 + (b - 1) f, exactly b at f = 1 and exactly 1 at f = 0 (see ``constant``)."""
-    return base if f == 1 else 1 + (base - 1) * f
-
-
-def _ramp(info) -> float:
-    """0 at the first loop iteration, 1 at the last (0 when there is only one)."""
-    return info.index / max(1, info.num_steps - 1)
 
 
 @register("guidance_schedule", "cosine")
@@ -29,5 +19,5 @@ class Cosine(GuidanceSchedule):
         self.start, self.end = float(start), float(end)
 
     def __call__(self, base, info):
-        s = (1 - math.cos(math.pi * _ramp(info))) / 2
-        return _w(base, self.start + (self.end - self.start) * s)
+        s = (1 - math.cos(math.pi * ramp(info))) / 2
+        return strength(base, self.start + (self.end - self.start) * s)

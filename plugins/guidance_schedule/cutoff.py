@@ -1,10 +1,5 @@
-from stablefused.guidance import GuidanceSchedule
+from stablefused.guidance import GuidanceSchedule, strength
 from stablefused.registry import register
-
-
-def _w(base, f: float):
-    """w = 1 + (b - 1) f, exactly b at f = 1 and exactly 1 at f = 0 (see ``constant``)."""
-    return base if f == 1 else 1 + (base - 1) * f
 
 
 @register("guidance_schedule", "cutoff")
@@ -20,4 +15,4 @@ class Cutoff(GuidanceSchedule):
         self.frac = float(frac)
 
     def __call__(self, base, info):
-        return _w(base, 1.0 if info.progress < self.frac else 0.0)
+        return strength(base, 1.0 if info.progress < self.frac else 0.0)

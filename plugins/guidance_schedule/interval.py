@@ -1,10 +1,5 @@
-from stablefused.guidance import GuidanceSchedule
+from stablefused.guidance import GuidanceSchedule, strength
 from stablefused.registry import register
-
-
-def _w(base, f: float):
-    """w = 1 + (b - 1) f, exactly b at f = 1 and exactly 1 at f = 0 (see ``constant``)."""
-    return base if f == 1 else 1 + (base - 1) * f
 
 
 @register("guidance_schedule", "interval")
@@ -31,4 +26,4 @@ class Interval(GuidanceSchedule):
 
     def __call__(self, base, info):
         inside = self.sigma_lo < float(info.sigma) <= self.sigma_hi
-        return _w(base, 1.0 if inside else 0.0)
+        return strength(base, 1.0 if inside else 0.0)

@@ -1,10 +1,5 @@
-from stablefused.guidance import GuidanceSchedule
+from stablefused.guidance import GuidanceSchedule, strength
 from stablefused.registry import register
-
-
-def _w(base, f: float):
-    """w = 1 + (b - 1) f, exactly b at f = 1 and exactly 1 at f = 0 (see ``constant``)."""
-    return base if f == 1 else 1 + (base - 1) * f
 
 
 @register("guidance_schedule", "warmup")
@@ -22,4 +17,4 @@ class Warmup(GuidanceSchedule):
     def __call__(self, base, info):
         if self.frac <= 0 or info.progress >= self.frac:
             return base
-        return _w(base, self.start + (1 - self.start) * info.progress / self.frac)
+        return strength(base, self.start + (1 - self.start) * info.progress / self.frac)

@@ -5,8 +5,8 @@ from typing import Any
 
 import torch
 
-from stablefused.hooks import BaseHook, LoopContext, StepState
-from stablefused.records import StepTracker, _check_every, _check_samples, recorder_name, sample_rows, save_recorder
+from stablefused.hooks import LoopContext, StepState
+from stablefused.records import SelectedSteps, recorder_name, save_recorder
 from stablefused.registry import register
 
 STATS = ("guidance_scale", "guidance_delta_norm", "eps_guided_norm", "latent_mean", "latent_std", "x0_mean",
@@ -14,7 +14,7 @@ STATS = ("guidance_scale", "guidance_delta_norm", "eps_guided_norm", "latent_mea
 
 
 @register("recorders", "stats")
-class Stats(BaseHook):
+class Stats(SelectedSteps):
     """Per-step statistics per sample (guidance-delta norm, latent and x̂0 mean/std, x̂0 change), to W&B too.
 
     Tensors ``stats.<name>`` (N, S), float32; t and σ of each step are in the index. Per sample and step:
@@ -27,20 +27,11 @@ class Stats(BaseHook):
     """
 
     def __init__(self, every: int = 1, samples: list[int] | None = None, per: str = "step", log: bool = True):
-        self.every = _check_every(every)
-        self.samples = _check_samples(samples)
-        self.tracker = StepTracker(per)
+        super().__init__(every, samples, per)
         self.log = bool(log)
-        self._offset = 0
-        self._chunks: list[tuple[list[int], torch.Tensor]] = []
-        self._steps: list[dict] | None = None
 
     def before_loop(self, ctx: LoopContext) -> None:
-        self.tracker.reset(ctx)
-        indices, keep = sample_rows(ctx, self._offset, self.samples)
-        self._offset += ctx.latents.shape[0]
-        self._indices = [indices[k] for k in keep]
-        self._keep = None if len(keep) == ctx.latents.shape[0] else torch.tensor(keep, device=ctx.latents.device)
+        super().before_loop(ctx)
         self._rows: list[torch.Tensor] = []
         self._meta: list[dict] = []
         self._prev_x0 = None
