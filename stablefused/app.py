@@ -33,6 +33,9 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Run:
     validate(cfg)
     if cfg.task not in RUNNERS:
         raise ConfigError(f"task={cfg.task}: unknown; tasks are {', '.join(RUNNERS)}")
+    # Plugins first: one that cannot start (e.g. a metric without its weights) fails before the model loads.
+    plugins = {kind: make_plugins(cfg, kind) for kind in ("recorders", "metrics", "visualizers")}
+    guidance = Guidance.from_config(cfg.guidance)
     components = load_components(cfg.model, cfg.device, cfg.dtype)
     scheduler = components.make_scheduler(cfg.scheduler.get("cls"), **(cfg.scheduler.get("overrides") or {}))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -40,9 +43,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Run:
                          name=f"{cfg.name}/{run_dir.name}", group=group, job_type=cfg.name)
     r = Run(
         cfg=cfg, run_dir=run_dir, components=components, sampler=Sampler(components, scheduler),
-        guidance=Guidance.from_config(cfg.guidance), logger=logger, manifest=Manifest(run_dir / "manifest.jsonl"),
-        recorders=make_plugins(cfg, "recorders"), metrics=make_plugins(cfg, "metrics"),
-        visualizers=make_plugins(cfg, "visualizers"),
+        guidance=guidance, logger=logger, manifest=Manifest(run_dir / "manifest.jsonl"), **plugins,
     )
     ok = False
     try:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from stablefused.app import run
@@ -91,12 +92,17 @@ def test_wandb_offline_run_has_config_images_and_table(tmp_path):
     assert any("media/images/grid" in f for f in files)
 
 
-def test_user_error_is_one_line_and_exit_code_2(tmp_path):
-    res = cli("experiment=negative_guidance", "model=tiny_random", "steps=0", f"hydra.run.dir={tmp_path}", "logger=none")
+@pytest.mark.parametrize("args, message", [
+    (["steps=0"], "steps=0: must be >= 1"),
+    (["metrics=[clip_score]"], "metrics.clip_score: cannot load CLIP model 'openai/clip-vit-base-patch32'"),
+])
+def test_user_error_is_one_line_and_exit_code_2(tmp_path, args, message):
+    res = cli("experiment=negative_guidance", "model=tiny_random", *args, f"hydra.run.dir={tmp_path}", "logger=none")
     assert res.returncode == 2
     errors = [line for line in res.stdout.splitlines() + res.stderr.splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and "steps=0: must be >= 1" in errors[0]
-    assert not (tmp_path / "manifest.jsonl").exists()
+    assert len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "manifest.jsonl").exists()  # stopped before the model loaded
 
 
 def test_sweep_loads_once_and_jobs_equal_solo_runs(tmp_path):

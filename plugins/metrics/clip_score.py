@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from stablefused.models import ModelLoadError
 from stablefused.registry import register
 
 NAME = "clip_score"
 
 
-class ClipScoreUnavailable(RuntimeError):
+class ClipScoreUnavailable(ModelLoadError):
     """The CLIP model for ``clip_score`` could not be loaded (offline, not downloaded, or not a CLIP model)."""
 
 
