@@ -44,3 +44,14 @@ def test_wrong_prompt_scores_zero():
     assert row["shapes_adherence/shape"] == 0.0 and row["shapes_adherence/mean"] == 2 / 3
     (row,) = metric([_pil(img)], [{"prompt": "an astronaut"}])
     assert all(math.isnan(v) for v in row.values())
+
+
+def test_prompts_without_shapes_attributes_are_not_scored():
+    import numpy as np
+    from PIL import Image
+
+    from stablefused import registry
+
+    metric = registry.create("metrics", "shapes_adherence")
+    img = Image.fromarray(np.zeros((512, 512, 3), np.uint8))
+    assert metric([img], [{"prompt": "a photograph of an astronaut riding a horse"}]) == [{}]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stablefused.registry import register
-from stablefused.shapes.classify import classify_image, score
+from stablefused.shapes.classify import classify_image, parse_prompt, score
 
 NAME = "shapes_adherence"
 
@@ -19,7 +19,10 @@ class ShapesAdherence:
     """
 
     def __call__(self, images, records):
-        return [
-            {f"{NAME}/{k}": v for k, v in score(classify_image(image), rec.get("prompt", "")).items()}
-            for image, rec in zip(images, records)
-        ]
+        out = []
+        for image, rec in zip(images, records):
+            wanted = parse_prompt(rec.get("prompt", ""))
+            # A prompt that names no shapes attribute (e.g. a real model's prompt) is not scored at all:
+            # no classification, no keys.
+            out.append({f"{NAME}/{k}": v for k, v in score(classify_image(image), wanted).items()} if wanted else {})
+        return out
