@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -49,6 +50,51 @@ def predict_x0(model_output: torch.Tensor, model_input: torch.Tensor, sigma: flo
     every scheduler is sqrt(ᾱ)·x0 + sqrt(1-ᾱ)·ε with ᾱ = 1 / (1 + σ²)."""
     a, b = x0_coefficients(sigma, prediction_type)
     return a * model_input - b * model_output
+
+
+class _DeviceCache:
+    """A small CPU tensor's copy on the device, reused while its values repeat: a host-to-device copy of
+    pageable memory synchronises the stream, which would stall the GPU's queue at every step."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.key, self.value = device, None, None
+
+    def get(self, x: torch.Tensor) -> torch.Tensor:
+        key = tuple(x.tolist())
+        if key != self.key:
+            self.key, self.value = key, x.to(self.device)
+        return self.value
+
+
+@dataclass
+class _Plan:
+    rows: torch.Tensor  # rows of the batch fed to the UNet: [uncond rows, cond rows]
+    embeds: torch.Tensor  # the matching rows of cat([uncond_embeds, cond_embeds])
+    uncond: torch.Tensor  # per sample: UNet output row holding its uncond prediction (else its cond one)
+    cond: torch.Tensor  # per sample: UNet output row holding its cond prediction (else its uncond one)
+
+
+class _BatchPlans:
+    """Index tensors for a half-batch pattern, built once per pattern and kept on the device."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.cache = device, {}
+
+    def get(self, need_uncond: torch.Tensor, need_cond: torch.Tensor) -> _Plan | None:
+        if bool(need_uncond.all()) and bool(need_cond.all()):
+            return None
+        key = (tuple(need_uncond.tolist()), tuple(need_cond.tolist()))
+        if key not in self.cache:
+            batch = len(need_uncond)
+            u, c = need_uncond.nonzero().flatten(), need_cond.nonzero().flatten()
+            pos_u = torch.full((batch,), -1, dtype=torch.long)
+            pos_c = torch.full((batch,), -1, dtype=torch.long)
+            pos_u[u] = torch.arange(len(u))
+            pos_c[c] = len(u) + torch.arange(len(c))
+            plan = _Plan(rows=torch.cat([u, c]), embeds=torch.cat([u, batch + c]),
+                         uncond=torch.where(need_uncond, pos_u, pos_c), cond=torch.where(need_cond, pos_c, pos_u))
+            self.cache[key] = _Plan(*(x.to(self.device) for x in (plan.rows, plan.embeds, plan.uncond, plan.cond)))
+        return self.cache[key]
 
 
 def denoise(
@@ -96,6 +142,7 @@ def denoise(
     step_kwargs = _step_kwargs(scheduler, generators, eta)
 
     guidance.reset()  # per-run guidance state (e.g. APG momentum) starts fresh for every batch
+    plans, scales = _BatchPlans(device), _DeviceCache(device)
     ctx = LoopContext(
         latents=latents, cond_embeds=cond_embeds, uncond_embeds=uncond_embeds, base_scales=base_scales,
         timesteps=timesteps, scheduler=scheduler, unet=unet, samples=samples or [],
@@ -115,31 +162,26 @@ def denoise(
             raise ValueError("guidance rule asked for neither the conditional nor the unconditional pass")
 
         # UNet batch: [rows needing uncond, rows needing cond], as diffusers' torch.cat([latents] * 2).
-        all_u, all_c = bool(need_uncond.all()), bool(need_cond.all())
-        if all_u and all_c:  # the common case: no indexing, exactly diffusers' batch
-            u_rows = c_rows = slice(None)
-            n_u = batch
+        plan = plans.get(need_uncond, need_cond)
+        if plan is None:  # the common case: every row needs both passes; exactly diffusers' batch
+            x_in = torch.cat([model_input, model_input])
+            emb = torch.cat([uncond_embeds, cond_embeds])
+            extra = None if extra_channels is None else torch.cat([extra_channels, extra_channels])
         else:
-            u_rows, c_rows = need_uncond.nonzero().flatten(), need_cond.nonzero().flatten()
-            n_u = len(u_rows)
-        x_in = torch.cat([model_input[u_rows], model_input[c_rows]])
-        emb = torch.cat([uncond_embeds[u_rows], cond_embeds[c_rows]])
-        if extra_channels is not None:
-            x_in = torch.cat([x_in, torch.cat([extra_channels[u_rows], extra_channels[c_rows]])], dim=1)
+            x_in = model_input.index_select(0, plan.rows)
+            emb = torch.cat([uncond_embeds, cond_embeds]).index_select(0, plan.embeds)
+            extra = None if extra_channels is None else extra_channels.index_select(0, plan.rows)
+        if extra is not None:
+            x_in = torch.cat([x_in, extra], dim=1)
         out = unet(x_in, t, encoder_hidden_states=emb, return_dict=False)[0]
         ctx.stats["unet_rows"] += x_in.shape[0]
         ctx.stats["model_calls"] += 1
 
-        if all_u and all_c:
-            eps_uncond, eps_cond = out[:n_u], out[n_u:]
-        else:
-            eps_uncond = out.new_empty((batch, *out.shape[1:]))
-            eps_cond = out.new_empty((batch, *out.shape[1:]))
-            eps_uncond[u_rows] = out[:n_u]
-            eps_cond[c_rows] = out[n_u:]
-            eps_uncond[~need_uncond] = eps_cond[~need_uncond]
-            eps_cond[~need_cond] = eps_uncond[~need_cond]
-        eps = guidance.rule(eps_cond, eps_uncond, w.to(device), info)
+        if plan is None:
+            eps_uncond, eps_cond = out.chunk(2)
+        else:  # a skipped pass is filled with the prediction the row has
+            eps_uncond, eps_cond = out.index_select(0, plan.uncond), out.index_select(0, plan.cond)
+        eps = guidance.rule(eps_cond, eps_uncond, scales.get(w), info)
 
         step_out = scheduler.step(eps, t, latents, **step_kwargs, return_dict=True)
         x_prev = step_out.prev_sample
