@@ -73,10 +73,10 @@ class Guidance:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Guidance":
-        """``cfg`` has ``schedule``, ``rule`` (plugin names) and optional ``params``/``rule_params``."""
-        get = (lambda k, d=None: cfg.get(k, d)) if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
-        schedule = registry.create("guidance_schedule", get("schedule", "constant"), **dict(get("params") or {}))
-        rule = registry.create("guidance_rule", get("rule", "cfg"), **dict(get("rule_params") or {}))
+        """``cfg`` (a dict or DictConfig) has ``schedule``, ``rule`` (plugin names) and optional
+        ``params``/``rule_params``."""
+        schedule = registry.create("guidance_schedule", cfg.get("schedule", "constant"), **dict(cfg.get("params") or {}))
+        rule = registry.create("guidance_rule", cfg.get("rule", "cfg"), **dict(cfg.get("rule_params") or {}))
         return cls(schedule, rule)
 
     @classmethod
