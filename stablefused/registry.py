@@ -6,7 +6,7 @@
    (imported, so its ``@register`` decorators run) or a callable (called once with no arguments).
 
 A plugin is a class decorated with ``@register(kind, name)``. Its parameters are the keyword arguments of
-its constructor; config passes them through (``guidance.rule=apg guidance.rule_params.eta=0``).
+its constructor; config passes them through (``guidance.rule=apg +guidance.rule_params.eta=0``; ``+`` because the guidance group lists no rule parameters).
 
     from stablefused.registry import register
 
