@@ -92,6 +92,16 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def update(opt, params, loss, lr: float) -> None:
+    """One optimiser step at learning rate ``lr``, gradients clipped to norm 1 (every stage)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def train_vae(vae, args, log) -> None:
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     vae.train()
@@ -107,12 +117,7 @@ def train_vae(vae, args, log) -> None:
         rec_loss = (w * (err.abs() + err.pow(2))).mean()
         kl = post.kl().mean() / (x.shape[1] * x.shape[2] * x.shape[3])
         loss = rec_loss + args.kl_weight * kl
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.vae_steps, args.vae_lr, 100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        update(opt, vae.parameters(), loss, lr_at(step, args.vae_steps, args.vae_lr, 100))
         if step % 100 == 0 or step == args.vae_steps - 1:
             log(f"vae step {step}/{args.vae_steps} rec {rec_loss.item():.4f} kl {kl.item():.3f} ({time.time() - t0:.0f}s)")
     vae.eval()
@@ -150,12 +155,7 @@ def finetune_decoder(vae, args, log) -> None:
         rec = vae.decode(z).sample
         err = rec - x
         loss = (w * (err.abs() + err.pow(2))).mean()
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, args.decoder_steps, args.decoder_lr, 50)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dec_params, 1.0)
-        opt.step()
+        update(opt, dec_params, loss, lr_at(step, args.decoder_steps, args.decoder_lr, 50))
         if step % 100 == 0 or step == args.decoder_steps - 1:
             log(f"decoder step {step}/{args.decoder_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     vae.eval()
@@ -206,12 +206,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, prompts, args, log, save=
         cond = text_encoder(ids)[0]
         pred = unet(zt, t, cond).sample
         loss = F.mse_loss(pred, noise)
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, args.unet_steps, args.unet_lr, 200)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        update(opt, params, loss, lr_at(step, args.unet_steps, args.unet_lr, 200))
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)
