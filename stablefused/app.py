@@ -13,52 +13,59 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from stablefused import registry
-from stablefused.config import ConfigError, validate
-from stablefused.experiments import RUNNERS, Run, make_plugins
+from stablefused.config import validate
+from stablefused.errors import USER_ERRORS, PluginError
 from stablefused.guidance import Guidance
 from stablefused.logger import make_logger
-from stablefused.models import ModelLoadError, load_components
+from stablefused.models import load_components
 from stablefused.outputs import Manifest
 from stablefused.paths import config_dir
 from stablefused.pipeline import Sampler
+from stablefused.runs import Run, make_plugins, open_run_dir
+from stablefused.tasks import get_task
 
 log = logging.getLogger("stablefused")
-USER_ERRORS = (ConfigError, ModelLoadError, registry.PluginError)
 
 
 def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Run:
     """One StableFused run into ``run_dir``. Plugins, scheduler and logger are created fresh here, so
     nothing of one sweep job leaks into the next; only the loaded model modules are shared."""
     validate(cfg)
-    if cfg.task not in RUNNERS:
-        raise ConfigError(f"task={cfg.task}: unknown; tasks are {', '.join(RUNNERS)}")
+    task = get_task(cfg.task)
+    done = open_run_dir(cfg, run_dir)  # refuses another config's outputs; keeps this config's (resume)
     # Plugins first: one that cannot start (e.g. a metric without its weights) fails before the model loads.
     plugins = {kind: make_plugins(cfg, kind) for kind in ("recorders", "metrics", "visualizers")}
     guidance = Guidance.from_config(cfg.guidance)
     components = load_components(cfg.model, cfg.device, cfg.dtype)
     scheduler = components.make_scheduler(cfg.scheduler.get("cls"), **(cfg.scheduler.get("overrides") or {}))
-    run_dir.mkdir(parents=True, exist_ok=True)
     logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir,
                          name=f"{cfg.name}/{run_dir.name}", group=group, job_type=cfg.name)
     r = Run(
         cfg=cfg, run_dir=run_dir, components=components, sampler=Sampler(components, scheduler),
-        guidance=guidance, logger=logger, manifest=Manifest(run_dir / "manifest.jsonl"), **plugins,
+        guidance=guidance, logger=logger, manifest=Manifest(run_dir / "manifest.jsonl"), done=done, **plugins,
     )
     ok = False
     try:
-        RUNNERS[cfg.task](r)
-        for rec in r.recorders.values():
-            if hasattr(rec, "save"):
-                rec.save(r)
-        for vis in r.visualizers.values():
-            vis(r)
+        task.run(r)
+        # Recorders' files, then visualizers: one that fails is reported by name and the others still run.
+        steps = [(f"recorders.{n}", rec.save) for n, rec in r.recorders.items() if hasattr(rec, "save")]
+        steps += [(f"visualizers.{n}", vis) for n, vis in r.visualizers.items()]
+        for where, step in steps:
+            try:
+                step(r)
+            except Exception as e:
+                msg = f"{where} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                log.error("%s", msg)
+                r.failures.append(msg)
         logger.summary({"unet_rows": r.stats["unet_rows"], "model_calls": r.stats["model_calls"],
                         "images": len(r.records)})
-        ok = True
+        ok = not r.failures
     finally:
         logger.finish(exit_code=0 if ok else 1)
     log.info("run dir: %s (%d images)", run_dir, len(r.records))
+    if r.failures:
+        raise PluginError(f"{len(r.failures)} plugin(s) failed, images and manifest are complete in {run_dir}: "
+                          + "; ".join(r.failures))
     return r
 
 

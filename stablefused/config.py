@@ -1,5 +1,8 @@
 """Checks on the composed config, run before any model loads. Each problem is one line naming the key and
-what is allowed (``ConfigError``)."""
+what is allowed; every problem found is reported at once (``ConfigError``, one line each).
+
+The top-level keys are the core ones below plus the selected task's own (the keys of
+``conf/task/<task>.yaml``); each task checks its own values (:meth:`stablefused.tasks.Task.validate`)."""
 
 from __future__ import annotations
 
@@ -10,11 +13,13 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from stablefused import registry
+from stablefused.errors import ConfigError
+from stablefused.paths import config_dir
 
-TOP_LEVEL = {
+CORE_KEYS = {
     "name", "task", "prompts", "negative_prompt", "seeds", "combine", "guidance_scales", "steps", "height",
     "width", "batch_size", "eta", "device", "dtype", "progress", "plugin_dirs", "model", "scheduler",
-    "guidance", "recorders", "visualizers", "metrics", "logger",
+    "guidance", "recorders", "visualizers", "metrics", "logger", "resume", "overwrite",
 }
 MODEL_KEYS = {
     "name", "builtin", "bundled", "hub_id", "path", "config", "revision", "allow_pickle", "prediction_type",
@@ -25,16 +30,25 @@ DTYPES = ("float32", "float16", "bfloat16")
 PREDICTION_TYPES = (None, "epsilon", "v_prediction", "sample")
 
 
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names the key and the fix."""
+def task_keys(task: str) -> set[str]:
+    """The task's own top-level keys: those of ``conf/task/<task>.yaml`` (empty for a task without one)."""
+    path = config_dir() / "task" / f"{task}.yaml"
+    return set(OmegaConf.load(path).keys()) - {"task"} if path.is_file() else set()
 
 
-def _unknown(keys: Any, allowed: set[str], where: str) -> None:
+def _unknown(keys: Any, allowed: set[str], where: str, task: str | None = None) -> None:
     for k in keys:
         if k not in allowed:
             close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
             hint = f" Did you mean {where}{close[0]}?" if close else ""
+            if task is not None and not hint:
+                owners = [t for t in _all_tasks() if k in task_keys(t)]
+                hint = f" It is a setting of task={owners[0]}, not of task={task}." if owners else ""
             raise ConfigError(f"{where}{k}: unknown setting.{hint} Allowed: {', '.join(sorted(allowed))}")
+
+
+def _all_tasks() -> list[str]:
+    return sorted(p.stem for p in (config_dir() / "task").glob("*.yaml"))
 
 
 def _int(cfg: Any, key: str, minimum: int | None = None, allow_none: bool = False) -> None:
@@ -66,11 +80,27 @@ def _list(cfg: Any, key: str, item_type: type | tuple, what: str, allow_none: bo
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError on the first problem found; cheap checks only (no model is loaded)."""
-    _unknown(cfg.keys(), TOP_LEVEL, "")
-    model = cfg.model
-    _unknown(model.keys(), MODEL_KEYS, "model.")
+    """Raise ConfigError naming every problem found (one line each); cheap checks only (no model loads)."""
+    problems: list[str] = []
+    for check in (_check_keys, _check_sampling, _check_size, _check_runtime, _check_plugins, _check_task):
+        try:
+            check(cfg, problems)
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("\n".join(dict.fromkeys(problems)))
 
+
+def _check_keys(cfg: DictConfig, problems: list[str]) -> None:
+    from stablefused.tasks import get_task
+
+    get_task(cfg.task)  # an unknown task is one line with the closest name
+    _unknown(cfg.keys(), CORE_KEYS | task_keys(cfg.task), "", task=cfg.task)
+    _unknown(cfg.model.keys(), MODEL_KEYS, "model.")
+
+
+def _check_sampling(cfg: DictConfig, problems: list[str]) -> None:
+    model = cfg.model
     prompts = _list(cfg, "prompts", str, "strings", allow_none=True) or list(model.get("example_prompts") or [])
     if not prompts:
         raise ConfigError(f"prompts: empty, and model {model.name} has no example_prompts; set prompts=[...]")
@@ -89,53 +119,74 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"negative_prompt={cfg.negative_prompt!r}: must be a string")
     _int(cfg, "steps", 1)
     _int(cfg, "batch_size", 1)
-    mult = int(model.get("size_multiple") or 8)
-    for key in ("height", "width"):
-        _int(cfg, key, mult, allow_none=True)
-        v = cfg.get(key) or model.get(key)
-        if v is None:
-            raise ConfigError(f"{key}: not set and model {model.name} has no default {key}")
-        if v % mult:
-            lo, hi = v - v % mult, v - v % mult + mult
-            raise ConfigError(f"{key}={v}: must be a multiple of {mult} for model {model.name}; use {lo or hi} or {hi}")
     if not isinstance(cfg.eta, Real) or isinstance(cfg.eta, bool):
         raise ConfigError(f"eta={cfg.eta!r}: must be a number")
-    if cfg.device not in DEVICES:
-        raise ConfigError(f"device={cfg.device!r}: must be one of {', '.join(DEVICES)}")
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"dtype={cfg.dtype!r}: must be one of {', '.join(DTYPES)}")
-    if cfg.device == "cpu" and cfg.dtype == "float16":
-        raise ConfigError("dtype=float16: half precision is not supported on device=cpu; use dtype=float32 or bfloat16")
-    if model.get("prediction_type") not in PREDICTION_TYPES:
-        raise ConfigError(f"model.prediction_type={model.prediction_type!r}: must be epsilon, v_prediction or sample")
-    if not isinstance(cfg.progress, bool):
-        raise ConfigError(f"progress={cfg.progress!r}: must be true or false")
 
+
+def _check_size(cfg: DictConfig, problems: list[str]) -> None:
+    model = cfg.model
+    mult = int(model.get("size_multiple") or 8)
+    for key in ("height", "width"):
+        try:
+            _int(cfg, key, mult, allow_none=True)
+            v = cfg.get(key) or model.get(key)
+            if v is None:
+                raise ConfigError(f"{key}: not set and model {model.name} has no default {key}")
+            if v % mult:
+                lo, hi = v - v % mult, v - v % mult + mult
+                raise ConfigError(f"{key}={v}: must be a multiple of {mult} for model {model.name}; use {lo or hi} or {hi}")
+        except ConfigError as e:
+            problems.append(str(e))
+
+
+def _check_runtime(cfg: DictConfig, problems: list[str]) -> None:
+    model = cfg.model
+    checks = [
+        (cfg.device not in DEVICES, f"device={cfg.device!r}: must be one of {', '.join(DEVICES)}"),
+        (cfg.dtype not in DTYPES, f"dtype={cfg.dtype!r}: must be one of {', '.join(DTYPES)}"),
+        (cfg.device == "cpu" and cfg.dtype == "float16",
+         "dtype=float16: half precision is not supported on device=cpu; use dtype=float32 or bfloat16"),
+        (model.get("prediction_type") not in PREDICTION_TYPES,
+         f"model.prediction_type={model.get('prediction_type')!r}: must be epsilon, v_prediction or sample"),
+    ]
+    for key in ("progress", "resume", "overwrite"):
+        checks.append((not isinstance(cfg.get(key), bool), f"{key}={cfg.get(key)!r}: must be true or false"))
+    if cfg.logger.name not in ("wandb", "none"):
+        checks.append((True, f"logger={cfg.logger.name}: must be wandb or none"))
     sched = cfg.scheduler
     if sched.get("cls"):
         import diffusers
 
-        if not hasattr(diffusers, sched.cls):
-            raise ConfigError(f"scheduler.cls={sched.cls}: diffusers has no such scheduler class")
-    if cfg.logger.name not in ("wandb", "none"):
-        raise ConfigError(f"logger={cfg.logger.name}: must be wandb or none")
+        checks.append((not hasattr(diffusers, sched.cls), f"scheduler.cls={sched.cls}: diffusers has no such scheduler class"))
+    problems += [msg for bad, msg in checks if bad]
 
+
+def _check_plugins(cfg: DictConfig, problems: list[str]) -> None:
     registry.discover(list(cfg.plugin_dirs))
-    _plugin(cfg.guidance, "schedule", "guidance_schedule", "params", "guidance")
-    _plugin(cfg.guidance, "rule", "guidance_rule", "rule_params", "guidance")
-    if cfg.guidance.get("grid"):
-        from stablefused.guidance_experiment import variants
-
-        variants(cfg.guidance)
+    for check in (lambda: _plugin(cfg.guidance, "schedule", "guidance_schedule", "params", "guidance"),
+                  lambda: _plugin(cfg.guidance, "rule", "guidance_rule", "rule_params", "guidance")):
+        try:
+            check()
+        except ConfigError as e:
+            problems.append(str(e))
     for kind in ("recorders", "visualizers", "metrics"):
-        for name, params in (cfg.get(kind) or {}).items():
-            _create_check(kind, name, params, f"{kind}.{name}")
+        for name, params in registry.selected(cfg, kind).items():
+            try:
+                _create_check(kind, name, params, f"{kind}.{name}")
+            except ConfigError as e:
+                problems.append(str(e))
     from stablefused.records import check_requirements
 
     try:
         check_requirements(cfg)
     except registry.PluginError as e:
-        raise ConfigError(str(e)) from None
+        problems.append(str(e))
+
+
+def _check_task(cfg: DictConfig, problems: list[str]) -> None:
+    from stablefused.tasks import get_task
+
+    get_task(cfg.task).validate(cfg, problems)
 
 
 def _plugin(group: Any, name_key: str, kind: str, params_key: str, where: str) -> None:

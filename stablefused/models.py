@@ -13,13 +13,10 @@ from typing import Any
 
 import torch
 
+from stablefused.errors import ModelLoadError
 from stablefused.paths import bundled_models_dir
 
 log = logging.getLogger(__name__)
-
-
-class ModelLoadError(RuntimeError):
-    """The weights could not be found or loaded; the message says how to get them."""
 
 
 @dataclass

@@ -59,10 +59,26 @@ class Manifest:
 
     def append(self, record: dict) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+            f.write(json.dumps(_finite(record), default=_json_default, allow_nan=False) + "\n")
 
     def records(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def _finite(x: Any) -> Any:
+    """``x`` with NaN and infinities replaced by None, so that the JSON written is strict."""
+    if isinstance(x, (float, np.floating)) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def strict_json(obj: Any) -> str:
+    """Indented strict JSON (NaN and infinities become null)."""
+    return json.dumps(_finite(obj), indent=2, default=_json_default, allow_nan=False)
 
 
 def _json_default(o: Any) -> Any:

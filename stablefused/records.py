@@ -47,7 +47,7 @@ from typing import Any, Iterator
 import torch
 
 from stablefused.hooks import BaseHook, LoopContext, StepState
-from stablefused.registry import PluginError
+from stablefused.errors import PluginError
 
 TENSORS_FILE = "records.safetensors"
 INDEX_FILE = "records.json"
@@ -366,17 +366,13 @@ class TensorRecorder(SelectedSteps):
 def check_requirements(cfg: Any) -> None:
     """Raise :class:`PluginError` (one line naming the fix) when a selected visualizer needs recorders that
     are not selected. Visualizer classes declare ``requires(params) -> list[str]`` (recorder names)."""
-    from omegaconf import DictConfig, OmegaConf
-
     from stablefused import registry
 
-    selected = set((cfg.get("recorders") or {}).keys())
-    for name, params in (cfg.get("visualizers") or {}).items():
+    selected = set(registry.selected(cfg, "recorders"))
+    for name, params in registry.selected(cfg, "visualizers").items():
         cls = registry.get("visualizers", name)
         if not hasattr(cls, "requires"):
             continue
-        if isinstance(params, DictConfig):
-            params = OmegaConf.to_container(params, resolve=True)
         need = list(cls.requires(dict(params or {})))
         missing = [r for r in need if r not in selected]
         if missing:

@@ -28,7 +28,10 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable
 
+from stablefused.errors import PluginError
 from stablefused.paths import builtin_plugins_dir
+
+__all__ = ["PluginError", "register", "get", "create", "check_params", "discover", "list_plugins", "list_names"]
 
 KINDS = (
     "guidance_schedule",
@@ -43,10 +46,6 @@ ENTRY_POINT_GROUP = "stablefused.plugins"
 _REGISTRY: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
 _loaded_dirs: set[Path] = set()
 _entry_points_loaded = False
-
-
-class PluginError(ValueError):
-    """A plugin name, kind or parameter that does not exist."""
 
 
 def register(kind: str, name: str) -> Callable[[Any], Any]:
@@ -158,6 +157,33 @@ def check_params(kind: str, name: str, params: dict, /) -> Any:
                 f"Parameters: {', '.join(accepted) or '(none)'}"
             )
     return cls
+
+
+SELECTED = "_selected_"  # set by every conf/<kind>/<name>.yaml: the plugin was chosen in the group selection
+
+
+def selected(cfg: Any, kind: str, warn: bool = False) -> dict[str, dict]:
+    """The plugins of ``kind`` (recorders, visualizers, metrics) that ``cfg`` selects, with their parameters.
+
+    A plugin is selected through its config group (``visualizers=[denoise_video]``), whose file marks the
+    node with ``_selected_: true``. Parameters that an experiment (or ``+visualizers.x.y=``) sets for a plugin
+    that is not selected are ignored with a warning, so ``visualizers=[]`` really removes every visualizer."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    out = {}
+    for name, params in (cfg.get(kind) or {}).items():
+        params = OmegaConf.to_container(params, resolve=True) if OmegaConf.is_config(params) else params
+        params = dict(params or {})
+        if not params.pop(SELECTED, False):
+            if warn:
+                logging.getLogger("stablefused").warning(
+                    "%s.%s: parameters set but the plugin is not selected; ignored (select it with %s=[...,%s])",
+                    kind, name, kind, name)
+            continue
+        out[name] = params
+    return out
 
 
 def create(kind: str, name: str, /, **params: Any) -> Any:

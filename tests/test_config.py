@@ -67,7 +67,7 @@ def test_bad_values_fail_with_one_line(overrides, message):
 def test_unknown_plugin_in_group_selection():
     cfg = compose_cfg()
     with open_dict(cfg):
-        cfg.metrics = {"shapes_adherance": {}}
+        cfg.metrics = {"shapes_adherance": {"_selected_": True}}
     with pytest.raises(ConfigError, match="metrics.shapes_adherance: no metrics plugin named"):
         validate(cfg)
 

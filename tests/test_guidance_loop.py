@@ -12,9 +12,9 @@ import torch
 from omegaconf import OmegaConf
 
 from stablefused import registry
-from stablefused.config import ConfigError
+from stablefused.errors import ConfigError
 from stablefused.guidance import Guidance
-from stablefused.guidance_experiment import variants
+from stablefused.tasks.guidance_grid import variants
 from stablefused.pipeline import Sampler
 from stablefused.sampling import denoise
 
@@ -149,7 +149,7 @@ def test_guidance_grid_experiment(tmp_path):
     cfg = compose_cfg("experiment=guidance_schedules", "guidance=rules", "steps=2", "seeds=[0]",
                       "prompts=[a red circle, a blue square]")
     cfg.plugin_dirs = [str(tmp_path / "plugins")]
-    cfg.metrics = {"test_guidance_brightness": {"scale": 1.0}}
+    cfg.metrics = {"test_guidance_brightness": {"_selected_": True, "scale": 1.0}}
     r = app_run(cfg, tmp_path / "run")
     out = tmp_path / "run"
     recs = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]

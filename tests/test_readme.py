@@ -20,7 +20,7 @@ def test_readme_plugin_example_runs(tmp_path):
     (tmp_path / "plugins" / "metrics" / "brightness.py").write_text(code)
     cfg = compose_cfg(f"plugin_dirs=[{tmp_path / 'plugins'}]", "seeds=[0]", "steps=2", "guidance_scales=[0,5]")
     with open_dict(cfg):
-        cfg.metrics = {"brightness": {"channel": None}}
+        cfg.metrics = {"brightness": {"_selected_": True, "channel": None}}
     run(cfg, tmp_path / "run")
     recs = [json.loads(x) for x in (tmp_path / "run" / "manifest.jsonl").read_text().splitlines()]
     values = [r["brightness"] for r in recs if r["type"] == "image"]

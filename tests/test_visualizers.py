@@ -99,7 +99,7 @@ def test_attention_maps(tmp_path):
 
 def test_missing_recorder_fails_with_one_line(tmp_path):
     cfg = cfg_of("visualizers=[step_strip]", "recorders=[stats]", "steps=1", "seeds=[0]")
-    from stablefused.config import ConfigError
+    from stablefused.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"^visualizers.step_strip needs recorders=\[x0\]"):
         run(cfg, tmp_path)

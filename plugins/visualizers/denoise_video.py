@@ -172,7 +172,7 @@ def _image_size(run: Any, rec: rec_io.Records) -> tuple[int, int]:
     h, w = rec.index.get("height"), rec.index.get("width")
     if h and w:
         return int(h), int(w)
-    from stablefused.experiments import image_size
+    from stablefused.runs import image_size
 
     return image_size(run.cfg)
 

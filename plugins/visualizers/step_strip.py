@@ -65,7 +65,7 @@ class StepStrip:
         cols = self.pick(recorded)
         h, w = int(rec.index.get("height") or 0), int(rec.index.get("width") or 0)
         if not (h and w):
-            from stablefused.experiments import image_size
+            from stablefused.runs import image_size
 
             h, w = image_size(run.cfg)
         lat = rec[self.source][pos][:, cols]  # (n, k, C, h, w)

@@ -27,12 +27,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from stablefused import registry
-from stablefused.config import ConfigError
-from stablefused.experiments import (
-    Run, _batched, _image_record, _wrap, image_size, metric_keys, sample_rows,
-)
+from stablefused.errors import ConfigError
 from stablefused.guidance import Guidance
-from stablefused.outputs import grid
+from stablefused.outputs import strict_json
+from stablefused.runs import Run, log_samples_table, means, prompt_seed_rows, row_label, wrap
+from stablefused.tasks import Task, register_task
+from stablefused.tasks.txt2img import guidance_cells, txt2img_batch
 
 log = logging.getLogger(__name__)
 VARIANT_KEYS = ("label", "schedule", "params", "rule", "rule_params")
@@ -105,66 +105,45 @@ def _labels(vs: list[dict]) -> None:
             v["label"] = " / ".join(parts)
 
 
-def run_guidance_grid(run: Run) -> None:
-    cfg = run.cfg
-    vs = variants(cfg.guidance)
-    rows, scales = sample_rows(cfg), [float(g) for g in cfg.guidance_scales]
-    height, width = image_size(cfg)
-    hooks = list(run.recorders.values())
-    ncols = len(vs) * len(scales)
-    cells: list[Image.Image | None] = [None] * (len(rows) * ncols)
-    summary = []
-    for vi, v in enumerate(vs):
-        guidance = Guidance.from_config(v)  # fresh state per variant
-        compute = {"unet_rows": 0, "model_calls": 0, "full_cfg_rows": 0, "images": 0}
-        todo = [(r, vi * len(scales) + si, p, s, g) for r, (p, s) in enumerate(rows) for si, g in enumerate(scales)]
-        recs_v = []
-        for chunk in _batched(todo, cfg.batch_size):
-            samples = [dict(index=len(run.records) + k, row=r, col=c, prompt=p, seed=s, guidance_scale=g)
-                       for k, (r, c, p, s, g) in enumerate(chunk)]
-            gen = run.sampler.txt2img(
-                [x["prompt"] for x in samples], [x["seed"] for x in samples],
-                [x["guidance_scale"] for x in samples], cfg.negative_prompt, steps=cfg.steps, height=height,
-                width=width, guidance=guidance, hooks=hooks, samples=samples, eta=cfg.eta, progress=cfg.progress,
-            )
-            for k in run.stats:
-                run.stats[k] += gen.context.stats[k]
-            compute["unet_rows"] += gen.context.stats["unet_rows"]
-            compute["model_calls"] += gen.context.stats["model_calls"]
-            compute["full_cfg_rows"] += 2 * len(samples) * len(gen.context.timesteps)
-            compute["images"] += len(samples)
-            records = [_image_record(run, x, height, width) for x in samples]
-            for rec in records:
-                rec.update(guidance_variant=v["label"], guidance_schedule=v["schedule"], guidance_rule=v["rule"],
-                           guidance_params=v["params"], guidance_rule_params=v["rule_params"])
-            for img, rec in zip(run.add_images(gen.images, records), records):
-                cells[rec["row"] * ncols + rec["col"]] = img
-            recs_v += records
-        compute["saving"] = 1 - compute["unet_rows"] / compute["full_cfg_rows"]
-        run.manifest.append({"type": "compute", "variant": v["label"], "schedule": v["schedule"],
-                             "params": v["params"], "rule": v["rule"], "rule_params": v["rule_params"], **compute})
-        means = _means(recs_v)
-        summary.append({"variant": v["label"], **compute, **means})
-        log.info("%s: %d UNet rows (%.0f%% fewer than full CFG)%s", v["label"], compute["unet_rows"],
-                 100 * compute["saving"], "".join(f", {k}={x:.3f}" for k, x in means.items()))
+@register_task("guidance_grid")
+class GuidanceGrid(Task):
+    """The same prompts and seeds under several guidance variants (schedule + rule), side by side."""
 
-    col_labels = [_wrap(v["label"]) if len(scales) == 1 else _wrap(f"{v['label']}\nw={g:g}")
-                  for v in vs for g in scales]
-    grid_img = grid(cells, len(rows), ncols, row_labels=[_wrap(f"{p}\nseed {s}") for p, s in rows],
-                    col_labels=col_labels)
-    grid_path = run.path("grid.png")
-    grid_img.save(grid_path)
-    run.add_artifact(grid_path, "grid", caption=f"{cfg.name}: rows prompt/seed, columns guidance variant",
-                     log_key="grid")
-    _report(run, summary)
+    def validate(self, cfg: Any, problems: list[str]) -> None:
+        try:
+            variants(cfg.guidance)
+        except ConfigError as e:
+            problems.append(str(e))
 
+    def run(self, run: Run) -> None:
+        cfg = run.cfg
+        vs = variants(cfg.guidance)
+        rows, scales = prompt_seed_rows(cfg), [float(g) for g in cfg.guidance_scales]
+        ncols = len(vs) * len(scales)
+        summary = []
+        for vi, v in enumerate(vs):
+            extra = dict(guidance_variant=v["label"], guidance_schedule=v["schedule"], guidance_rule=v["rule"],
+                         guidance_params=v["params"], guidance_rule_params=v["rule_params"])
+            cells = guidance_cells(run, first_index=vi * len(rows) * len(scales), col_offset=vi * len(scales), **extra)
+            guidance = Guidance.from_config(v)  # fresh state per variant
+            compute = run.generate(cells, txt2img_batch(run, guidance))
+            full = compute["full_cfg_rows"]
+            compute["saving"] = 1 - compute["unet_rows"] / full if full else None  # None: resumed from disk
+            run.manifest.append({"type": "compute", "variant": v["label"], "schedule": v["schedule"],
+                                 "params": v["params"], "rule": v["rule"], "rule_params": v["rule_params"], **compute})
+            m = means([r for r in run.records if r.get("guidance_variant") == v["label"]])
+            summary.append({"variant": v["label"], **compute, **m})
+            log.info("%s: %d UNet rows (%s fewer than full CFG)%s", v["label"], compute["unet_rows"],
+                     "?" if full == 0 else f"{100 * compute['saving']:.0f}%", "".join(f", {k}={x:.3f}" for k, x in m.items()))
 
-def _means(records: list[dict]) -> dict[str, float]:
-    out = {}
-    for m in metric_keys(records):
-        vals = [r[m] for r in records if r.get(m) is not None]
-        out[m] = float(np.mean(vals)) if vals else float("nan")
-    return out
+        cells_img: list[Image.Image | None] = [None] * (len(rows) * ncols)
+        for img, rec in zip(run.images, run.records):
+            cells_img[rec["row"] * ncols + rec["col"]] = img
+        col_labels = [wrap(v["label"]) if len(scales) == 1 else wrap(f"{v['label']}\nw={g:g}")
+                      for v in vs for g in scales]
+        run.save_grid(cells_img, len(rows), ncols, [row_label(p, s) for p, s in rows], col_labels,
+                      caption=f"{cfg.name}: rows prompt/seed, columns guidance variant")
+        _report(run, summary)
 
 
 def table_markdown(summary: list[dict]) -> str:
@@ -172,7 +151,7 @@ def table_markdown(summary: list[dict]) -> str:
     keys = [k for k in summary[0] if k not in ("variant", "model_calls", "full_cfg_rows")]
     lines = ["| variant | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for s in summary:
-        cells = [f"{100 * s[k]:.0f}%" if k == "saving" else (f"{s[k]:.3f}" if isinstance(s[k], float) else str(s[k]))
+        cells = [("-" if s[k] is None else f"{100 * s[k]:.0f}%") if k == "saving" else (f"{s[k]:.3f}" if isinstance(s[k], float) else str(s[k]))
                  for k in keys]
         lines.append(f"| {s['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -180,7 +159,7 @@ def table_markdown(summary: list[dict]) -> str:
 
 def _report(run: Run, summary: list[dict]) -> None:
     path = run.path("guidance_grid.json")
-    path.write_text(json.dumps(summary, indent=2))
+    path.write_text(strict_json(summary))
     run.add_artifact(path, "file", caption="per guidance variant: UNet rows and mean metrics")
     md = run.path("guidance_grid.md")
     md.write_text(table_markdown(summary) + "\n")
@@ -190,12 +169,7 @@ def _report(run: Run, summary: list[dict]) -> None:
     run.logger.table("guidance_variants", columns, [[s.get(c) for c in columns] for s in summary])
     run.logger.summary({f"{k}@{s['variant']}": s[k] for s in summary for k in columns
                         if k != "variant" and isinstance(s[k], (int, float))})
-    if run.logger.run is not None:
-        mkeys = metric_keys(run.records)
-        cols = ["image", "variant", "schedule", "rule", "prompt", "seed", "guidance_scale", *mkeys]
-        rows = [[img, r["guidance_variant"], r["guidance_schedule"], r["guidance_rule"], r["prompt"], r["seed"],
-                 r["guidance_scale"], *[r.get(k) for k in mkeys]] for img, r in zip(run.images, run.records)]
-        run.logger.table("samples", cols, rows)
+    log_samples_table(run, ("guidance_variant", "guidance_schedule", "guidance_rule", "prompt", "seed", "guidance_scale"))
     mkeys = [k for k in summary[0] if k not in ("variant", "unet_rows", "model_calls", "full_cfg_rows", "images",
                                                 "saving")]
     if mkeys:

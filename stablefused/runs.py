@@ -1,0 +1,382 @@
+"""What every task shares: the :class:`Run` (run dir, sampler, plugins, manifest, W&B), the cell/batch
+driver, image records, metric summaries, plots and W&B tables. Tasks (:mod:`stablefused.tasks`) build their
+cells and say how to generate a batch; this module writes, scores and logs the results, once for all tasks.
+
+A :class:`Run` is also what plugins see after sampling: the run dir, the sampler (to decode), the image
+records, the recorders, and ``add_artifact`` to list a produced file in the manifest and log it to W&B.
+
+Plugin kinds used here, besides guidance (see :mod:`stablefused.guidance`):
+
+* ``recorders``: hooks (:mod:`stablefused.hooks`) with an optional ``save(run) -> list[Path]``.
+* ``metrics``: ``__call__(images: list[PIL.Image], records: list[dict]) -> list[dict[str, float]]``.
+* ``visualizers``: ``__call__(run: Run) -> list[Path]`` (register files with ``run.add_artifact``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import textwrap
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from omegaconf import DictConfig
+from PIL import Image
+
+from stablefused import registry
+from stablefused.guidance import Guidance
+from stablefused.logger import NullLogger
+from stablefused.models import Components
+from stablefused.outputs import Manifest, grid, save_png, strict_json, to_uint8
+from stablefused.pipeline import Generation, Sampler
+
+log = logging.getLogger(__name__)
+
+# Record keys that describe how an image was made (not metric values).
+RECORD_KEYS = {"type", "path", "index", "prompt", "negative_prompt", "seed", "guidance_scale", "steps", "scheduler",
+               "sampler", "scheduler_class", "model", "height", "width", "guidance_schedule", "guidance_rule", "row",
+               "col", "task", "strength", "frame", "time", "keyframe", "position"}
+
+
+@dataclass
+class Run:
+    cfg: DictConfig
+    run_dir: Path
+    components: Components
+    sampler: Sampler
+    guidance: Guidance
+    logger: NullLogger
+    manifest: Manifest
+    recorders: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    visualizers: dict[str, Any] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)  # one per image, as in the manifest
+    images: list[Image.Image] = field(default_factory=list)  # same order as records
+    stats: dict = field(default_factory=lambda: {"unet_rows": 0, "model_calls": 0})
+    done: dict[int, dict] = field(default_factory=dict)  # image records already on disk (a resumed run), by index
+    failures: list[str] = field(default_factory=list)  # plugins that raised, one line each
+
+    def path(self, *parts: str) -> Path:
+        p = self.run_dir.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def pending(self, cells: Sequence[dict]) -> list[dict]:
+        """The cells whose image is not on disk yet; the others are taken from disk (a resumed run)."""
+        todo = []
+        for cell in cells:
+            rec = self.done.get(cell["index"])
+            if rec is None:
+                todo.append(cell)
+            else:
+                self.records.append(rec)
+                self.images.append(Image.open(self.run_dir / rec["path"]).convert("RGB"))
+        if len(todo) < len(cells):
+            log.info("resuming: %d of %d images already in %s", len(cells) - len(todo), len(cells), self.run_dir)
+        return todo
+
+    def generate(self, cells: Sequence[dict], make: Callable[[list[dict]], Generation],
+                 record: Callable[[dict], dict] | None = None) -> dict:
+        """Render ``cells`` (dicts with at least ``index``) in batches of ``batch_size``: ``make(chunk)`` runs
+        the loop for a batch, each image is written at once and then scored. Returns the loop's compute
+        counts for these cells (``unet_rows``, ``model_calls``, ``full_cfg_rows``, ``images``)."""
+        record = record or (lambda cell: image_record(self, cell))
+        compute = {"unet_rows": 0, "model_calls": 0, "full_cfg_rows": 0, "images": 0}
+        todo = self.pending(cells)
+        for chunk in batched(todo, int(self.cfg.batch_size)):
+            gen = make(chunk)
+            for k in self.stats:
+                self.stats[k] += gen.context.stats[k]
+            compute["unet_rows"] += gen.context.stats["unet_rows"]
+            compute["model_calls"] += gen.context.stats["model_calls"]
+            compute["full_cfg_rows"] += 2 * len(chunk) * len(gen.context.timesteps)
+            compute["images"] += len(chunk)
+            self.add_images(gen.images, [record(c) for c in chunk])
+            log.info("%d/%d images", len(self.records), len(cells))
+        if todo and len(todo) < len(cells):  # resumed: images from disk came first; restore index order
+            order = sorted(range(len(self.records)), key=lambda i: self.records[i]["index"])
+            self.records[:] = [self.records[i] for i in order]
+            self.images[:] = [self.images[i] for i in order]
+        return compute
+
+    def add_images(self, images: np.ndarray, records: list[dict]) -> list[Image.Image]:
+        """Write a freshly generated batch (float images in [0, 1]): each PNG (with its parameters) first,
+        then the metrics' scores, then its manifest line. A metric that raises is reported by name and the
+        images and manifest stay complete."""
+        pil = [Image.fromarray(a) for a in to_uint8(images)]
+        for img, rec in zip(pil, records):
+            save_png(img, self.run_dir / rec["path"], rec)
+        self.score(pil, records)
+        for img, rec in zip(pil, records):
+            self.manifest.append(rec)
+            self.records.append(rec)
+            self.images.append(img)
+        return pil
+
+    def score(self, images: list[Image.Image], records: list[dict]) -> None:
+        for name, metric in self.metrics.items():
+            try:
+                values = metric(images, records)
+            except Exception as e:  # a metric must never cost the images
+                msg = f"metrics.{name} failed ({type(e).__name__}: {e}); images kept without its scores"
+                if msg not in self.failures:
+                    log.error("%s", msg)
+                    self.failures.append(msg)
+                continue
+            for rec, vals in zip(records, values):
+                rec.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                            for k, v in vals.items()})
+
+    def add_artifact(self, path: Path, kind: str, caption: str | None = None, log_key: str | None = None,
+                     **extra: Any) -> None:
+        """List ``path`` (under the run dir) in the manifest and log it to W&B (``kind``: image, video,
+        plot, grid, file)."""
+        path = Path(path)
+        rel = str(path.relative_to(self.run_dir))
+        self.manifest.append({"type": kind, "path": rel, "caption": caption, **extra})
+        key = log_key or path.stem
+        if kind in ("image", "plot", "grid"):
+            self.logger.image(key, Image.open(path).convert("RGB"), caption)
+        elif kind == "video" and path.suffix in (".mp4", ".gif", ".webm"):
+            self.logger.video(key, path, caption)
+
+    def save_grid(self, cells: Sequence[Image.Image | None], rows: int, cols: int, row_labels: Sequence[str],
+                  col_labels: Sequence[str], caption: str, filename: str = "grid.png") -> Path:
+        path = self.path(filename)
+        grid(cells, rows, cols, row_labels=row_labels, col_labels=col_labels).save(path)
+        self.add_artifact(path, "grid", caption=caption, log_key=Path(filename).stem)
+        return path
+
+
+# ------------------------------------------------------------------------------------------- run dir
+RUN_FILE = "run.json"
+# Settings that change neither the images nor their records: a rerun that differs only in these continues.
+NOT_OUTPUT = ("progress", "logger", "batch_size", "resume", "overwrite", "hydra")
+
+
+def fingerprint(cfg: DictConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in plain.items() if k not in NOT_OUTPUT}
+
+
+def open_run_dir(cfg: DictConfig, run_dir: Path) -> dict[int, dict]:
+    """Prepare ``run_dir`` for a run and return the image records already there (by index).
+
+    An empty dir starts fresh. A dir holding this config's outputs (``run.json``) continues: its images are
+    kept and only the missing ones are made (``resume=true``, the default). A dir holding another config's
+    outputs is refused, naming the differing settings, unless ``overwrite=true``, which removes them."""
+    from stablefused.errors import ConfigError
+
+    manifest, meta = run_dir / "manifest.jsonl", run_dir / RUN_FILE
+    fp = fingerprint(cfg)
+    previous = json.loads(meta.read_text()) if meta.is_file() else None
+    has_outputs = manifest.is_file() and manifest.stat().st_size > 0
+    done: dict[int, dict] = {}
+    if has_outputs or previous is not None:
+        if cfg.overwrite:
+            _remove_outputs(run_dir)
+        elif previous is None or previous.get("config") != fp:
+            diff = _differences(previous.get("config", {}) if previous else {}, fp)
+            what = f"another config ({', '.join(diff[:3])}{', ...' if len(diff) > 3 else ''})" if previous else \
+                "outputs of an unknown run"
+            raise ConfigError(f"hydra.run.dir={run_dir}: holds {what}; use a new run dir, or overwrite=true to "
+                              "replace them")
+        elif not cfg.resume:
+            raise ConfigError(f"resume=false: {run_dir} already holds this run's outputs; use a new run dir, "
+                              "resume=true to continue it, or overwrite=true to start again")
+        else:
+            done = _keep_images(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta.write_text(strict_json({"config": fp}))
+    return done
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {json.dumps(a)} -> {json.dumps(b)}")
+    return out
+
+
+def _keep_images(run_dir: Path) -> dict[int, dict]:
+    """The image records of an interrupted run whose file exists (last record per index wins); the
+    manifest is rewritten to hold just those, so the continued run adds no duplicate lines."""
+    manifest = run_dir / "manifest.jsonl"
+    done: dict[int, dict] = {}
+    if manifest.is_file():
+        for rec in Manifest(manifest).records():
+            if rec.get("type") == "image" and (run_dir / rec["path"]).is_file():
+                done[int(rec["index"])] = rec
+    tmp = manifest.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in sorted(done.values(), key=lambda r: r["index"])))
+    tmp.replace(manifest)
+    return done
+
+
+def _remove_outputs(run_dir: Path) -> None:
+    """``overwrite=true``: remove the files the previous run listed, its manifest and run.json."""
+    manifest = run_dir / "manifest.jsonl"
+    if manifest.is_file():
+        for rec in Manifest(manifest).records():
+            p = rec.get("path")
+            if p and (run_dir / p).is_file() and (run_dir / p).resolve().is_relative_to(run_dir.resolve()):
+                (run_dir / p).unlink()
+        manifest.unlink()
+    (run_dir / RUN_FILE).unlink(missing_ok=True)
+    log.warning("overwrite=true: removed the previous outputs in %s", run_dir)
+
+
+def make_plugins(cfg: DictConfig, kind: str) -> dict[str, Any]:
+    return {name: registry.create(kind, name, **params) for name, params in registry.selected(cfg, kind, warn=True).items()}
+
+
+# ------------------------------------------------------------------------------------------- cells
+def prompt_seed_rows(cfg: DictConfig) -> list[tuple[str, int]]:
+    """The grid rows of a run: (prompt, seed) pairs, every prompt with every seed or zipped (``combine``)."""
+    prompts = list(cfg.prompts or cfg.model.example_prompts)
+    seeds = [int(s) for s in cfg.seeds]
+    if cfg.combine == "zip":
+        return list(zip(prompts, seeds))
+    return list(itertools.product(prompts, seeds))
+
+
+def image_size(cfg: DictConfig) -> tuple[int, int]:
+    return int(cfg.height or cfg.model.height), int(cfg.width or cfg.model.width)
+
+
+def batched(items: Sequence, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield list(items[i : i + n])
+
+
+def wrap(text: str, width: int = 28) -> str:
+    return "\n".join(line for part in text.split("\n") for line in textwrap.wrap(part, width) or [""])
+
+
+def row_label(prompt: str, seed: int) -> str:
+    return wrap(f"{prompt}\nseed {seed}")
+
+
+def image_record(run: Run, cell: dict) -> dict:
+    """The manifest record of one image: how it was made (the run's settings) plus the cell's own keys
+    (``index``, ``row``, ``col``, ``prompt``, ``seed``, ``guidance_scale`` and whatever the task adds)."""
+    cfg = run.cfg
+    height, width = cell.get("height"), cell.get("width")
+    if height is None:
+        height, width = image_size(cfg)
+    rec = {
+        "type": "image",
+        "path": f"images/{cell['index']:04d}_r{cell.get('row', 0)}_c{cell.get('col', 0)}_s{cell['seed']}.png",
+        "task": cfg.task, "negative_prompt": cfg.negative_prompt, "steps": int(cfg.steps),
+        "scheduler": cfg.scheduler.name, "scheduler_class": type(run.sampler.scheduler).__name__,
+        "model": cfg.model.name, "height": height, "width": width,
+        "guidance_schedule": cfg.guidance.schedule, "guidance_rule": cfg.guidance.rule,
+    }
+    rec.update(cell)
+    return rec
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def metric_keys(records: list[dict]) -> list[str]:
+    keys: dict[str, None] = {}
+    for r in records:
+        for k, v in r.items():
+            if k not in RECORD_KEYS and not isinstance(v, bool) and (v is None or isinstance(v, (int, float))):
+                keys.setdefault(k)
+    return list(keys)
+
+
+def means(records: list[dict]) -> dict[str, float]:
+    """Mean of every metric over ``records`` (None values skipped; NaN when none has a value)."""
+    out = {}
+    for m in metric_keys(records):
+        vals = [r[m] for r in records if r.get(m) is not None]
+        out[m] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+def summarise_by(records: list[dict], key: str) -> dict[Any, dict[str, float]]:
+    """Mean of every metric per value of ``key``."""
+    groups: dict[Any, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[r[key]].append(r)
+    return {value: means(recs) for value, recs in sorted(groups.items())}
+
+
+def summarise_metrics(run: Run, key: str = "guidance_scale", label: str = "guidance scale",
+                      filename: str = "metrics_by_guidance") -> dict[Any, dict[str, float]]:
+    """Mean metrics per value of ``key``: a JSON file, a W&B table and summary, and a plot when ``key`` takes
+    more than one value."""
+    mkeys = metric_keys(run.records)
+    if not mkeys:
+        return {}
+    summary = summarise_by(run.records, key)
+    path = run.path(f"{filename}.json")
+    path.write_text(strict_json({str(g): v for g, v in summary.items()}))
+    run.add_artifact(path, "file", caption=f"mean metrics per {label}")
+    run.logger.table(filename, [key, "metric", "value"], [[g, m, v] for g, vals in summary.items() for m, v in vals.items()])
+    run.logger.summary({f"{m}@{g:g}" if isinstance(g, float) else f"{m}@{g}": v
+                        for g, vals in summary.items() for m, v in vals.items()})
+    if len(summary) > 1:
+        plot_name = "adherence.png" if key == "guidance_scale" else f"{filename}.png"
+        plot = plot_metrics(summary, run.path(plot_name), title=f"{run.cfg.model.name}: metrics vs {label}",
+                            xlabel=label)
+        run.add_artifact(plot, "plot", caption=f"mean metric per {label}", log_key=Path(plot_name).stem)
+        for m in mkeys:
+            run.logger.line_plot(f"{m}_vs_{key}", [key, m], [[g, vals[m]] for g, vals in summary.items()], key, m,
+                                 title=f"{m} vs {label}")
+    return summary
+
+
+def plot_metrics(summary: dict[Any, dict[str, float]], path: Path, title: str, xlabel: str = "guidance scale") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = list(summary)
+    keys = list(next(iter(summary.values())))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for k in keys:
+        ax.plot(xs, [summary[x].get(k, float("nan")) for x in xs], marker="o", label=k)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mean value")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- W&B
+def log_images(run: Run, caption: Callable[[dict], str] | None = None) -> None:
+    """The run's images to W&B in lists of 100 (W&B keeps at most 108 images per logged list)."""
+    if run.logger.run is None:  # logger=none: skip building W&B objects
+        return
+    caption = caption or (lambda r: f"{r['prompt']} | seed {r['seed']} | guidance {r['guidance_scale']:g}")
+    captions = [caption(r) for r in run.records]
+    for i in range(0, len(run.images), 100):
+        run.logger.images("images", run.images[i : i + 100], captions[i : i + 100])
+
+
+def log_samples_table(run: Run, columns: Sequence[str] = ("prompt", "seed", "guidance_scale")) -> None:
+    """The per-image W&B table: the image, the given record keys and every metric."""
+    if run.logger.run is None:
+        return
+    mkeys = metric_keys(run.records)
+    cols = ["image", *columns, *mkeys]
+    rows = [[img, *[r.get(k) for k in columns], *[r.get(k) for k in mkeys]] for img, r in zip(run.images, run.records)]
+    run.logger.table("samples", cols, rows)
