@@ -90,8 +90,31 @@ class Sampler:
         height, width = height or default, width or default
         cond, uncond = self.encode(prompts), self.encode(negative_prompts)
         latents, generators = self.initial_latents(seeds, height, width)
+        return self.sample(latents, cond, uncond, guidance_scales, steps=steps, generators=generators,
+                           guidance=guidance, hooks=hooks, samples=samples, eta=eta, progress=progress)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        guidance_scales: Sequence[float],
+        *,
+        steps: int,
+        generators: list[torch.Generator] | None = None,
+        start_step: int = 0,
+        extra_channels: torch.Tensor | None = None,
+        guidance: Guidance | None = None,
+        hooks: Sequence[Any] = (),
+        samples: list[dict] | None = None,
+        eta: float = 0.0,
+        progress: bool = True,
+    ) -> Generation:
+        """Prepared latents and embeddings → :func:`denoise` → decoded images. Every task ends here."""
         latents, ctx = denoise(
             self.c.unet, self.scheduler, latents, cond, uncond, guidance_scales, num_steps=steps,
-            guidance=guidance, hooks=hooks, generators=generators, eta=eta, samples=samples, progress=progress,
+            guidance=guidance, hooks=hooks, generators=generators, start_step=start_step,
+            extra_channels=extra_channels, eta=eta, samples=samples, progress=progress,
         )
         return Generation(self.decode(latents), latents, ctx)
