@@ -99,28 +99,43 @@ def _check_keys(cfg: DictConfig, problems: list[str]) -> None:
     _unknown(cfg.model.keys(), MODEL_KEYS, "model.")
 
 
+def _collect(problems: list[str], *checks: Any) -> None:
+    """Run independent checks, keeping every ConfigError's line."""
+    for check in checks:
+        try:
+            check()
+        except ConfigError as e:
+            problems.append(str(e))
+
+
 def _check_sampling(cfg: DictConfig, problems: list[str]) -> None:
     model = cfg.model
-    prompts = _list(cfg, "prompts", str, "strings", allow_none=True) or list(model.get("example_prompts") or [])
-    if not prompts:
-        raise ConfigError(f"prompts: empty, and model {model.name} has no example_prompts; set prompts=[...]")
-    if any(not p.strip() for p in prompts):
-        raise ConfigError("prompts: an empty prompt; use negative guidance or guidance_scales=[0] for unconditional images")
-    seeds = _list(cfg, "seeds", int, "integers")
-    _list(cfg, "guidance_scales", Real, "numbers")
-    if cfg.combine not in ("product", "zip"):
-        raise ConfigError(f"combine={cfg.combine!r}: must be product or zip")
-    if cfg.combine == "zip" and len(seeds) != len(prompts):
-        raise ConfigError(
-            f"seeds: {len(seeds)} seeds for {len(prompts)} prompts with combine=zip; give one seed per prompt "
-            "or use combine=product"
-        )
-    if not isinstance(cfg.negative_prompt, str):
-        raise ConfigError(f"negative_prompt={cfg.negative_prompt!r}: must be a string")
-    _int(cfg, "steps", 1)
-    _int(cfg, "batch_size", 1)
-    if not isinstance(cfg.eta, Real) or isinstance(cfg.eta, bool):
-        raise ConfigError(f"eta={cfg.eta!r}: must be a number")
+
+    def prompts_and_seeds() -> None:
+        prompts = _list(cfg, "prompts", str, "strings", allow_none=True) or list(model.get("example_prompts") or [])
+        if not prompts:
+            raise ConfigError(f"prompts: empty, and model {model.name} has no example_prompts; set prompts=[...]")
+        if any(not p.strip() for p in prompts):
+            raise ConfigError("prompts: an empty prompt; use negative guidance or guidance_scales=[0] for unconditional images")
+        seeds = _list(cfg, "seeds", int, "integers")
+        if cfg.combine not in ("product", "zip"):
+            raise ConfigError(f"combine={cfg.combine!r}: must be product or zip")
+        if cfg.combine == "zip" and len(seeds) != len(prompts):
+            raise ConfigError(
+                f"seeds: {len(seeds)} seeds for {len(prompts)} prompts with combine=zip; give one seed per prompt "
+                "or use combine=product"
+            )
+
+    def negative() -> None:
+        if not isinstance(cfg.negative_prompt, str):
+            raise ConfigError(f"negative_prompt={cfg.negative_prompt!r}: must be a string")
+
+    def eta() -> None:
+        if not isinstance(cfg.eta, Real) or isinstance(cfg.eta, bool):
+            raise ConfigError(f"eta={cfg.eta!r}: must be a number")
+
+    _collect(problems, prompts_and_seeds, lambda: _list(cfg, "guidance_scales", Real, "numbers"), negative,
+             lambda: _int(cfg, "steps", 1), lambda: _int(cfg, "batch_size", 1), eta)
 
 
 def _check_size(cfg: DictConfig, problems: list[str]) -> None:

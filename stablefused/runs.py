@@ -179,7 +179,7 @@ def open_run_dir(cfg: DictConfig, run_dir: Path) -> dict[int, dict]:
     previous = json.loads(meta.read_text()) if meta.is_file() else None
     has_outputs = manifest.is_file() and manifest.stat().st_size > 0
     done: dict[int, dict] = {}
-    if has_outputs or previous is not None:
+    if has_outputs:  # a run.json without outputs is a start that failed early: nothing to keep
         if cfg.overwrite:
             _remove_outputs(run_dir)
         elif previous is None or previous.get("config") != fp:
