@@ -39,10 +39,16 @@ class Sampler:
                   return_tensors="pt").input_ids.to(self.c.device)
         return self.c.text_encoder(ids)[0].to(self.c.dtype)
 
-    def initial_latents(self, seeds: Sequence[int], height: int, width: int,
-                        frames: int | None = None) -> tuple[torch.Tensor, list[torch.Generator]]:
+    def initial_latents(self, seeds: Sequence[int], height: int, width: int, frames: int | None = None, *,
+                        steps: int) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Noise per image from its own CPU generator: an image depends on its seed only (not on the
-        device, the batch size or its neighbours). The generators are returned for the scheduler's noise."""
+        device, the batch size or its neighbours). The generators are returned for the scheduler's noise.
+
+        ``steps`` is the run's step count: σ-schedulers (Euler, LMS, Heun, KDPM2, …) derive
+        ``init_noise_sigma`` from the timesteps, so the scheduler is set to them first, as diffusers'
+        pipeline does (``retrieve_timesteps`` before ``prepare_latents``). Read before that, a fresh scheduler
+        gives σ of the full training schedule and one left from an earlier call that call's σ."""
+        self.scheduler.set_timesteps(steps, device=self.c.device)
         f = self.c.vae_scale_factor
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         shape = (len(seeds), self.c.unet.config.in_channels)
@@ -89,7 +95,7 @@ class Sampler:
         default = self.c.unet.config.sample_size * self.c.vae_scale_factor
         height, width = height or default, width or default
         cond, uncond = self.encode(prompts), self.encode(negative_prompts)
-        latents, generators = self.initial_latents(seeds, height, width)
+        latents, generators = self.initial_latents(seeds, height, width, steps=steps)
         latents, ctx = denoise(
             self.c.unet, self.scheduler, latents, cond, uncond, guidance_scales, num_steps=steps,
             guidance=guidance, hooks=hooks, generators=generators, eta=eta, samples=samples, progress=progress,
