@@ -49,6 +49,11 @@ class Sampler:
         pipeline does (``retrieve_timesteps`` before ``prepare_latents``). Read before that, a fresh scheduler
         gives σ of the full training schedule and one left from an earlier call that call's σ."""
         self.scheduler.set_timesteps(steps, device=self.c.device)
+        if hasattr(self.scheduler, "noise_sampler_seed") and self.scheduler.config.get("noise_sampler_seed") is None:
+            # DPMSolverSDEScheduler ignores `generator`: its noise is a Brownian tree seeded by
+            # noise_sampler_seed, random when unset and one tree for the whole batch when an int. One tree
+            # per image, seeded by its seed, keeps the image reproducible and independent of its batch.
+            self.scheduler.noise_sampler_seed = [int(s) for s in seeds]
         f = self.c.vae_scale_factor
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         shape = (len(seeds), self.c.unet.config.in_channels)
