@@ -66,7 +66,7 @@ def main() -> None:
     prompts = [prompts[i % 2] for i in range(args.batch)]
     scales = [args.scales[i % len(args.scales)] for i in range(args.batch)]
     cond, uncond = sampler.encode(prompts), sampler.encode([""] * args.batch)
-    latents, gens = sampler.initial_latents(list(range(args.batch)), size, size)
+    latents, gens = sampler.initial_latents(list(range(args.batch)), size, size, steps=args.steps)
 
     print(f"model {args.model}, {args.steps} steps, batch {args.batch}, scales {args.scales}, "
           f"{args.threads} thread(s), device {comps.device}\n")

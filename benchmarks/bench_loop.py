@@ -135,7 +135,7 @@ def main() -> None:
 
     # The guidance 0/1 rows compare the denoising loop alone (prompts encoded and noise drawn beforehand).
     cond, uncond = sampler.encode(prompts), sampler.encode([""] * len(prompts))
-    latents, _ = sampler.initial_latents(seeds, size, size)
+    latents, _ = sampler.initial_latents(seeds, size, size, steps=args.steps)
 
     def loop(w, guidance=None):
         return lambda: denoise(comps.unet, sched, latents, cond, uncond, [w] * len(prompts), num_steps=args.steps,

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
             return self._timed(self.hook.after_loop, ctx, latents)
 
     def loop(hooks: list) -> tuple[float, torch.Tensor]:
-        latents, gens = sampler.initial_latents(list(range(args.batch)), h, w)
+        latents, gens = sampler.initial_latents(list(range(args.batch)), h, w, steps=args.steps)
         sync()
         t0 = time.perf_counter()
         out, _ = denoise(comps.unet, sampler.scheduler, latents, cond, uncond, [7.5] * args.batch,

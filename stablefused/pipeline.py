@@ -39,12 +39,28 @@ class Sampler:
                   return_tensors="pt").input_ids.to(self.c.device)
         return self.c.text_encoder(ids)[0].to(self.c.dtype)
 
-    def initial_latents(self, seeds: Sequence[int], height: int, width: int,
-                        frames: int | None = None) -> tuple[torch.Tensor, list[torch.Generator]]:
+    def prepare(self, steps: int, seeds: Sequence[int]) -> list[torch.Generator]:
+        """Set the scheduler to this batch's ``steps`` and return one CPU generator per image. Every task
+        calls this before it draws noise or reads the scheduler's timesteps/σ.
+
+        σ-schedulers (Euler, LMS, Heun, KDPM2, …) derive ``init_noise_sigma`` from the timesteps, so the
+        scheduler is set to them first, as diffusers' pipeline does (``retrieve_timesteps`` before
+        ``prepare_latents``). Read before that, a fresh scheduler gives σ of the full training schedule and one
+        left from an earlier call that call's σ."""
+        self.scheduler.set_timesteps(steps, device=self.c.device)
+        if hasattr(self.scheduler, "noise_sampler_seed") and self.scheduler.config.get("noise_sampler_seed") is None:
+            # DPMSolverSDEScheduler ignores `generator`: its noise is a Brownian tree seeded by
+            # noise_sampler_seed, random when unset and one tree for the whole batch when an int. One tree
+            # per image, seeded by its seed, keeps the image reproducible and independent of its batch.
+            self.scheduler.noise_sampler_seed = [int(s) for s in seeds]
+        return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+    def initial_latents(self, seeds: Sequence[int], height: int, width: int, frames: int | None = None, *,
+                        steps: int) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Noise per image from its own CPU generator: an image depends on its seed only (not on the
         device, the batch size or its neighbours). The generators are returned for the scheduler's noise."""
+        generators = self.prepare(steps, seeds)
         f = self.c.vae_scale_factor
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         shape = (len(seeds), self.c.unet.config.in_channels)
         shape += (frames,) if frames else ()
         shape += (height // f, width // f)
@@ -89,7 +105,7 @@ class Sampler:
         default = self.c.unet.config.sample_size * self.c.vae_scale_factor
         height, width = height or default, width or default
         cond, uncond = self.encode(prompts), self.encode(negative_prompts)
-        latents, generators = self.initial_latents(seeds, height, width)
+        latents, generators = self.initial_latents(seeds, height, width, steps=steps)
         return self.sample(latents, cond, uncond, guidance_scales, steps=steps, generators=generators,
                            guidance=guidance, hooks=hooks, samples=samples, eta=eta, progress=progress)
 

@@ -52,7 +52,7 @@ def inputs():
     s = Sampler(build_tiny_random())
     cond = s.encode(["a red circle", "a blue square", "a red circle", "a blue square"]).double()
     uncond = s.encode([""] * 4).double()
-    latents, _ = s.initial_latents([0, 1, 2, 3], 16, 16)
+    latents, _ = s.initial_latents([0, 1, 2, 3], 16, 16, steps=4)
     s.c.unet.double()
     return s, cond, uncond, latents.double()
 
