@@ -97,6 +97,58 @@ class _BatchPlans:
         return self.cache[key]
 
 
+@dataclass
+class Prediction:
+    """One guided model evaluation: the guided prediction and what went into it."""
+
+    guided: torch.Tensor
+    cond: torch.Tensor  # rows whose conditional pass was skipped hold the unconditional prediction
+    uncond: torch.Tensor  # and vice versa
+    scale: torch.Tensor  # (B,) guidance scale at this iteration
+    has_cond: torch.Tensor  # (B,) bool
+    has_uncond: torch.Tensor  # (B,) bool
+    rows: int  # rows the UNet evaluated
+
+
+class GuidedDenoiser:
+    """The UNet under classifier-free guidance, as one callable: ``(model_input, t, info) → Prediction``.
+
+    It holds what is fixed for a batch (embeddings, extra input channels, per-sample base scales, the guidance
+    hook) and does the half-batch bookkeeping: the UNet batch is ``[rows needing uncond, rows needing cond]``
+    (diffusers' ``torch.cat([latents] * 2)`` when every row needs both), and a skipped pass is filled with the
+    prediction the row has, so guidance rules always see full tensors."""
+
+    def __init__(self, unet: Any, cond_embeds: torch.Tensor, uncond_embeds: torch.Tensor, base_scales: torch.Tensor,
+                 guidance: Guidance, extra_channels: torch.Tensor | None = None):
+        self.unet, self.guidance, self.base_scales, self.extra = unet, guidance, base_scales, extra_channels
+        self.embeds = torch.cat([uncond_embeds, cond_embeds])
+        device = cond_embeds.device
+        self.plans, self.scales = _BatchPlans(device), _DeviceCache(device)
+
+    def __call__(self, model_input: torch.Tensor, t: torch.Tensor, info: StepInfo) -> Prediction:
+        batch = model_input.shape[0]
+        w = torch.as_tensor(self.guidance.scale(self.base_scales, info), dtype=torch.float32).reshape(batch)
+        need_cond, need_uncond = self.guidance.rule.passes(w)
+        if not bool((need_cond | need_uncond).all()):
+            raise ValueError("guidance rule asked for neither the conditional nor the unconditional pass")
+        plan = self.plans.get(need_uncond, need_cond)
+        if plan is None:  # the common case: every row needs both passes; exactly diffusers' batch
+            x_in, emb = torch.cat([model_input, model_input]), self.embeds
+            extra = None if self.extra is None else torch.cat([self.extra, self.extra])
+        else:
+            x_in, emb = model_input.index_select(0, plan.rows), self.embeds.index_select(0, plan.embeds)
+            extra = None if self.extra is None else self.extra.index_select(0, plan.rows)
+        if extra is not None:
+            x_in = torch.cat([x_in, extra], dim=1)
+        out = self.unet(x_in, t, encoder_hidden_states=emb, return_dict=False)[0]
+        if plan is None:
+            uncond, cond = out.chunk(2)
+        else:
+            uncond, cond = out.index_select(0, plan.uncond), out.index_select(0, plan.cond)
+        guided = self.guidance.rule(cond, uncond, self.scales.get(w), info)
+        return Prediction(guided, cond, uncond, w, need_cond, need_uncond, x_in.shape[0])
+
+
 def denoise(
     unet: Any,
     scheduler: Any,
@@ -127,11 +179,11 @@ def denoise(
         generators: one CPU generator per sample, for stochastic schedulers.
     """
     guidance = guidance or Guidance.default()
-    device, batch = latents.device, latents.shape[0]
+    batch = latents.shape[0]
     base_scales = torch.as_tensor(base_scales, dtype=torch.float32).reshape(-1).cpu()
     if base_scales.numel() != batch:
         raise ValueError(f"got {base_scales.numel()} guidance scales for a batch of {batch}")
-    scheduler.set_timesteps(num_steps, device=device)
+    scheduler.set_timesteps(num_steps, device=latents.device)
     begin = start_step * scheduler.order
     timesteps = scheduler.timesteps[begin:]
     if begin and hasattr(scheduler, "set_begin_index"):
@@ -142,7 +194,7 @@ def denoise(
     step_kwargs = _step_kwargs(scheduler, generators, eta)
 
     guidance.reset()  # per-run guidance state (e.g. APG momentum) starts fresh for every batch
-    plans, scales = _BatchPlans(device), _DeviceCache(device)
+    model = GuidedDenoiser(unet, cond_embeds, uncond_embeds, base_scales, guidance, extra_channels)
     ctx = LoopContext(
         latents=latents, cond_embeds=cond_embeds, uncond_embeds=uncond_embeds, base_scales=base_scales,
         timesteps=timesteps, scheduler=scheduler, unet=unet, samples=samples or [],
@@ -154,46 +206,23 @@ def denoise(
             latents = new
 
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", leave=False)):
+        # scale -> predict (guided) -> step -> hooks
         model_input = scheduler.scale_model_input(latents, t)
         info = StepInfo(i, len(timesteps), t, sigmas[i], all_sigmas[0], all_sigmas[-1], model_input, prediction_type)
-        w = torch.as_tensor(guidance.scale(base_scales, info), dtype=torch.float32).reshape(batch)
-        need_cond, need_uncond = guidance.rule.passes(w)
-        if not bool((need_cond | need_uncond).all()):
-            raise ValueError("guidance rule asked for neither the conditional nor the unconditional pass")
-
-        # UNet batch: [rows needing uncond, rows needing cond], as diffusers' torch.cat([latents] * 2).
-        plan = plans.get(need_uncond, need_cond)
-        if plan is None:  # the common case: every row needs both passes; exactly diffusers' batch
-            x_in = torch.cat([model_input, model_input])
-            emb = torch.cat([uncond_embeds, cond_embeds])
-            extra = None if extra_channels is None else torch.cat([extra_channels, extra_channels])
-        else:
-            x_in = model_input.index_select(0, plan.rows)
-            emb = torch.cat([uncond_embeds, cond_embeds]).index_select(0, plan.embeds)
-            extra = None if extra_channels is None else extra_channels.index_select(0, plan.rows)
-        if extra is not None:
-            x_in = torch.cat([x_in, extra], dim=1)
-        out = unet(x_in, t, encoder_hidden_states=emb, return_dict=False)[0]
-        ctx.stats["unet_rows"] += x_in.shape[0]
+        pred = model(model_input, t, info)
+        ctx.stats["unet_rows"] += pred.rows
         ctx.stats["model_calls"] += 1
-
-        if plan is None:
-            eps_uncond, eps_cond = out.chunk(2)
-        else:  # a skipped pass is filled with the prediction the row has
-            eps_uncond, eps_cond = out.index_select(0, plan.uncond), out.index_select(0, plan.cond)
-        eps = guidance.rule(eps_cond, eps_uncond, scales.get(w), info)
-
-        step_out = scheduler.step(eps, t, latents, **step_kwargs, return_dict=True)
+        step_out = scheduler.step(pred.guided, t, latents, **step_kwargs, return_dict=True)
         x_prev = step_out.prev_sample
         if hooks:
             x0 = getattr(step_out, "pred_original_sample", None)
             if x0 is None:
-                x0 = predict_x0(eps, model_input, sigmas[i], prediction_type)
+                x0 = predict_x0(pred.guided, model_input, sigmas[i], prediction_type)
             state = StepState(
                 index=i, num_steps=len(timesteps), t=t, sigma=sigmas[i], sigma_max=all_sigmas[0],
-                sigma_min=all_sigmas[-1], model_input=model_input, prediction_type=prediction_type, x_t=latents, eps_cond=eps_cond, eps_uncond=eps_uncond,
-                eps_guided=eps, x0_pred=x0, x_prev=x_prev, guidance_scale=w, has_cond=need_cond,
-                has_uncond=need_uncond, unet_rows=x_in.shape[0],
+                sigma_min=all_sigmas[-1], model_input=model_input, prediction_type=prediction_type, x_t=latents,
+                eps_cond=pred.cond, eps_uncond=pred.uncond, eps_guided=pred.guided, x0_pred=x0, x_prev=x_prev,
+                guidance_scale=pred.scale, has_cond=pred.has_cond, has_uncond=pred.has_uncond, unet_rows=pred.rows,
             )
             for hook in hooks:
                 new = hook.on_step(state)
