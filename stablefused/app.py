@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 from pathlib import Path
 
 import hydra
@@ -13,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from stablefused import signals
 from stablefused.config import validate
 from stablefused.errors import USER_ERRORS, PluginError
 from stablefused.guidance import Guidance
@@ -46,20 +48,14 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Run:
     )
     ok = False
     try:
-        task.run(r)
-        # Recorders' files, then visualizers: one that fails is reported by name and the others still run.
-        steps = [(f"recorders.{n}", rec.save) for n, rec in r.recorders.items() if hasattr(rec, "save")]
-        steps += [(f"visualizers.{n}", vis) for n, vis in r.visualizers.items()]
-        for where, step in steps:
-            try:
-                step(r)
-            except Exception as e:
-                msg = f"{where} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                log.error("%s", msg)
-                r.failures.append(msg)
-        logger.summary({"unet_rows": r.stats["unet_rows"], "model_calls": r.stats["model_calls"],
-                        "images": len(r.records)})
+        with signals.installed():
+            _run_task(task, r)
         ok = not r.failures
+    except signals.Interrupted as e:
+        log.error("interrupted (%s) after %d of %d images; outputs in %s", e, len(r.records),
+                  max(r.total, len(r.records)), run_dir)
+        logger.finish(exit_code=e.exit_code)
+        raise
     finally:
         logger.finish(exit_code=0 if ok else 1)
     log.info("run dir: %s (%d images)", run_dir, len(r.records))
@@ -67,6 +63,23 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Run:
         raise PluginError(f"{len(r.failures)} plugin(s) failed, images and manifest are complete in {run_dir}: "
                           + "; ".join(r.failures))
     return r
+
+
+def _run_task(task: Any, r: Run) -> None:
+    """The task, then the recorders' files and the visualizers: one that fails is reported by name and the
+    others still run."""
+    task.run(r)
+    steps = [(f"recorders.{n}", rec.save) for n, rec in r.recorders.items() if hasattr(rec, "save")]
+    steps += [(f"visualizers.{n}", vis) for n, vis in r.visualizers.items()]
+    for where, step in steps:
+        try:
+            step(r)
+        except Exception as e:
+            msg = f"{where} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            log.error("%s", msg)
+            r.failures.append(msg)
+    r.logger.summary({"unet_rows": r.stats["unet_rows"], "model_calls": r.stats["model_calls"],
+                          "images": len(r.records)})
 
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
@@ -79,6 +92,8 @@ def hydra_main(cfg: DictConfig) -> None:
         log.info("sweep job %s", hc.job.get("num"))
     try:
         run(cfg, run_dir, group=group)
+    except signals.Interrupted as e:
+        sys.exit(e.exit_code)
     except USER_ERRORS as e:
         log.error("%s", e)
         sys.exit(2)

@@ -28,7 +28,7 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from stablefused import registry
+from stablefused import registry, signals
 from stablefused.guidance import Guidance
 from stablefused.logger import NullLogger
 from stablefused.models import Components
@@ -60,6 +60,7 @@ class Run:
     stats: dict = field(default_factory=lambda: {"unet_rows": 0, "model_calls": 0})
     done: dict[int, dict] = field(default_factory=dict)  # image records already on disk (a resumed run), by index
     failures: list[str] = field(default_factory=list)  # plugins that raised, one line each
+    total: int = 0  # images the run will make (for progress and interrupt messages); generate() raises it
 
     def path(self, *parts: str) -> Path:
         p = self.run_dir.joinpath(*parts)
@@ -68,16 +69,18 @@ class Run:
 
     def pending(self, cells: Sequence[dict]) -> list[dict]:
         """The cells whose image is not on disk yet; the others are taken from disk (a resumed run)."""
-        todo = []
+        todo, kept = [], []
         for cell in cells:
             rec = self.done.get(cell["index"])
             if rec is None:
                 todo.append(cell)
             else:
+                kept.append((Image.open(self.run_dir / rec["path"]).convert("RGB"), rec))
                 self.records.append(rec)
-                self.images.append(Image.open(self.run_dir / rec["path"]).convert("RGB"))
-        if len(todo) < len(cells):
-            log.info("resuming: %d of %d images already in %s", len(cells) - len(todo), len(cells), self.run_dir)
+                self.images.append(kept[-1][0])
+        if kept:
+            log.info("resuming: %d of %d images already in %s", len(kept), len(cells), self.run_dir)
+            self.log_images([k[0] for k in kept], [k[1] for k in kept])  # this W&B run gets them too
         return todo
 
     def generate(self, cells: Sequence[dict], make: Callable[[list[dict]], Generation],
@@ -87,6 +90,7 @@ class Run:
         counts for these cells (``unet_rows``, ``model_calls``, ``full_cfg_rows``, ``images``)."""
         record = record or (lambda cell: image_record(self, cell))
         compute = {"unet_rows": 0, "model_calls": 0, "full_cfg_rows": 0, "images": 0}
+        self.total = max(self.total, max((c["index"] for c in cells), default=-1) + 1)
         todo = self.pending(cells)
         for chunk in batched(todo, int(self.cfg.batch_size)):
             gen = make(chunk)
@@ -97,7 +101,7 @@ class Run:
             compute["full_cfg_rows"] += 2 * len(chunk) * len(gen.context.timesteps)
             compute["images"] += len(chunk)
             self.add_images(gen.images, [record(c) for c in chunk])
-            log.info("%d/%d images", len(self.records), len(cells))
+            log.info("%d/%d images", len(self.records), self.total)
         if todo and len(todo) < len(cells):  # resumed: images from disk came first; restore index order
             order = sorted(range(len(self.records)), key=lambda i: self.records[i]["index"])
             self.records[:] = [self.records[i] for i in order]
@@ -106,17 +110,31 @@ class Run:
 
     def add_images(self, images: np.ndarray, records: list[dict]) -> list[Image.Image]:
         """Write a freshly generated batch (float images in [0, 1]): each PNG (with its parameters) first,
-        then the metrics' scores, then its manifest line. A metric that raises is reported by name and the
-        images and manifest stay complete."""
+        then the metrics' scores, then its manifest line, then the batch goes to W&B. A metric that raises is
+        reported by name and the images and manifest stay complete; an interrupt waits for the batch."""
         pil = [Image.fromarray(a) for a in to_uint8(images)]
-        for img, rec in zip(pil, records):
-            save_png(img, self.run_dir / rec["path"], rec)
-        self.score(pil, records)
-        for img, rec in zip(pil, records):
-            self.manifest.append(rec)
-            self.records.append(rec)
-            self.images.append(img)
+        with signals.critical():
+            for img, rec in zip(pil, records):
+                save_png(img, self.run_dir / rec["path"], rec)
+            self.score(pil, records)
+            for img, rec in zip(pil, records):
+                self.manifest.append(rec)
+                self.records.append(rec)
+                self.images.append(img)
+            self.log_images(pil, records)
         return pil
+
+    def log_images(self, images: list[Image.Image], records: list[dict]) -> None:
+        """Images to W&B in lists of at most 100 (W&B keeps at most 108 images per logged list)."""
+        if self.logger.run is None:  # logger=none: skip building W&B objects
+            return
+        for i in range(0, len(images), 100):
+            self.logger.images("images", images[i : i + 100], [self.caption(r) for r in records[i : i + 100]])
+
+    @staticmethod
+    def caption(rec: dict) -> str:
+        """An image's W&B caption."""
+        return f"{rec['prompt']} | seed {rec['seed']} | guidance {rec['guidance_scale']:g}"
 
     def score(self, images: list[Image.Image], records: list[dict]) -> None:
         for name, metric in self.metrics.items():
@@ -362,16 +380,6 @@ def plot_metrics(summary: dict[Any, dict[str, float]], path: Path, title: str, x
 
 
 # ------------------------------------------------------------------------------------------- W&B
-def log_images(run: Run, caption: Callable[[dict], str] | None = None) -> None:
-    """The run's images to W&B in lists of 100 (W&B keeps at most 108 images per logged list)."""
-    if run.logger.run is None:  # logger=none: skip building W&B objects
-        return
-    caption = caption or (lambda r: f"{r['prompt']} | seed {r['seed']} | guidance {r['guidance_scale']:g}")
-    captions = [caption(r) for r in run.records]
-    for i in range(0, len(run.images), 100):
-        run.logger.images("images", run.images[i : i + 100], captions[i : i + 100])
-
-
 def log_samples_table(run: Run, columns: Sequence[str] = ("prompt", "seed", "guidance_scale")) -> None:
     """The per-image W&B table: the image, the given record keys and every metric."""
     if run.logger.run is None:

@@ -120,6 +120,7 @@ class GuidanceGrid(Task):
         vs = variants(cfg.guidance)
         rows, scales = prompt_seed_rows(cfg), [float(g) for g in cfg.guidance_scales]
         ncols = len(vs) * len(scales)
+        run.total = len(rows) * ncols
         summary = []
         for vi, v in enumerate(vs):
             extra = dict(guidance_variant=v["label"], guidance_schedule=v["schedule"], guidance_rule=v["rule"],

@@ -7,7 +7,7 @@ Grid rows = prompt/seed, columns = guidance scale. With metrics, their mean per 
 from __future__ import annotations
 
 from stablefused.runs import (
-    Run, image_size, log_images, log_samples_table, prompt_seed_rows, row_label, summarise_metrics,
+    Run, image_size, log_samples_table, prompt_seed_rows, row_label, summarise_metrics,
 )
 from stablefused.tasks import Task, register_task
 
@@ -47,6 +47,5 @@ class Txt2Img(Task):
         run.generate(guidance_cells(run), txt2img_batch(run))
         run.save_grid(run.images, len(rows), len(scales), [row_label(p, s) for p, s in rows],
                       [f"guidance {g:g}" for g in scales], caption=f"{cfg.name}: rows prompt/seed, columns guidance")
-        log_images(run)
         log_samples_table(run)
         summarise_metrics(run)
