@@ -14,7 +14,7 @@ from tests.test_app import read_wandb
 SEEDS = "[" + ",".join(str(i) for i in range(40)) + "]"
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_interrupt_keeps_everything(tmp_path, sig, code):
     args = [sys.executable, "-m", "stablefused", "model=tiny_random", "prompts=[a red circle]", f"seeds={SEEDS}",
             "guidance_scales=[3]", "steps=10", "batch_size=1", "progress=false", "logger=wandb",
