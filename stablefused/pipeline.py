@@ -6,6 +6,7 @@ Other tasks reuse these pieces (``encode``, ``initial_latents``, ``decode``) and
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -17,6 +18,9 @@ from stablefused.guidance import Guidance
 from stablefused.hooks import LoopContext
 from stablefused.models import Components
 from stablefused.sampling import denoise
+from stablefused.text import known_words, unknown_words
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,6 +34,24 @@ class Sampler:
     def __init__(self, components: Components, scheduler: Any | None = None):
         self.c = components
         self.scheduler = scheduler if scheduler is not None else components.make_scheduler()
+        self._known_words: set[str] | None | bool = False  # False: not looked up yet
+        self._checked_prompts: set[str] = set()
+
+    def warn_unknown_words(self, prompts: Sequence[str]) -> None:
+        """Once per prompt, warn about words a word-level tokenizer (the bundled ``shapes`` model,
+        ``tiny_random``) does not know: the model silently ignores them."""
+        if self._known_words is False:
+            self._known_words = known_words(self.c.tokenizer)
+        if self._known_words is None:
+            return
+        for p in dict.fromkeys(prompts):
+            if p in self._checked_prompts:
+                continue
+            self._checked_prompts.add(p)
+            unknown = unknown_words(p, self._known_words)
+            if unknown:
+                log.warning("model %s does not know the word%s %s in prompt %r: it ignores them", self.c.name,
+                            "s" if len(unknown) > 1 else "", ", ".join(repr(w) for w in unknown), p)
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -88,6 +110,7 @@ class Sampler:
             raise ValueError("prompts, seeds, negative_prompts and guidance_scales must have the same length")
         default = self.c.unet.config.sample_size * self.c.vae_scale_factor
         height, width = height or default, width or default
+        self.warn_unknown_words([*prompts, *negative_prompts])
         cond, uncond = self.encode(prompts), self.encode(negative_prompts)
         latents, generators = self.initial_latents(seeds, height, width)
         latents, ctx = denoise(
