@@ -128,3 +128,39 @@ def test_sweep_loads_once_and_jobs_equal_solo_runs(tmp_path):
     m0 = json.loads((sweep / "0" / "manifest.jsonl").read_text().splitlines()[0])
     m1 = json.loads((sweep / "1" / "manifest.jsonl").read_text().splitlines()[0])
     assert (m0["scheduler_class"], m1["scheduler_class"]) == ("DDIMScheduler", "EulerAncestralDiscreteScheduler")
+
+
+@pytest.mark.parametrize("scheduler, label", [
+    ("euler_ancestral", "Euler a"), ("dpm_multistep_karras", "DPM++ 2M Karras"), ("default", "DDIM"),
+])
+def test_png_parameters_name_the_sampler(tmp_path, scheduler, label):
+    run(compose_cfg("seeds=[0]", "steps=2", "guidance_scales=[7.5]", "prompts=[a red circle]",
+                    f"scheduler={scheduler}"), tmp_path)
+    (png,) = (tmp_path / "images").glob("*.png")
+    assert f"Sampler: {label}," in read_parameters(png)
+
+
+def test_sampler_label_from_scheduler_class_and_config():
+    from stablefused.samplers import sampler_label
+
+    assert sampler_label("EulerAncestralDiscreteScheduler") == "Euler a"
+    assert sampler_label("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}) == "DPM++ 2M Karras"
+    assert sampler_label("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}) == "DPM++ 2M SDE"
+    assert sampler_label("PNDMScheduler", {"skip_prk_steps": True}) == "PLMS"
+    assert sampler_label("KDPM2AncestralDiscreteScheduler") == "DPM2 a"
+    assert sampler_label("FlowMatchEulerDiscreteScheduler") == "FlowMatchEuler"
+
+
+def test_every_scheduler_config_label_matches_its_scheduler(tiny):
+    from omegaconf import OmegaConf
+
+    from stablefused.paths import config_dir
+    from stablefused.samplers import sampler_label
+
+    for path in sorted((config_dir() / "scheduler").glob("*.yaml")):
+        c = OmegaConf.load(path)
+        if c.name == "default":
+            assert not c.get("label")  # derived from the model's scheduler
+            continue
+        sched = tiny.make_scheduler(c.cls, **(c.overrides or {}))
+        assert c.label == sampler_label(sched), path.name

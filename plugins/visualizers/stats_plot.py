@@ -9,6 +9,7 @@ import numpy as np
 
 from stablefused import records as rec_io
 from stablefused.registry import PluginError, register
+from stablefused.samplers import sampler_label
 
 X_AXES = ("step", "t", "sigma")
 GROUPS = ("guidance_scale", "sample", "prompt")
@@ -91,7 +92,8 @@ class StatsPlot:
         handles, labels = axes.flat[0].get_legend_handles_labels()
         if len(labels) > 1:
             fig.legend(handles, labels, loc="upper right", fontsize=7, title=self.group)
-        fig.suptitle(f"{run.cfg.name}: denoising statistics ({run.cfg.scheduler.name}, {rec.index.get('steps')} steps)")
+        sampler = run.cfg.scheduler.get("label") or sampler_label(run.sampler.scheduler)
+        fig.suptitle(f"{run.cfg.name}: denoising statistics ({sampler}, {rec.index.get('steps')} steps)")
         fig.tight_layout(rect=(0, 0, 0.88 if len(labels) > 1 else 1, 1))
         path = run.path(f"{self.name}.png")
         fig.savefig(path, metadata={"Software": None})
