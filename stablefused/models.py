@@ -75,8 +75,25 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
+def quiet_libraries() -> None:
+    """Keep diffusers' and transformers' chatter out of the run log: warnings such as "`accelerate` was not
+    found" and the per-model "Loading weights" progress bars; errors still show. A library whose
+    ``DIFFUSERS_VERBOSITY`` / ``TRANSFORMERS_VERBOSITY`` environment variable is set is left as the user
+    asked. (Download progress from huggingface_hub is left on: a first download can take minutes.)"""
+    import os
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for env, lib in (("DIFFUSERS_VERBOSITY", diffusers_logging), ("TRANSFORMERS_VERBOSITY", transformers_logging)):
+        if not os.environ.get(env):
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
+
+
 def load_components(model_cfg: Any, device: str = "auto", dtype: str = "float32") -> Components:
     """Load (or fetch from the cache) the components that ``model_cfg`` names."""
+    quiet_libraries()
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     source = model_source(model_cfg)
     key = (source, model_cfg.get("prediction_type"), bool(model_cfg.get("allow_pickle")), str(dev), str(dt))

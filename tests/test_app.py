@@ -164,3 +164,24 @@ def test_every_scheduler_config_label_matches_its_scheduler(tiny):
             continue
         sched = tiny.make_scheduler(c.cls, **(c.overrides or {}))
         assert c.label == sampler_label(sched), path.name
+
+
+def test_run_log_has_no_library_chatter(tmp_path):
+    """The bundled model, loaded from its folder like any checkpoint: no `accelerate` warning, no weights
+    progress bar (``progress=false`` turns ours off too)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY")}
+    res = subprocess.run([sys.executable, "-m", "stablefused", "seeds=[0]", "steps=1", "logger=none",
+                          "progress=false", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True,
+                         env={**env, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout + res.stderr
+    assert "accelerate" not in out.lower()
+    assert not any(s in out for s in ("it/s]", "%|", "Loading weights")), out[-2000:]
+    assert "Loaded model shapes" in out  # our own log still shows
+
+
+def test_accelerate_is_a_dependency():
+    import tomllib
+
+    deps = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.split(">")[0].split("=")[0].strip() == "accelerate" for d in deps)
