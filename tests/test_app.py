@@ -185,3 +185,37 @@ def test_accelerate_is_a_dependency():
 
     deps = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
     assert any(d.split(">")[0].split("=")[0].strip() == "accelerate" for d in deps)
+
+
+def test_offline_wandb_run_is_whole(tmp_path, monkeypatch):
+    """Every file the offline run's records point to (the table's staged images and JSON) is inside the
+    run dir, so copying the run dir and `wandb sync`-ing it elsewhere loses nothing; nothing goes to the
+    user's W&B data dir, and the environment is as before afterwards."""
+    outside = tmp_path / "home"
+    outside.mkdir()
+    monkeypatch.setenv("HOME", str(outside))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(outside / "wandb-data"))
+    monkeypatch.delenv("WANDB_ARTIFACT_DIR", raising=False)
+    run_dir = tmp_path / "run"
+    run(compose_cfg("seeds=[0]", "steps=1", "guidance_scales=[7.5]", "logger=wandb"), run_dir)
+    (records,) = read_wandb(run_dir)
+
+    def paths(obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if isinstance(v, str) and k in ("local_path", "localPath", "staging_dir", "stagingDir"):
+                    yield v
+                else:
+                    yield from paths(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                yield from paths(v)
+
+    found = [p for r in records for p in paths(r)]
+    assert any(r["type"] == "artifact" for r in records) and found  # the table was logged as an artifact
+    for p in set(found):
+        assert Path(p).resolve().is_relative_to(next((run_dir / "wandb").glob("offline-run-*")).resolve()), p
+        assert Path(p).exists(), p
+    assert not (outside / "wandb-data").exists()
+    assert not (outside / ".local" / "share" / "wandb").exists()
+    assert os.environ["WANDB_DATA_DIR"] == str(outside / "wandb-data") and "WANDB_ARTIFACT_DIR" not in os.environ
