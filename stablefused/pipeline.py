@@ -12,7 +12,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from stablefused.guidance import Guidance
 from stablefused.hooks import LoopContext
@@ -65,6 +64,8 @@ class Sampler:
                         frames: int | None = None) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Noise per image from its own CPU generator: an image depends on its seed only (not on the
         device, the batch size or its neighbours). The generators are returned for the scheduler's noise."""
+        from diffusers.utils.torch_utils import randn_tensor  # here: importing diffusers costs ~1.5 s
+
         f = self.c.vae_scale_factor
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         shape = (len(seeds), self.c.unet.config.in_channels)
