@@ -25,8 +25,19 @@ class NullLogger:
     def finish(self, exit_code: int = 0) -> None: ...
 
 
+# W&B reads these from the environment when it stages a file (no Settings field): the copies of a logged
+# table's images and its JSON go to $WANDB_DATA_DIR/artifacts/staging, by default in the user's home.
+RUN_LOCAL_DIRS = {"WANDB_DATA_DIR": "data", "WANDB_ARTIFACT_DIR": "artifacts"}
+
+
 class WandbLogger(NullLogger):
-    """One W&B run per StableFused run; sweep jobs share a group, ``job_type`` = experiment name."""
+    """One W&B run per StableFused run; sweep jobs share a group, ``job_type`` = experiment name.
+
+    Everything the run's records point to lives in its own folder (``wandb/offline-run-*/``): while the
+    run is open, W&B's data (artifact staging) and artifact dirs are that folder's ``data/`` and
+    ``artifacts/``, so copying the folder elsewhere and ``wandb sync``-ing it keeps the table's pictures.
+    The environment is restored at ``finish``, so sweep jobs in one process do not share or leak them.
+    """
 
     def __init__(self, cfg: Any, config: dict, run_dir: Path, name: str, group: str | None, job_type: str):
         import wandb
@@ -39,6 +50,10 @@ class WandbLogger(NullLogger):
             mode=mode, reinit="create_new",
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, init_timeout=60),
         )
+        self._saved_env = {k: os.environ.get(k) for k in RUN_LOCAL_DIRS}
+        sync_dir = Path(self.run.settings.sync_dir)
+        for key, sub in RUN_LOCAL_DIRS.items():
+            os.environ[key] = str(sync_dir / sub)
         self._defined: set[str] = set()
 
     def _img(self, image: Any, caption: str | None) -> Any:
@@ -78,9 +93,17 @@ class WandbLogger(NullLogger):
         self.run.summary.update(values)
 
     def finish(self, exit_code=0):
-        if self.run is not None:
+        if self.run is None:
+            return
+        try:
             self.run.finish(exit_code=exit_code)
+        finally:
             self.run = None
+            for key, value in self._saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def _is_image(v: Any) -> bool:

@@ -72,8 +72,25 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
+def quiet_libraries() -> None:
+    """Keep diffusers' and transformers' chatter out of the run log: warnings such as "`accelerate` was not
+    found" and the per-model "Loading weights" progress bars; errors still show. A library whose
+    ``DIFFUSERS_VERBOSITY`` / ``TRANSFORMERS_VERBOSITY`` environment variable is set is left as the user
+    asked. (Download progress from huggingface_hub is left on: a first download can take minutes.)"""
+    import os
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for env, lib in (("DIFFUSERS_VERBOSITY", diffusers_logging), ("TRANSFORMERS_VERBOSITY", transformers_logging)):
+        if not os.environ.get(env):
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
+
+
 def load_components(model_cfg: Any, device: str = "auto", dtype: str = "float32") -> Components:
     """Load (or fetch from the cache) the components that ``model_cfg`` names."""
+    quiet_libraries()
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     source = model_source(model_cfg)
     key = (source, model_cfg.get("prediction_type"), bool(model_cfg.get("allow_pickle")), str(dev), str(dt))
@@ -135,7 +152,7 @@ def _load_from(source: str, model_cfg: Any) -> Components:
         except Exception as e:  # diffusers needs the model's config (a hub id or local folder)
             raise ModelLoadError(
                 f"model.path={source}: could not load the single-file checkpoint ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200]}). Set model.config=<local diffusers folder or hub id> with "
+                f"{_first_line(e)}). Set model.config=<local diffusers folder or hub id> with "
                 "the matching configs, or use a diffusers folder."
             ) from e
         return Components(name, pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae,
@@ -144,26 +161,85 @@ def _load_from(source: str, model_cfg: Any) -> Components:
     is_local = path.is_dir()
     if not is_local and (source.startswith(("/", ".", "~")) or model_cfg.get("path")):
         raise ModelLoadError(f"model.path={source}: no such folder")
-    kw = dict(use_safetensors=None if allow_pickle else True, revision=model_cfg.get("revision"))
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=kw["revision"])
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kw)
+    revision = model_cfg.get("revision")
+    kw = dict(use_safetensors=None if allow_pickle else True, revision=revision)
+
+    def load(local_only: bool) -> tuple:
         from diffusers import DDIMScheduler
 
-        scheduler_config = dict(DDIMScheduler.load_config(source, subfolder="scheduler", revision=kw["revision"]))
-    except (OSError, ValueError, EnvironmentError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision,
+                                                  local_files_only=local_only)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", local_files_only=local_only, **kw)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", local_files_only=local_only, **kw)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", local_files_only=local_only, **kw)
+        scheduler_config = dict(DDIMScheduler.load_config(source, subfolder="scheduler", revision=revision,
+                                                          local_files_only=local_only))
+        return tokenizer, text_encoder, unet, vae, scheduler_config
+
+    how = (f"Download it with `hf download {source}` on a machine with network (and accept its licence if it "
+           f"is gated), or set model.path=<local diffusers folder or .safetensors file>.")
+    try:  # a local folder, or a hub id already in the local cache: no network at all
+        parts = load(local_only=True)
+    except LOAD_ERRORS as e:
         if is_local:
-            raise ModelLoadError(f"model.path={source}: not a loadable diffusers folder ({first})") from e
-        raise ModelLoadError(
-            f"model={name}: cannot load {source!r} from the Hugging Face hub (offline, not downloaded, or "
-            f"gated: {first}). Download it with `hf download {source}` on a machine with network (and "
-            f"accept its licence), or set model.path=<local diffusers folder or .safetensors file>."
-        ) from e
+            raise ModelLoadError(f"model.path={source}: not a loadable diffusers folder ({_first_line(e)})") from e
+        # Not (completely) in the cache. Ask the hub once, quickly: huggingface_hub's own retries against an
+        # unreachable network take minutes before they give up.
+        if _env_true("HF_HUB_OFFLINE"):
+            raise ModelLoadError(f"model={name}: {source!r} is not in the local Hugging Face cache and "
+                                 f"HF_HUB_OFFLINE is set. {how}") from e
+        endpoint = hub_endpoint()
+        if not hub_reachable(endpoint):
+            raise ModelLoadError(f"model={name}: {source!r} is not in the local Hugging Face cache and the hub "
+                                 f"({endpoint}) cannot be reached. {how}") from e
+        try:
+            parts = load(local_only=False)
+        except LOAD_ERRORS as e2:
+            raise ModelLoadError(f"model={name}: cannot load {source!r} from the Hugging Face hub (not found, "
+                                 f"gated or incomplete: {_first_line(e2)}). {how}") from e2
+    tokenizer, text_encoder, unet, vae, scheduler_config = parts
     return Components(name, tokenizer, text_encoder, unet, vae, scheduler_config,
                       torch.device("cpu"), torch.float32)
+
+
+LOAD_ERRORS = (OSError, ValueError, EnvironmentError)
+HUB_TIMEOUT_S = 3.0  # the one reachability check of the hub before an online load
+
+
+def _env_true(name: str) -> bool:
+    import os
+
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an error, shortened at a word boundary (never mid-word)."""
+    text = str(e).strip().splitlines()[0].strip() if str(e).strip() else type(e).__name__
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:(") + " …"
+
+
+def hub_endpoint() -> str:
+    import os
+
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def hub_reachable(endpoint: str, timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Whether the hub endpoint answers at all (any HTTP status) within ``timeout`` seconds."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint + "/api/whoami-v2", method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return True  # it answered (401 without a token): reachable
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 TINY_WORDS = "a an the red green blue yellow white black circle square triangle small large on of photo cat dog".split()

@@ -21,12 +21,15 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def a1111_parameters(rec: dict) -> str:
-    """The ``parameters`` text chunk that A1111, ComfyUI and most prompt readers show."""
+    """The ``parameters`` text chunk that A1111, ComfyUI and most prompt readers show. ``Sampler`` is the
+    record's ``sampler`` (e.g. "Euler a"), else derived from its scheduler (:mod:`stablefused.samplers`)."""
+    from stablefused.samplers import record_label
+
     lines = [rec["prompt"]]
     if rec.get("negative_prompt"):
         lines.append(f"Negative prompt: {rec['negative_prompt']}")
     fields = [
-        ("Steps", rec.get("steps")), ("Sampler", rec.get("scheduler")), ("CFG scale", rec.get("guidance_scale")),
+        ("Steps", rec.get("steps")), ("Sampler", record_label(rec)), ("CFG scale", rec.get("guidance_scale")),
         ("Seed", rec.get("seed")), ("Size", f"{rec.get('width')}x{rec.get('height')}"), ("Model", rec.get("model")),
         ("Guidance schedule", rec.get("guidance_schedule")), ("Guidance rule", rec.get("guidance_rule")),
     ]

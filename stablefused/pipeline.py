@@ -6,17 +6,20 @@ Other tasks reuse these pieces (``encode``, ``initial_latents``, ``decode``) and
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from stablefused.guidance import Guidance
 from stablefused.hooks import LoopContext
 from stablefused.models import Components
 from stablefused.sampling import denoise
+from stablefused.text import known_words, unknown_words
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,10 +33,30 @@ class Sampler:
     def __init__(self, components: Components, scheduler: Any | None = None):
         self.c = components
         self.scheduler = scheduler if scheduler is not None else components.make_scheduler()
+        self._known_words: set[str] | None | bool = False  # False: not looked up yet
+        self._checked_prompts: set[str] = set()
+
+    def warn_unknown_words(self, prompts: Sequence[str]) -> None:
+        """Once per prompt, warn about words a word-level tokenizer (the bundled ``shapes`` model,
+        ``tiny_random``) does not know: the model silently ignores them."""
+        if self._known_words is False:
+            self._known_words = known_words(self.c.tokenizer)
+        if self._known_words is None:
+            return
+        for p in dict.fromkeys(prompts):
+            if p in self._checked_prompts:
+                continue
+            self._checked_prompts.add(p)
+            unknown = unknown_words(p, self._known_words)
+            if unknown:
+                log.warning("model %s does not know the word%s %s in prompt %r: it ignores them", self.c.name,
+                            "s" if len(unknown) > 1 else "", ", ".join(repr(w) for w in unknown), p)
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings (B, L, D), as diffusers' ``encode_prompt`` computes them (no clip skip)."""
+        """Text embeddings (B, L, D), as diffusers' ``encode_prompt`` computes them (no clip skip). Words the
+        model does not know are named once per prompt (:meth:`warn_unknown_words`)."""
+        self.warn_unknown_words(prompts)
         tok = self.c.tokenizer
         ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(self.c.device)
@@ -59,6 +82,8 @@ class Sampler:
                         steps: int) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Noise per image from its own CPU generator: an image depends on its seed only (not on the
         device, the batch size or its neighbours). The generators are returned for the scheduler's noise."""
+        from diffusers.utils.torch_utils import randn_tensor  # here: importing diffusers costs ~1.5 s
+
         generators = self.prepare(steps, seeds)
         f = self.c.vae_scale_factor
         shape = (len(seeds), self.c.unet.config.in_channels)

@@ -34,6 +34,7 @@ from stablefused.logger import NullLogger
 from stablefused.models import Components
 from stablefused.outputs import Manifest, grid, save_png, strict_json, to_uint8
 from stablefused.pipeline import Generation, Sampler
+from stablefused.samplers import sampler_label
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,8 @@ def image_record(run: Run, cell: dict) -> dict:
         "type": "image",
         "path": f"images/{cell['index']:04d}_r{cell.get('row', 0)}_c{cell.get('col', 0)}_s{cell['seed']}.png",
         "task": cfg.task, "negative_prompt": cfg.negative_prompt, "steps": int(cfg.steps),
-        "scheduler": cfg.scheduler.name, "scheduler_class": type(run.sampler.scheduler).__name__,
+        "scheduler": cfg.scheduler.name, "sampler": sampler_label(run.sampler.scheduler),
+        "scheduler_class": type(run.sampler.scheduler).__name__,
         "model": cfg.model.name, "height": height, "width": width,
         "guidance_schedule": cfg.guidance.schedule, "guidance_rule": cfg.guidance.rule,
     }

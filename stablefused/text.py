@@ -6,11 +6,39 @@ Used by the ``tiny_random`` test model and by the bundled ``shapes`` model. The 
 
 from __future__ import annotations
 
+import re
 import string
+from typing import TYPE_CHECKING, Any
 
-from transformers import CLIPTokenizer
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+_WORD = re.compile(r"[a-z]+")
+
+
+def words(text: str) -> list[str]:
+    """The lower-case words of ``text`` (runs of letters; digits and punctuation separate words)."""
+    return _WORD.findall(text.lower())
+
+
+def known_words(tokenizer: Any) -> set[str] | None:
+    """The words a :func:`build_word_tokenizer` tokenizer was built from, or None for any other tokenizer
+    (a real CLIP vocabulary splits any word into known pieces, so no word is "unknown" to it).
+
+    Recognised by its layout (BOS = 0, EOS = 1, then the single characters from "a"); the words are the
+    ``word</w>`` merge products. Single letters are always known (they are in every vocabulary)."""
+    vocab = tokenizer.get_vocab()
+    if vocab.get(BOS) != 0 or vocab.get(EOS) != 1 or vocab.get("a") != 2:
+        return None
+    return {t[:-4] for t in vocab if t.endswith("</w>")}
+
+
+def unknown_words(prompt: str, known: set[str] | None) -> list[str]:
+    """Words of ``prompt`` outside ``known`` (in order, once each); [] when ``known`` is None."""
+    if known is None:
+        return []
+    return list(dict.fromkeys(w for w in words(prompt) if w not in known))
 
 
 def build_word_tokenizer(words: list[str], model_max_length: int = 16) -> CLIPTokenizer:
@@ -22,6 +50,8 @@ def build_word_tokenizer(words: list[str], model_max_length: int = 16) -> CLIPTo
     characters, then merge products in a fixed order: the same words give the same ids. (The bundled
     shapes model's tokenizer was built with this function; keep its behaviour stable.)
     """
+    from transformers import CLIPTokenizer
+
     vocab: dict[str, int] = {BOS: 0, EOS: 1}
 
     def add(tok: str) -> None:

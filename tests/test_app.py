@@ -128,3 +128,94 @@ def test_sweep_loads_once_and_jobs_equal_solo_runs(tmp_path):
     m0 = json.loads((sweep / "0" / "manifest.jsonl").read_text().splitlines()[0])
     m1 = json.loads((sweep / "1" / "manifest.jsonl").read_text().splitlines()[0])
     assert (m0["scheduler_class"], m1["scheduler_class"]) == ("DDIMScheduler", "EulerAncestralDiscreteScheduler")
+
+
+@pytest.mark.parametrize("scheduler, label", [
+    ("euler_ancestral", "Euler a"), ("dpm_multistep_karras", "DPM++ 2M Karras"), ("default", "DDIM"),
+])
+def test_png_parameters_name_the_sampler(tmp_path, scheduler, label):
+    run(compose_cfg("seeds=[0]", "steps=2", "guidance_scales=[7.5]", "prompts=[a red circle]",
+                    f"scheduler={scheduler}"), tmp_path)
+    (png,) = (tmp_path / "images").glob("*.png")
+    assert f"Sampler: {label}," in read_parameters(png)
+
+
+def test_sampler_label_from_scheduler_class_and_config():
+    from stablefused.samplers import sampler_label
+
+    assert sampler_label("EulerAncestralDiscreteScheduler") == "Euler a"
+    assert sampler_label("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}) == "DPM++ 2M Karras"
+    assert sampler_label("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}) == "DPM++ 2M SDE"
+    assert sampler_label("PNDMScheduler", {"skip_prk_steps": True}) == "PLMS"
+    assert sampler_label("KDPM2AncestralDiscreteScheduler") == "DPM2 a"
+    assert sampler_label("FlowMatchEulerDiscreteScheduler") == "FlowMatchEuler"
+
+
+def test_every_scheduler_config_label_matches_its_scheduler(tiny):
+    from omegaconf import OmegaConf
+
+    from stablefused.paths import config_dir
+    from stablefused.samplers import sampler_label
+
+    for path in sorted((config_dir() / "scheduler").glob("*.yaml")):
+        c = OmegaConf.load(path)
+        if c.name == "default":
+            assert not c.get("label")  # derived from the model's scheduler
+            continue
+        sched = tiny.make_scheduler(c.cls, **(c.overrides or {}))
+        assert c.label == sampler_label(sched), path.name
+
+
+def test_run_log_has_no_library_chatter(tmp_path):
+    """The bundled model, loaded from its folder like any checkpoint: no `accelerate` warning, no weights
+    progress bar (``progress=false`` turns ours off too)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY")}
+    res = subprocess.run([sys.executable, "-m", "stablefused", "seeds=[0]", "steps=1", "logger=none",
+                          "progress=false", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True,
+                         env={**env, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout + res.stderr
+    assert "accelerate" not in out.lower()
+    assert not any(s in out for s in ("it/s]", "%|", "Loading weights")), out[-2000:]
+    assert "Loaded model shapes" in out  # our own log still shows
+
+
+def test_accelerate_is_a_dependency():
+    import tomllib
+
+    deps = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.split(">")[0].split("=")[0].strip() == "accelerate" for d in deps)
+
+
+def test_offline_wandb_run_is_whole(tmp_path, monkeypatch):
+    """Every file the offline run's records point to (the table's staged images and JSON) is inside the
+    run dir, so copying the run dir and `wandb sync`-ing it elsewhere loses nothing; nothing goes to the
+    user's W&B data dir, and the environment is as before afterwards."""
+    outside = tmp_path / "home"
+    outside.mkdir()
+    monkeypatch.setenv("HOME", str(outside))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(outside / "wandb-data"))
+    monkeypatch.delenv("WANDB_ARTIFACT_DIR", raising=False)
+    run_dir = tmp_path / "run"
+    run(compose_cfg("seeds=[0]", "steps=1", "guidance_scales=[7.5]", "logger=wandb"), run_dir)
+    (records,) = read_wandb(run_dir)
+
+    def paths(obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if isinstance(v, str) and k in ("local_path", "localPath", "staging_dir", "stagingDir"):
+                    yield v
+                else:
+                    yield from paths(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                yield from paths(v)
+
+    found = [p for r in records for p in paths(r)]
+    assert any(r["type"] == "artifact" for r in records) and found  # the table was logged as an artifact
+    for p in set(found):
+        assert Path(p).resolve().is_relative_to(next((run_dir / "wandb").glob("offline-run-*")).resolve()), p
+        assert Path(p).exists(), p
+    assert not (outside / "wandb-data").exists()
+    assert not (outside / ".local" / "share" / "wandb").exists()
+    assert os.environ["WANDB_DATA_DIR"] == str(outside / "wandb-data") and "WANDB_ARTIFACT_DIR" not in os.environ

@@ -55,3 +55,31 @@ def test_prompts_without_shapes_attributes_are_not_scored():
     metric = registry.create("metrics", "shapes_adherence")
     img = Image.fromarray(np.zeros((512, 512, 3), np.uint8))
     assert metric([img], [{"prompt": "a photograph of an astronaut riding a horse"}]) == [{}]
+
+
+def test_unknown_words_count_as_unmet():
+    metric = registry.create("metrics", "shapes_adherence")
+    img = data.image_for({"color": "purple", "shape": "circle", "size": "large", "background": "white"}, seed=1)
+    (row,) = metric([_pil(img)], [{"prompt": "a purple hexagon on a grey background"}])
+    # purple met; "hexagon" and "grey" are words the model cannot draw: 1 of 3 requests met, not 1.0
+    assert row["shapes_adherence/color"] == 1.0 and row["shapes_adherence/mean"] == 1 / 3
+    assert math.isnan(row["shapes_adherence/shape"]) and math.isnan(row["shapes_adherence/background"])
+    # prompts in the model's vocabulary score as before (plurals and filler words are known)
+    (row,) = metric([_pil(img)], [{"prompt": "large purple circles on a white background"}])
+    assert row["shapes_adherence/mean"] == 1.0
+
+
+def test_sampler_warns_once_per_prompt_about_unknown_words(caplog):
+    from stablefused.models import load_components
+    from stablefused.pipeline import Sampler
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg("model=shapes")
+    sampler = Sampler(load_components(cfg.model, "cpu"))
+    prompts = ["a purple hexagon on a grey background", "a red circle"]
+    with caplog.at_level("WARNING", logger="stablefused.pipeline"):
+        for _ in range(2):
+            sampler.txt2img(prompts, [0, 1], 7.5, steps=1, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "'hexagon', 'grey'" in warnings[0] and "a purple hexagon on a grey background" in warnings[0]

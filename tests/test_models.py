@@ -85,3 +85,35 @@ def test_missing_folder_and_offline_hub_id(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "model=sd15" in msg and "hf download stable-diffusion-v1-5/stable-diffusion-v1-5" in msg
     assert "model.path=" in msg and "\n" not in msg
+
+
+def test_hub_id_with_no_network_fails_in_seconds(tmp_path):
+    """HF_HUB_OFFLINE unset and the hub unreachable (a closed local port): the clear one-line error comes
+    in seconds, not after minutes of huggingface_hub retries."""
+    import os
+    import subprocess
+    import sys
+
+    # The libraries are imported before the clock starts: on a busy CPU their import alone can take
+    # longer than the whole failure path; what is timed is the cache lookup, the hub check and the error.
+    code = (
+        "from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel\n"
+        "from transformers import CLIPTextModel, CLIPTokenizer\n"
+        "import time\n"
+        "from stablefused.models import ModelLoadError, load_components\n"
+        "t0 = time.monotonic()\n"
+        "cfg = dict(name='sd15', builtin=None, bundled=None, hub_id='stablefused-test/no-such-model', path=None,"
+        " allow_pickle=False, prediction_type=None)\n"
+        "try:\n    load_components(cfg, 'cpu', 'float32')\nexcept ModelLoadError as e:\n    print('ERR', e)\n"
+        "print('SECONDS', time.monotonic() - t0)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), HF_HUB_ETAG_TIMEOUT="10",
+               HF_HUB_DOWNLOAD_TIMEOUT="10")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    (line,) = [x for x in res.stdout.splitlines() if x.startswith("ERR ")]
+    elapsed = float(next(x for x in res.stdout.splitlines() if x.startswith("SECONDS ")).split()[1])
+    msg = line[4:]
+    assert elapsed < 15, (elapsed, msg)
+    assert "model=sd15" in msg and "hf download stablefused-test/no-such-model" in msg and "model.path=" in msg
+    assert msg.endswith(".") and "\n" not in msg

@@ -28,3 +28,10 @@ def test_readme_plugin_example_runs(tmp_path):
     summary = json.loads((tmp_path / "run" / "metrics_by_guidance.json").read_text())
     assert set(summary) == {"0.0", "5.0"} and "brightness" in summary["5.0"]
     assert (tmp_path / "run" / "adherence.png").is_file()
+
+
+def test_readme_install_says_how_to_get_cpu_torch():
+    setup = README.read_text().split("## Set up and run", 1)[1].split("\n## ", 1)[0]
+    assert "--index-url https://download.pytorch.org/whl/cpu" in setup
+    assert "torch==" not in setup  # no pin to one machine's local wheel
+    assert "GPU" in setup  # and a GPU user keeps their own build

@@ -31,3 +31,17 @@ def test_training_is_deterministic_and_resumable(tmp_path):
     # stages 2-3 with the stage-1 VAE loaded give the same weights too
     train.main(["--out", str(tmp_path / "d"), "--vae-from", str(tmp_path / "a-step3")] + ARGS)
     _same(tmp_path / "a", tmp_path / "d")
+
+
+def test_default_output_is_a_new_folder_not_the_shipped_weights(tmp_path, monkeypatch):
+    from stablefused.shapes import train
+
+    monkeypatch.chdir(tmp_path)
+    bundled = train.BUNDLED_DIR
+    out = train.parse_args([]).out
+    assert (tmp_path / out).resolve() != bundled and out.startswith("runs/shapes_train/")
+    assert train.parse_args(["--out", "x"]).out == "x"
+    # writing over the shipped weights needs the explicit flag, whether asked via --out or by default
+    assert train.parse_args(["--overwrite-bundled"]).out == str(bundled)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", str(bundled)])

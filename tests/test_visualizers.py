@@ -127,4 +127,22 @@ def test_stats_logged_per_step_to_wandb(tmp_path):
         app.make_logger = orig
     stats = [v for v, s in logged if s == "denoise_step"]
     assert [v["denoise_step"] for v in stats] == [0, 1, 2]
-    assert "denoise/guidance_delta_norm/w=7.5" in stats[0] and stats[0]["denoise/guidance_delta_norm/w=1"] == 0
+    # guidance 1 skipped the unconditional pass: no difference to log (NaN is dropped), not a 0
+    assert "denoise/guidance_delta_norm/w=7.5" in stats[0] and "denoise/guidance_delta_norm/w=1" not in stats[0]
+
+
+def test_stats_plot_shows_a_gap_where_a_pass_was_skipped(tmp_path):
+    from stablefused import registry
+
+    run(cfg_of("recorders=[stats]", "visualizers=[stats_plot]", "steps=3", "seeds=[0]", "prompts=[a red circle]",
+               "guidance_scales=[0,1,7.5]"), tmp_path)
+    rec = records.load(tmp_path)
+    delta, scale = rec.stats["guidance_delta_norm"].numpy(), rec.stats["guidance_scale"].numpy()[:, 0]
+    skipped = np.isin(scale, [0, 1])
+    assert np.isnan(delta[skipped]).all() and np.isfinite(delta[~skipped]).all() and (delta[~skipped] > 0).all()
+    # the plotted lines: NaN (a gap) at guidance 0 and 1, values at 7.5
+    lines = registry.create("visualizers", "stats_plot").series(rec)["guidance_delta_norm"]
+    assert set(lines) == {"w=0", "w=1", "w=7.5"}
+    assert np.isnan(lines["w=0"][1]).all() and np.isnan(lines["w=1"][1]).all()
+    assert np.isfinite(lines["w=7.5"][1]).all()
+    assert (tmp_path / "stats_plot.png").is_file()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stablefused.registry import register
-from stablefused.shapes.classify import classify_image, parse_prompt, score
+from stablefused.shapes.classify import classify_image, parse_prompt, score, unknown_words
 
 NAME = "shapes_adherence"
 
@@ -16,13 +16,25 @@ class ShapesAdherence:
     image; only the attributes the prompt names are scored (``parse_prompt``), the others are NaN. Under
     negative guidance, ``shapes_adherence/color`` is the rate at which the prompted colour is chosen
     (chance: 1/5).
+
+    Words the model does not know (anything outside its training vocabulary: the colours, shapes, sizes,
+    backgrounds, plural shapes and filler words like "a", "on", "background") are requests it cannot meet
+    — it silently ignores them. Each such word counts as one unmet request in ``shapes_adherence/mean``:
+    mean = (attributes met) / (attributes named + unknown words). "a purple hexagon on a grey background"
+    drawn as a purple circle on white scores color 1.0, shape and background NaN (not named in words the
+    model knows) and mean 1/3 (purple met; hexagon, grey not). The per-attribute scores are unchanged.
     """
 
     def __call__(self, images, records):
         out = []
         for image, rec in zip(images, records):
-            wanted = parse_prompt(rec.get("prompt", ""))
+            prompt = rec.get("prompt", "")
+            wanted = parse_prompt(prompt)
             # A prompt that names no shapes attribute (e.g. a real model's prompt) is not scored at all:
             # no classification, no keys.
-            out.append({f"{NAME}/{k}": v for k, v in score(classify_image(image), wanted).items()} if wanted else {})
+            if not wanted:
+                out.append({})
+                continue
+            scores = score(classify_image(image), wanted, unknown=len(unknown_words(prompt)))
+            out.append({f"{NAME}/{k}": v for k, v in scores.items()})
         return out

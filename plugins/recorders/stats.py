@@ -19,7 +19,7 @@ class Stats(SelectedSteps):
 
     Tensors ``stats.<name>`` (N, S), float32; t and σ of each step are in the index. Per sample and step:
     ``guidance_scale`` (the scale used), ``guidance_delta_norm`` = ‖ε_cond − ε_uncond‖₂ (over all latent
-    elements; 0 where a pass was skipped), ``eps_guided_norm`` = ‖ε_guided‖₂, ``latent_mean``/``latent_std``
+    elements; NaN where a pass was skipped, e.g. at guidance 0 or 1 with ``cfg``), ``eps_guided_norm`` = ‖ε_guided‖₂, ``latent_mean``/``latent_std``
     of x_t, ``x0_mean``/``x0_std`` of x̂0, ``x0_change`` = ‖x̂0 − x̂0 of the previous step‖₂ (NaN at the
     first).
     Values stay on the device until the loop ends (no sync per step). ``log`` sends them to W&B as metrics
@@ -61,6 +61,8 @@ class Stats(SelectedSteps):
         norms = torch.linalg.vector_norm(a[2:], dim=2)
         if prev is None:
             norms[2] = float("nan")
+        # a skipped pass leaves no difference to measure: NaN (a gap in plots), not a misleading 0
+        norms[0] = torch.where(state.has_cond & state.has_uncond, norms[0], float("nan"))
         row = torch.stack([state.guidance_scale.to(a), norms[0], norms[1], mean[0], std[0], mean[1], std[1],
                            norms[2]], dim=1)
         if self._keep is not None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from stablefused.shapes.data import ATTRIBUTES, BACKGROUNDS, CHOICES, COLORS, SHAPES, SIZES, shape_mask
+from stablefused.shapes.data import ATTRIBUTES, BACKGROUNDS, CHOICES, COLORS, SHAPES, SIZES, VOCABULARY, shape_mask
 
 FOREGROUND_DISTANCE = 0.4  # RGB distance from the background colour that counts as foreground
 LARGE_MIN_SIDE = 15  # side (px, at 32x32) from which a shape is "large" (small: 9-11, large: 18-22)
@@ -26,11 +26,20 @@ _PALETTE = np.array(list(COLORS.values()), np.float32)
 _BGS = np.array(list(BACKGROUNDS.values()), np.float32)
 
 
+KNOWN_WORDS = frozenset(VOCABULARY) | {s + "s" for s in SHAPES}  # the model's words, plural shapes too
+
+
+def unknown_words(prompt: str) -> list[str]:
+    """Words of ``prompt`` the shapes model never saw in training (in order, once each): it ignores them,
+    e.g. "a purple hexagon on a grey background" -> ["hexagon", "grey"]."""
+    return list(dict.fromkeys(w for w in re.findall(r"[a-z]+", prompt.lower()) if w not in KNOWN_WORDS))
+
+
 def parse_prompt(prompt: str) -> dict[str, str]:
     """Attributes a prompt names: a subset of {"color", "shape", "size", "background"} -> value.
 
     Colour words are the shape colours; "black"/"white" name the background (they are never shape
-    colours). Plural shapes ("circles") count. Unknown words are ignored.
+    colours). Plural shapes ("circles") count. Unknown words are ignored here (see :func:`unknown_words`).
     """
     out: dict[str, str] = {}
     for word in re.findall(r"[a-z]+", prompt.lower()):
@@ -155,10 +164,11 @@ def classify_image(image: Any) -> dict[str, str | None]:
     return out
 
 
-def score(predicted: dict[str, str | None], prompt: str | dict[str, str]) -> dict[str, float]:
-    """1.0/0.0 per attribute the prompt names (NaN for the others), plus their mean."""
+def score(predicted: dict[str, str | None], prompt: str | dict[str, str], unknown: int = 0) -> dict[str, float]:
+    """1.0/0.0 per attribute the prompt names (NaN for the others), plus their mean, in which each of
+    ``unknown`` words the model does not know counts as one more unmet request (0.0)."""
     wanted = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     out = {a: (float(predicted.get(a) == wanted[a]) if a in wanted else float("nan")) for a in ATTRIBUTES}
-    vals = [v for v in out.values() if v == v]
+    vals = [v for v in out.values() if v == v] + [0.0] * unknown
     out["mean"] = float(np.mean(vals)) if vals else float("nan")
     return out

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from stablefused.shapes import data
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "models" / "shapes"
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models" / "shapes"  # the shipped weights
 
 
 def schedule(args: argparse.Namespace) -> dict:
@@ -218,9 +218,12 @@ def train_unet(unet, text_encoder, tokenizer, latents, prompts, args, log, save=
     return ema_unet.eval(), ema_text.eval()
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="diffusers folder to write")
+    p.add_argument("--out", default=None,
+                   help="diffusers folder to write (default: runs/shapes_train/<timestamp> under the current folder)")
+    p.add_argument("--overwrite-bundled", action="store_true",
+                   help=f"write over the shipped weights in {BUNDLED_DIR} (the only way to write there)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--device", default="cpu")
@@ -252,7 +255,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save-every", type=int, default=0, help="also save EMA checkpoints every N UNet steps (to <out>-step<N>)")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True, help="quality report at the end")
     args = p.parse_args(argv)
+    args.out = str(output_dir(args, p.error))
+    return args
 
+
+def output_dir(args: argparse.Namespace, error=None) -> Path:
+    """Where a training run writes: ``--out``, else a fresh ``runs/shapes_train/<timestamp>``. The shipped
+    weights are written over only with ``--overwrite-bundled`` (a typo'd or default ``--out`` never does)."""
+    if args.overwrite_bundled:
+        if args.out and Path(args.out).resolve() != BUNDLED_DIR:
+            (error or _fail)("--overwrite-bundled writes to the bundled folder; do not also give --out")
+        return BUNDLED_DIR
+    if args.out is None:
+        return Path("runs") / "shapes_train" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out = Path(args.out)
+    if out.resolve() == BUNDLED_DIR:
+        (error or _fail)(f"--out {args.out} is the bundled model; add --overwrite-bundled (and drop --out) to "
+                         "replace the shipped weights")
+    return out
+
+
+def _fail(msg: str):
+    raise SystemExit(f"error: {msg}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(args.seed)
@@ -311,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _finish(args, out: Path, start: float, log) -> None:
-    train_info = {k: v for k, v in vars(args).items() if k not in ("out", "device", "finetune_decoder_of", "vae_from")}
+    train_info = {k: v for k, v in vars(args).items()
+                  if k not in ("out", "overwrite_bundled", "device", "finetune_decoder_of", "vae_from")}
     train_info["train_seconds"] = round(time.time() - start, 1)
     (out / "training_args.json").write_text(json.dumps(train_info, indent=2) + "\n")
     log(f"saved to {out} ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
