@@ -19,9 +19,12 @@ from stablefused.models import Components
 from stablefused.sampling import denoise
 
 
+FRAMES_PER_DECODE = 8  # video frames per VAE call: a whole batch of videos at once would not fit in memory
+
+
 @dataclass
 class Generation:
-    images: np.ndarray  # (B, H, W, 3) float32 in [0, 1]
+    images: np.ndarray  # (B, H, W, 3) float32 in [0, 1]; video: (B, F, H, W, 3)
     latents: torch.Tensor  # final latents
     context: LoopContext
 
@@ -53,7 +56,14 @@ class Sampler:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
-        """Latents → float images (B, H, W, 3) in [0, 1], in batches of ``batch_size``."""
+        """Latents → float images (B, H, W, 3) in [0, 1], in batches of ``batch_size``. Video latents
+        (B, C, F, H, W) → frames (B, F, H, W, 3), decoded as images (as ``TextToVideoSDPipeline.decode_latents``)
+        in batches of ``batch_size`` frames (default :data:`FRAMES_PER_DECODE`)."""
+        if latents.ndim == 5:
+            b, c, f, h, w = latents.shape
+            frames = self.decode(latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w),
+                                 batch_size or FRAMES_PER_DECODE)
+            return frames.reshape(b, f, *frames.shape[1:])
         vae = self.c.vae
         out = []
         n = batch_size or len(latents)
