@@ -180,3 +180,34 @@ def test_bad_settings_and_image_models(tmp_path):
         app.run(compose_cfg("task=txt2video", "frames=0"), tmp_path / "a")
     with pytest.raises(ConfigError, match=r"task=txt2video: model tiny_random has a UNet2DConditionModel"):
         app.run(compose_cfg("task=txt2video", "frames=2", "steps=1", "seeds=[0]"), tmp_path / "b")
+
+
+def test_recorders_and_previews_on_video_latents(video_folder, video, tmp_path):
+    """Every recorder on 5-D latents; a linear preview fitted on a chosen frame; attention maps per video."""
+    cfg = run_cfg(video_folder, "recorders=[x0,latents,stats,attention]", "visualizers=[denoise_video,step_strip]",
+                  "visualizers.denoise_video.decode=linear", "visualizers.denoise_video.frame=0",
+                  "visualizers.step_strip.frame=-1", "guidance_scales=[7.5]")
+    app.run(cfg, tmp_path)  # raises if a recorder or visualizer failed
+    from stablefused.records import load
+
+    rec = load(tmp_path)
+    n, s = len(PROMPTS), len(rec.steps("x0"))
+    for key in ("x0", "x_t", "x_prev"):
+        assert rec[key].shape == (n, s, 4, FRAMES, H // 2, W // 2), key
+    assert rec.stats["guidance_delta_norm"].shape == (n, s) and bool((rec.stats["guidance_delta_norm"] > 0).all())
+    att = rec["attention"]
+    assert att.shape == (n, 16, H // 2, W // 2)  # (videos, tokens, h, w): averaged over the frames
+    assert torch.allclose(att.sum(1), torch.ones(n, H // 2, W // 2), atol=1e-4)
+    assert (tmp_path / "denoise.mp4").is_file() and (tmp_path / "step_strip_x0.png").is_file()
+
+
+def test_one_frame_picks_frames_of_video_records_only():
+    from stablefused.preview import one_frame
+
+    x = torch.arange(2 * 3 * 5 * 2 * 4).float().reshape(2, 3, 5, 2, 4)  # (S, C, F, h, w)
+    dims = ("step", "channel", "frame", "height", "width")
+    assert torch.equal(one_frame(x, dims), x[:, :, 2])
+    assert torch.equal(one_frame(x, dims, 0), x[:, :, 0]) and torch.equal(one_frame(x, dims, -1), x[:, :, 4])
+    assert one_frame(x, ("sample", "channel", "height", "width", "x")) is x
+    with pytest.raises(IndexError, match="frame=5"):
+        one_frame(x, dims, 5)
