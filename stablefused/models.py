@@ -127,7 +127,11 @@ def model_source(model_cfg: Any) -> str:
     raise ModelLoadError(f"model {model_cfg.get('name')!r}: set model.path, model.hub_id or model.bundled")
 
 
+UNET_CLASSES = ("UNet2DConditionModel", "UNet3DConditionModel")  # image and video (TextToVideoSDPipeline) UNets
+
+
 def _load_from(source: str, model_cfg: Any) -> Components:
+    import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -170,7 +174,11 @@ def _load_from(source: str, model_cfg: Any) -> Components:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision,
                                                   local_files_only=local_only)
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", local_files_only=local_only, **kw)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", local_files_only=local_only, **kw)
+        unet_cls = UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision,
+                                                    local_files_only=local_only).get("_class_name")
+        if unet_cls not in UNET_CLASSES:
+            raise ModelLoadError(f"model={name}: its unet is a {unet_cls}; StableFused runs {' and '.join(UNET_CLASSES)}")
+        unet = getattr(diffusers, unet_cls).from_pretrained(source, subfolder="unet", local_files_only=local_only, **kw)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", local_files_only=local_only, **kw)
         scheduler_config = dict(DDIMScheduler.load_config(source, subfolder="scheduler", revision=revision,
                                                           local_files_only=local_only))
@@ -289,10 +297,12 @@ def save_components(comps: Components, folder: str | Path) -> Path:
     sched.save_pretrained(folder / "scheduler")
     import json
 
+    video = type(comps.unet).__name__ == "UNet3DConditionModel"
+    sd_only = {} if video else {"feature_extractor": [None, None], "safety_checker": [None, None],
+                                "requires_safety_checker": False, "image_encoder": [None, None]}
     (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
-        "image_encoder": [None, None],
+        "_class_name": "TextToVideoSDPipeline" if video else "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__, **sd_only,
         "scheduler": ["diffusers", comps.scheduler_config["_class_name"]],
         "text_encoder": ["transformers", type(comps.text_encoder).__name__],
         "tokenizer": ["transformers", "CLIPTokenizer"],

@@ -22,9 +22,12 @@ from stablefused.text import known_words, unknown_words
 log = logging.getLogger(__name__)
 
 
+FRAMES_PER_DECODE = 8  # video frames per VAE call: a whole batch of videos at once would not fit in memory
+
+
 @dataclass
 class Generation:
-    images: np.ndarray  # (B, H, W, 3) float32 in [0, 1]
+    images: np.ndarray  # (B, H, W, 3) float32 in [0, 1]; video: (B, F, H, W, 3)
     latents: torch.Tensor  # final latents
     context: LoopContext
 
@@ -86,7 +89,7 @@ class Sampler:
 
         generators = self.prepare(steps, seeds)
         f = self.c.vae_scale_factor
-        shape = (len(seeds), self.c.unet.config.in_channels)
+        shape = (len(seeds), self.c.vae.config.latent_channels)  # not the UNet's: an inpainting UNet takes 9
         shape += (frames,) if frames else ()
         shape += (height // f, width // f)
         latents = randn_tensor(shape, generator=generators, device=self.c.device, dtype=self.c.dtype)
@@ -94,7 +97,14 @@ class Sampler:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
-        """Latents → float images (B, H, W, 3) in [0, 1], in batches of ``batch_size``."""
+        """Latents → float images (B, H, W, 3) in [0, 1], in batches of ``batch_size``. Video latents
+        (B, C, F, H, W) → frames (B, F, H, W, 3), decoded as images (as ``TextToVideoSDPipeline.decode_latents``)
+        in batches of ``batch_size`` frames (default :data:`FRAMES_PER_DECODE`)."""
+        if latents.ndim == 5:
+            b, c, f, h, w = latents.shape
+            frames = self.decode(latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w),
+                                 batch_size or FRAMES_PER_DECODE)
+            return frames.reshape(b, f, *frames.shape[1:])
         vae = self.c.vae
         out = []
         n = batch_size or len(latents)

@@ -8,7 +8,9 @@
   latent resolution, solve. Fits are cached per model for the process.
 * ``auto``: ``linear`` for the SD 1.x/2.x VAE, ``vae`` otherwise.
 
-Also here: :func:`compose`, the labelled frame/strip layout the visualizers share.
+Also here: :func:`compose`, the labelled frame/strip layout the visualizers share, and :func:`one_frame`:
+video runs record (..., C, F, h, w) latents; the visualizers show one frame of them (the middle one unless
+told otherwise), the same frame as the run's image records.
 
     from stablefused.preview import make_decoder
     decode = make_decoder(sampler, "linear", fit_latents=recorded_x0)
@@ -61,8 +63,9 @@ class LinearPreview:
         """Least-squares fit on VAE decodes of ``latents`` (e.g. recorded x̂0; at most ``max_latents``, evenly
         spaced) plus ``n_random`` standard normal latents (in the model's scaled latent space)."""
         c = sampler.c
+        # the VAE's latent channels: a video or inpainting UNet's in_channels may differ
         shape = (latents.shape[1:] if latents is not None else
-                 (c.unet.config.in_channels, c.unet.config.sample_size, c.unet.config.sample_size))
+                 (c.vae.config.latent_channels, c.unet.config.sample_size, c.unet.config.sample_size))
         g = torch.Generator("cpu").manual_seed(seed)
         parts = [torch.randn((n_random, *shape), generator=g)]
         if latents is not None:
@@ -196,6 +199,19 @@ def decode_to_pil(decoder: Callable[[torch.Tensor], np.ndarray], latents: torch.
     flat = latents.reshape(-1, *latents.shape[-3:])
     images = decoder(flat)
     return [to_pil(a, size, Image.BILINEAR) for a in images]
+
+
+def one_frame(latents: torch.Tensor, dims: Sequence[str], frame: int | None = None) -> torch.Tensor:
+    """Recorded video latents (..., C, F, h, w) (``"frame"`` in the tensor's ``dims``) → one frame
+    (..., C, h, w): ``frame`` (negative counts from the end), default the middle one (F // 2), the frame a
+    video run's image records show. Image latents are returned as they are."""
+    if "frame" not in dims:
+        return latents
+    n = latents.shape[-3]
+    k = n // 2 if frame is None else int(frame)
+    if not -n <= k < n:
+        raise IndexError(f"frame={frame}: the videos have {n} frames (0..{n - 1})")
+    return latents.select(-3, k)
 
 
 def fit_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:

@@ -154,12 +154,12 @@ class Run:
     def add_artifact(self, path: Path, kind: str, caption: str | None = None, log_key: str | None = None,
                      **extra: Any) -> None:
         """List ``path`` (under the run dir) in the manifest and log it to W&B (``kind``: image, video,
-        plot, grid, file)."""
+        plot, grid, strip, file)."""
         path = Path(path)
         rel = str(path.relative_to(self.run_dir))
         self.manifest.append({"type": kind, "path": rel, "caption": caption, **extra})
         key = log_key or path.stem
-        if kind in ("image", "plot", "grid"):
+        if kind in ("image", "plot", "grid", "strip"):
             self.logger.image(key, Image.open(path).convert("RGB"), caption)
         elif kind == "video" and path.suffix in (".mp4", ".gif", ".webm"):
             self.logger.video(key, path, caption)
@@ -228,17 +228,29 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+# Records that belong to the image record of the same ``index`` (a video's frames, MP4 and frame strip), written
+# before it: a resumed run keeps them with their image, and drops those of an image that was never written.
+PART_TYPES = ("frame", "video", "strip")
+
+
 def _keep_images(run_dir: Path) -> dict[int, dict]:
-    """The image records of an interrupted run whose file exists (last record per index wins); the
-    manifest is rewritten to hold just those, so the continued run adds no duplicate lines."""
+    """The image records of an interrupted run whose file exists (last record per index wins), with their
+    parts (:data:`PART_TYPES`); the manifest is rewritten to hold just those, so the continued run adds no
+    duplicate lines."""
     manifest = run_dir / "manifest.jsonl"
     done: dict[int, dict] = {}
+    parts: dict[int, dict[str, dict]] = defaultdict(dict)
     if manifest.is_file():
         for rec in Manifest(manifest).records():
-            if rec.get("type") == "image" and (run_dir / rec["path"]).is_file():
+            if "index" not in rec or not (run_dir / rec.get("path", "")).is_file():
+                continue  # artifacts (grids, plots) are made again
+            if rec.get("type") == "image":
                 done[int(rec["index"])] = rec
+            elif rec.get("type") in PART_TYPES:
+                parts[int(rec["index"])][rec["path"]] = rec
+    kept = [r for i in sorted(done) for r in (*parts[i].values(), done[i])]
     tmp = manifest.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in sorted(done.values(), key=lambda r: r["index"])))
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     tmp.replace(manifest)
     return done
 

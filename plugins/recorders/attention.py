@@ -36,7 +36,8 @@ class Attention(BaseHook):
     Tensor ``attention`` (N, T, H, W) at the latent resolution, T = the tokenizer's max length (BOS, the
     prompt's tokens, EOS, padding; their strings are in the index under ``tokens``). Each value is the mean,
     over the chosen cross-attention layers, heads and UNet calls of the chosen steps, of the softmax
-    probability that the pixel's query gives the token, each layer's map bilinearly resized to H×W. So
+    probability that the pixel's query gives the token, each layer's map bilinearly resized to H×W (videos:
+    also the mean over the frames, whose spatial layers attend to the prompt frame by frame). So
     ``attention.sum(dim=1) == 1`` at every pixel (up to rounding); only the conditional pass is used.
     Parameters: ``layers`` (null = every cross-attention layer, else name substrings such as
     ``[up_blocks, mid_block]``), ``every``/``steps`` (which scheduler steps: every k-th, or an explicit list),
@@ -95,6 +96,7 @@ class Attention(BaseHook):
         self._offset += ctx.latents.shape[0]
         self._indices, self._keep = [indices[k] for k in keep], keep
         self._size = tuple(ctx.latents.shape[-2:])
+        self._frames = ctx.latents.shape[2] if ctx.latents.ndim == 5 else 1  # video: UNet rows = sample x frame
         self._tokens = ctx.cond_embeds.shape[1]
         b = ctx.latents.shape[0]
         self._sum = torch.zeros((b, self._tokens, *self._size), device=ctx.latents.device, dtype=torch.float32)
@@ -143,7 +145,10 @@ class Attention(BaseHook):
             # the UNet batch was [rows needing uncond, rows needing cond]: keep the conditional rows
             n_uncond = int(state.has_uncond.sum())
             rows = state.has_cond.nonzero().flatten().to(self._sum.device)
-            cond = self._call[n_uncond:]
+            call = self._call
+            if self._frames > 1:  # (rows * F, T, H, W), frames of a row adjacent → mean over the frames
+                call = call.view(-1, self._frames, *call.shape[1:]).mean(1)
+            cond = call[n_uncond:]
             if len(rows):
                 self._sum.index_add_(0, rows, cond)
                 self._count.index_add_(0, rows, torch.full((len(rows),), float(self._layers_in_call),

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from stablefused import records as rec_io
-from stablefused.preview import compose, decode_to_pil, decoder_for, fit_size, hstack
+from stablefused.outputs import write_mp4
+from stablefused.preview import compose, decode_to_pil, decoder_for, fit_size, hstack, one_frame
 from stablefused.registry import PluginError, register
 
 PANELS = {"x_t": ("latents", "x_t", "x_t"), "x_prev": ("latents", "x_prev", "x_{t-1}"), "x0": ("x0", "x0", "pred x0")}
@@ -29,13 +30,14 @@ class DenoiseVideo:
     frame is titled with step, t and σ; after the last step ``hold`` frames show the end (x_t panel = final
     latents). ``decode``: vae, linear (fast preview) or auto. Panels are shown at the image size, upscaled
     (nearest) to ``min_cell`` or downscaled to ``max_cell`` pixels; frames are padded to a multiple of 16.
-    Needs recorders ``latents`` (x_t, x_prev panels) and ``x0`` (x0 panel).
+    Needs recorders ``latents`` (x_t, x_prev panels) and ``x0`` (x0 panel). Videos (task=txt2video): each
+    panel shows one frame of the video, ``frame`` (default null: the middle one, as the run's image records).
     """
 
     def __init__(self, panels: list[str] = ("x_t", "x0"), layout: str = "grid", rows: list[int] | None = None,
                  samples: list[int] | None = None, sample: int = 0, decode: str = "vae", fps: int = 8,
                  hold: int = 8, gif: bool = False, min_cell: int = 128, max_cell: int | None = 256,
-                 filename: str = "denoise"):
+                 filename: str = "denoise", frame: int | None = None):
         panels = [panels] if isinstance(panels, str) else list(panels)
         bad = [p for p in panels if p not in PANELS]
         if not panels or bad:
@@ -52,6 +54,7 @@ class DenoiseVideo:
         self.sample, self.fps, self.hold, self.gif = int(sample), int(fps), int(hold), bool(gif)
         self.min_cell, self.name = int(min_cell), str(filename)
         self.max_cell = None if max_cell is None else int(max_cell)
+        self.frame = None if frame is None else int(frame)
 
     @classmethod
     def requires(cls, params: dict) -> list[str]:
@@ -112,15 +115,18 @@ class DenoiseVideo:
         used = sorted({p for row in cells for p in row if p is not None})
         h, w = _image_size(run, rec)
 
-        fit = rec["x0"][used].flatten(0, 1).float() if "x0" in rec else None
+        def lat(key: str):  # (n, S, C, h, w): a video's chosen frame
+            return one_frame(rec[key][used], rec.index["tensors"][key]["dims"], self.frame)
+
+        fit = lat("x0").flatten(0, 1).float() if "x0" in rec else None
         decoder = decoder_for(run, self.decode, fit_latents=fit)
         # decoded[panel][pos] = list over steps of PIL images (plus the end state)
         decoded: dict[str, dict[int, list]] = {}
         for p, key in zip(self.panels, keys):
-            t = rec[key][used]  # (n, S, C, h, w)
+            t = lat(key)  # (n, S, C, h, w)
             end = t[:, -1:]
             if p == "x_t" and "x_prev" in rec:  # the end frame shows the final latents
-                end = rec["x_prev"][used][:, -1:]
+                end = lat("x_prev")[:, -1:]
             imgs = decode_to_pil(decoder, torch_cat(t, end), fit_size((w, h), self.max_cell))
             per = t.shape[1] + 1
             decoded[p] = {pos: imgs[k * per : (k + 1) * per] for k, pos in enumerate(used)}
@@ -175,14 +181,3 @@ def _image_size(run: Any, rec: rec_io.Records) -> tuple[int, int]:
     from stablefused.runs import image_size
 
     return image_size(run.cfg)
-
-
-def write_mp4(path: Path, frames: list[np.ndarray], fps: int) -> Path:
-    """H.264 MP4 via imageio-ffmpeg (yuv420p, so frame sides are multiples of 16 already)."""
-    import imageio.v2 as iio2
-
-    with iio2.get_writer(str(path), format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
-                         pixelformat="yuv420p", macro_block_size=16, ffmpeg_log_level="error") as writer:
-        for f in frames:
-            writer.append_data(f)
-    return path

@@ -7,7 +7,7 @@ from typing import Any
 from PIL import Image
 
 from stablefused import records as rec_io
-from stablefused.preview import compose, decode_to_pil, decoder_for, fit_size
+from stablefused.preview import compose, decode_to_pil, decoder_for, fit_size, one_frame
 from stablefused.registry import PluginError, register
 
 SOURCES = {"x0": "x0", "x_t": "latents", "x_prev": "latents"}
@@ -21,12 +21,13 @@ class StepStrip:
     steps evenly spread over the recorded ones (first and last included). ``final`` adds the final image as
     the last column. ``samples``: global sample indices (null = every recorded sample). ``decode``: vae,
     linear or auto. Cells: image size, at least ``min_cell``, at most ``max_cell`` pixels. Needs recorder
-    ``x0`` (source x0) or ``latents`` (x_t, x_prev).
+    ``x0`` (source x0) or ``latents`` (x_t, x_prev). Videos (task=txt2video): each cell shows one frame,
+    ``frame`` (default null: the middle one, the frame of the run's image records, so of the final column).
     """
 
     def __init__(self, source: str = "x0", steps: list[int] | None = None, count: int = 8,
                  samples: list[int] | None = None, final: bool = True, decode: str = "vae", min_cell: int = 96,
-                 max_cell: int | None = 192, filename: str | None = None):
+                 max_cell: int | None = 192, filename: str | None = None, frame: int | None = None):
         if source not in SOURCES:
             raise PluginError(f"visualizers.step_strip: source={source!r}: must be one of {', '.join(SOURCES)}")
         if int(count) < 1:
@@ -36,6 +37,7 @@ class StepStrip:
         self.samples = None if samples is None else [int(s) for s in samples]
         self.min_cell, self.name = int(min_cell), filename or f"step_strip_{source}"
         self.max_cell = None if max_cell is None else int(max_cell)
+        self.frame = None if frame is None else int(frame)
 
     @classmethod
     def requires(cls, params: dict) -> list[str]:
@@ -68,8 +70,10 @@ class StepStrip:
             from stablefused.runs import image_size
 
             h, w = image_size(run.cfg)
-        lat = rec[self.source][pos][:, cols]  # (n, k, C, h, w)
-        fit = rec["x0"][pos].flatten(0, 1).float() if "x0" in rec else None
+        dims = rec.index["tensors"][self.source]["dims"]
+        lat = one_frame(rec[self.source][pos][:, cols], dims, self.frame)  # (n, k, C, h, w)
+        fit = (one_frame(rec["x0"][pos], rec.index["tensors"]["x0"]["dims"], self.frame).flatten(0, 1).float()
+               if "x0" in rec else None)
         size = fit_size((w, h), self.max_cell)
         imgs = decode_to_pil(decoder_for(run, self.decode, fit_latents=fit), lat, size)
         k = len(cols)
