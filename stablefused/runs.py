@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 # Record keys that describe how an image was made (not metric values).
 RECORD_KEYS = {"type", "path", "index", "prompt", "negative_prompt", "seed", "guidance_scale", "steps", "scheduler",
                "sampler", "scheduler_class", "model", "height", "width", "guidance_schedule", "guidance_rule", "row",
-               "col", "task", "strength", "frame", "time", "keyframe", "position"}
+               "col", "task", "strength", "frame", "time", "keyframe", "position",
+               "init_image", "source", "resize"}
 
 
 @dataclass
