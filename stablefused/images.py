@@ -2,7 +2,8 @@
 
 * :func:`check` (in ``validate``, before any model loads) and :func:`load` (in ``run``) read an ``init_image``
   spec: a PNG/JPEG file, a folder of them (sorted by name; one grid row each), or ``shapes:<description>``
-  (an image drawn by the shapes dataset renderer, e.g. ``shapes:a large red circle on a black background``).
+  (an image drawn by the shapes dataset renderer, e.g. ``shapes:a red circle on a black background``; size
+  large and background black unless named; its description is the text after ``shapes:``).
   Palette, RGBA/LA (composited on white), 16-bit and greyscale images are converted to 8-bit RGB, said once
   in the log. Problems are one-line :class:`~stablefused.errors.ConfigError` naming the key and the fix.
 * :func:`target_size` + :func:`fit`: the ``resize`` policy. The output has the image's own size (rounded to
@@ -122,8 +123,8 @@ def load(value: Any, key: str = "init_image") -> list[InitImage]:
             attrs = _shapes_attrs(spec, key)
             arr = image_for(attrs, seed=0)
             img = Image.fromarray((arr * 255).round().astype(np.uint8))
-            desc = f"a {attrs['size']} {attrs['color']} {attrs['shape']} on a {attrs['background']} background"
-            out.append(InitImage(spec, img, description=desc))
+            # described in the user's words: only what they named is scored as faithfulness
+            out.append(InitImage(spec, img, description=spec[len(SHAPES_PREFIX):].strip()))
             continue
         for f in _files(spec, key):
             try:

@@ -81,7 +81,7 @@ def test_check_names_the_file_and_the_fix(tmp_path):
 
 def test_shapes_source_is_rendered_and_described():
     (src,) = images.load("shapes:a blue square on white")
-    assert src.image.size == (32, 32) and src.description == "a large blue square on a white background"
+    assert src.image.size == (32, 32) and src.description == "a blue square on white"
     from stablefused.shapes.classify import classify_image
 
     assert classify_image(src.image) == {"color": "blue", "shape": "square", "size": "large", "background": "white"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stablefused.registry import register
+from stablefused.registry import PluginError, register
 from stablefused.shapes.classify import classify_image, parse_prompt, score
 
 NAME = "shapes_adherence"
@@ -16,13 +16,30 @@ class ShapesAdherence:
     image; only the attributes the prompt names are scored (``parse_prompt``), the others are NaN. Under
     negative guidance, ``shapes_adherence/color`` is the rate at which the prompted colour is chosen
     (chance: 1/5).
+
+    ``against``: the record keys whose text the image is scored against: ``prompt`` gives
+    ``shapes_adherence/<attr>``, another key ``k`` gives ``shapes_adherence_<k>/<attr>`` (e.g. ``source``:
+    img2img's source description, i.e. faithfulness to the source image).
     """
+
+    def __init__(self, against: list[str] = ("prompt",)):
+        against = [against] if isinstance(against, str) else list(against)
+        if not against or not all(isinstance(k, str) and k for k in against):
+            raise PluginError(f"metrics.{NAME}: against={against!r}: must be a list of record keys, e.g. [prompt, source]")
+        self.against = against
 
     def __call__(self, images, records):
         out = []
         for image, rec in zip(images, records):
-            wanted = parse_prompt(rec.get("prompt", ""))
-            # A prompt that names no shapes attribute (e.g. a real model's prompt) is not scored at all:
-            # no classification, no keys.
-            out.append({f"{NAME}/{k}": v for k, v in score(classify_image(image), wanted).items()} if wanted else {})
+            scores, predicted = {}, None
+            for key in self.against:
+                # A text that names no shapes attribute (e.g. a real model's prompt, or no source) is not
+                # scored at all: no classification, no keys.
+                wanted = parse_prompt(rec.get(key) or "")
+                if not wanted:
+                    continue
+                predicted = predicted or classify_image(image)
+                prefix = NAME if key == "prompt" else f"{NAME}_{key}"
+                scores.update({f"{prefix}/{k}": v for k, v in score(predicted, wanted).items()})
+            out.append(scores)
         return out

@@ -207,6 +207,85 @@ class Img2Img(Task):
                                           f"guidance {r['guidance_scale']:g}")
         log_samples_table(run, ("init_image", "prompt", "seed", "strength", "guidance_scale"))
         summarise_metrics(run, key="strength", label="strength", filename="metrics_by_strength")
+        tradeoff(run)
+
+
+def tradeoff(run: Run) -> dict | None:
+    """Mean of each metric's ``/mean`` (e.g. edit = ``shapes_adherence/mean`` against the prompt, faithfulness
+    = ``shapes_adherence_source/mean`` against the source) per strength and guidance scale: ``tradeoff.json``,
+    ``tradeoff.md`` (a table) and ``tradeoff.png`` (one panel per metric, one line per guidance scale)."""
+    from stablefused.runs import metric_keys
+
+    keys = [k for k in metric_keys(run.records) if k.endswith("/mean")] or metric_keys(run.records)
+    if not keys:
+        return None
+    strengths = sorted({float(r["strength"]) for r in run.records})
+    scales = sorted({float(r["guidance_scale"]) for r in run.records})
+    table: dict = {}
+    for k in keys:
+        for g in scales:
+            for s in strengths:
+                vals = [r[k] for r in run.records if r["strength"] == s and r["guidance_scale"] == g
+                        and r.get(k) is not None]
+                table[(k, g, s)] = sum(vals) / len(vals) if vals else float("nan")
+    out = {"strengths": strengths, "guidance_scales": scales,
+           "means": {k: {f"{g:g}": [table[(k, g, s)] for s in strengths] for g in scales} for k in keys}}
+    edit, faith = "shapes_adherence/mean", "shapes_adherence_source/mean"
+    if edit in keys and faith in keys:  # the first strength at which the target wins over the source
+        out["crossover"] = {f"{g:g}": next((s for s in strengths if table[(edit, g, s)] > table[(faith, g, s)]), None)
+                            for g in scales}
+    head = "| strength | " + " | ".join(f"{_short(k)} w={g:g}" for k in keys for g in scales) + " |"
+    lines = [head, "|---" * (1 + len(keys) * len(scales)) + "|"]
+    lines += [f"| {s:g} | " + " | ".join(f"{table[(k, g, s)]:.2f}" for k in keys for g in scales) + " |"
+              for s in strengths]
+    md = "\n".join(lines) + "\n"
+    if "crossover" in out:
+        md += "\ncrossover (first strength where edit > faithfulness): " + ", ".join(
+            f"w={g}: {'none' if s is None else f'{s:g}'}" for g, s in out["crossover"].items()) + "\n"
+    from stablefused.outputs import strict_json
+
+    path = run.path("tradeoff.json")
+    path.write_text(strict_json(out))
+    run.add_artifact(path, "file", caption="mean metrics per strength and guidance scale")
+    path = run.path("tradeoff.md")
+    path.write_text(md)
+    run.add_artifact(path, "file", caption="strength trade-off table (Markdown)")
+    log.info("strength trade-off:\n%s", md)
+    run.logger.table("tradeoff", ["metric", "guidance_scale", "strength", "value"],
+                     [[k, g, s, table[(k, g, s)]] for k in keys for g in scales for s in strengths])
+    _plot_tradeoff(out, run.path("tradeoff.png"), f"{run.cfg.model.name}: image-to-image, {run.cfg.steps} steps")
+    run.add_artifact(run.path("tradeoff.png"), "plot", caption="metrics vs strength, one line per guidance scale",
+                     log_key="tradeoff")
+    return out
+
+
+def _short(key: str) -> str:
+    return {"shapes_adherence/mean": "edit", "shapes_adherence_source/mean": "faithful"}.get(key, key)
+
+
+def _plot_tradeoff(out: dict, path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(out["means"])
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), dpi=100, sharey=True, squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        for g, ys in out["means"][k].items():
+            ax.plot(out["strengths"], ys, marker="o", label=f"guidance {g}")
+        name = {"shapes_adherence/mean": "edit: adherence to the target prompt",
+                "shapes_adherence_source/mean": "faithfulness: adherence to the source"}.get(k, k)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("strength")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean (0-1)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path
 
 
 def _selected_recorders(cfg: Any) -> list[str]:
