@@ -221,3 +221,23 @@ def test_unreadable_file_fails_before_the_model_loads(tmp_path, monkeypatch):
     p.write_bytes(b"\xff\xd8\xff\xe0 not really")
     with pytest.raises(ConfigError, match="x.jpg: cannot read it as an image"):
         run(compose_cfg("task=img2img", f"init_image={p}"), tmp_path / "run")
+
+
+def test_strength_experiment_writes_the_tradeoff(tmp_path):
+    """experiment=img2img_strength, cut down: shapes: sources rendered, both scores, trade-off files."""
+    from hydra import compose, initialize_config_dir
+
+    from stablefused.paths import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=img2img_strength", "logger=none", "progress=false",
+                                           "seeds=[0]", "strengths=[0.5,1.0]", "guidance_scales=[3]", "steps=6"])
+    assert cfg.model.name == "shapes"
+    run(cfg, tmp_path)
+    recs = [m for m in _manifest(tmp_path) if m["type"] == "image"]
+    assert len(recs) == 2 * 2 * 2 and all(m["source"].startswith("a ") for m in recs)
+    assert all("shapes_adherence/mean" in m and "shapes_adherence_source/mean" in m for m in recs)
+    out = json.loads((tmp_path / "tradeoff.json").read_text())
+    assert out["strengths"] == [0.5, 1.0] and set(out["means"]) == {"shapes_adherence/mean", "shapes_adherence_source/mean"}
+    assert "crossover" in out and (tmp_path / "tradeoff.png").is_file() and (tmp_path / "tradeoff.md").is_file()
+    assert len(list((tmp_path / "inputs").glob("*.png"))) == 2
