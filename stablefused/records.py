@@ -143,6 +143,8 @@ def _empty_index(run: Any) -> dict:
 
 def _merge(state: dict, name: str, recorder: Any, run: Any) -> None:
     tensors, info = recorder.result(run)
+    # steps are counted from the loop's first step; an img2img loop starts at start_step of the schedule
+    info.setdefault("start_step", getattr(getattr(recorder, "tracker", None), "start_step", 0))
     state["index"]["recorders"][name] = info
     for key, (tensor, dims) in tensors.items():
         state["tensors"][key] = tensor.contiguous()
@@ -198,6 +200,9 @@ class StepTracker:
     def reset(self, ctx: LoopContext) -> None:
         self.scheduler, self.step, self._completed = ctx.scheduler, -1, True
         self.timesteps = [float(t) for t in ctx.timesteps.detach().cpu()]  # once, not a device sync per step
+        # schedule steps skipped before the loop (img2img's start_step): counted in calls for per=call
+        skipped = len(getattr(ctx.scheduler, "timesteps", ctx.timesteps)) - len(ctx.timesteps)
+        self.start_step = skipped if self.per == "call" else skipped // max(1, int(getattr(ctx.scheduler, "order", 1)))
 
     def t(self, state: StepState) -> float:
         return self.timesteps[state.index] if state.index < len(self.timesteps) else float(state.t)

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 # Record keys that describe how an image was made (not metric values).
 RECORD_KEYS = {"type", "path", "index", "prompt", "negative_prompt", "seed", "guidance_scale", "steps", "scheduler",
                "sampler", "scheduler_class", "model", "height", "width", "guidance_schedule", "guidance_rule", "row",
-               "col", "task", "strength", "frame", "time", "keyframe", "position"}
+               "col", "task", "strength", "frame", "time", "keyframe", "position",
+               "init_image", "source", "resize"}
 
 
 @dataclass
@@ -103,7 +104,7 @@ class Run:
             compute["images"] += len(chunk)
             self.add_images(gen.images, [record(c) for c in chunk])
             log.info("%d/%d images", len(self.records), self.total)
-        if todo and len(todo) < len(cells):  # resumed: images from disk came first; restore index order
+        if len(self.records) > 1:  # resumed, or several generate() calls: keep the records in index order
             order = sorted(range(len(self.records)), key=lambda i: self.records[i]["index"])
             self.records[:] = [self.records[i] for i in order]
             self.images[:] = [self.images[i] for i in order]
@@ -134,8 +135,9 @@ class Run:
 
     @staticmethod
     def caption(rec: dict) -> str:
-        """An image's W&B caption."""
-        return f"{rec['prompt']} | seed {rec['seed']} | guidance {rec['guidance_scale']:g}"
+        """An image's W&B caption: prompt, seed, the task's own settings (strength, frame) and guidance."""
+        own = "".join(f" | {k} {rec[k]:g}" for k in ("strength", "frame") if isinstance(rec.get(k), (int, float)))
+        return f"{rec['prompt']} | seed {rec['seed']}{own} | guidance {rec['guidance_scale']:g}"
 
     def score(self, images: list[Image.Image], records: list[dict]) -> None:
         for name, metric in self.metrics.items():

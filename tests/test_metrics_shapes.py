@@ -15,8 +15,19 @@ def _pil(img):
 
 def test_registered_with_doc_and_no_required_params():
     info = {p.name: p for p in registry.list_plugins("metrics")}["shapes_adherence"]
-    assert info.doc and info.params == {}
+    assert info.doc and list(info.params) == ["against"]  # optional: defaults to the prompt
     registry.create("metrics", "shapes_adherence")
+
+
+def test_scored_against_another_record_key():
+    """img2img's faithfulness: the same image scored against its prompt and against its source text."""
+    metric = registry.create("metrics", "shapes_adherence", against=["prompt", "source"])
+    img = _pil(data.image_for({"color": "red", "shape": "circle", "size": "large", "background": "black"}, 0))
+    recs = [{"prompt": "a blue square on a white background", "source": "a large red circle on a black background"},
+            {"prompt": "a red circle", "source": None}]
+    a, b = metric([img, img], recs)
+    assert a["shapes_adherence/mean"] == 0 and a["shapes_adherence_source/mean"] == 1
+    assert b == {k: v for k, v in b.items() if k.startswith("shapes_adherence/")} and b["shapes_adherence/color"] == 1
 
 
 def test_scores_dataset_images_as_correct_and_unnamed_attributes_as_nan():

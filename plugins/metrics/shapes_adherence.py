@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stablefused.registry import register
+from stablefused.registry import PluginError, register
 from stablefused.shapes.classify import classify_image, parse_prompt, score, unknown_words
 
 NAME = "shapes_adherence"
@@ -23,18 +23,32 @@ class ShapesAdherence:
     mean = (attributes met) / (attributes named + unknown words). "a purple hexagon on a grey background"
     drawn as a purple circle on white scores color 1.0, shape and background NaN (not named in words the
     model knows) and mean 1/3 (purple met; hexagon, grey not). The per-attribute scores are unchanged.
+
+    ``against``: the record keys whose text the image is scored against: ``prompt`` gives
+    ``shapes_adherence/<attr>``, another key ``k`` gives ``shapes_adherence_<k>/<attr>`` (e.g. ``source``:
+    img2img's source description, i.e. faithfulness to the source image).
     """
+
+    def __init__(self, against: list[str] = ("prompt",)):
+        against = [against] if isinstance(against, str) else list(against)
+        if not against or not all(isinstance(k, str) and k for k in against):
+            raise PluginError(f"metrics.{NAME}: against={against!r}: must be a list of record keys, e.g. [prompt, source]")
+        self.against = against
 
     def __call__(self, images, records):
         out = []
         for image, rec in zip(images, records):
-            prompt = rec.get("prompt", "")
-            wanted = parse_prompt(prompt)
-            # A prompt that names no shapes attribute (e.g. a real model's prompt) is not scored at all:
-            # no classification, no keys.
-            if not wanted:
-                out.append({})
-                continue
-            scores = score(classify_image(image), wanted, unknown=len(unknown_words(prompt)))
-            out.append({f"{NAME}/{k}": v for k, v in scores.items()})
+            scores, predicted = {}, None
+            for key in self.against:
+                text = rec.get(key) or ""
+                # A text that names no shapes attribute (e.g. a real model's prompt, or no source) is not
+                # scored at all: no classification, no keys.
+                wanted = parse_prompt(text)
+                if not wanted:
+                    continue
+                predicted = predicted or classify_image(image)
+                prefix = NAME if key == "prompt" else f"{NAME}_{key}"
+                scores.update({f"{prefix}/{k}": v
+                               for k, v in score(predicted, wanted, unknown=len(unknown_words(text))).items()})
+            out.append(scores)
         return out

@@ -132,6 +132,7 @@ class DenoiseVideo:
             decoded[p] = {pos: imgs[k * per : (k + 1) * per] for k, pos in enumerate(used)}
 
         ts, sigmas, n = rec.t(keys[0]), rec.sigma(keys[0]), rec.index.get("steps") or len(steps)
+        start = int(rec.info(keys[0]).get("start_step", 0))  # img2img: the loop began at this schedule step
         panel_names = " | ".join(PANELS[p][2] for p in self.panels)
         frames = []
         for s in range(len(steps) + 1):
@@ -141,7 +142,7 @@ class DenoiseVideo:
             grid_cells = [[None if pos is None else hstack([decoded[p][pos][s] for p in self.panels])
                            for pos in row] for row in cells]
             title = (f"final ({panel_names})" if final else
-                     f"step {steps[s] + 1}/{n}  t={ts[s]:.0f}  sigma={sigmas[s]:.3g}  ({panel_names})")
+                     f"step {start + steps[s] + 1}/{n}  t={ts[s]:.0f}  sigma={sigmas[s]:.3g}  ({panel_names})")
             img = compose(grid_cells, cell_labels, row_labels, col_labels, title=title, min_cell=self.min_cell,
                           multiple=16)
             frames.extend([np.asarray(img)] * (self.hold if final else 1))
