@@ -22,6 +22,7 @@ from stablefused.models import ModelLoadError, load_components
 from stablefused.outputs import Manifest
 from stablefused.paths import config_dir
 from stablefused.pipeline import Sampler
+from stablefused.sweeps import missing_launcher
 
 log = logging.getLogger("stablefused")
 USER_ERRORS = (ConfigError, ModelLoadError, registry.PluginError)
@@ -83,5 +84,8 @@ def main() -> None:
 
         print_plugins(sys.argv[2] if len(sys.argv) > 2 else None)
         return
+    if missing := missing_launcher(sys.argv[1:]):
+        print(missing, file=sys.stderr)
+        sys.exit(2)
     torch.set_grad_enabled(False)
     hydra_main()
