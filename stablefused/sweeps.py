@@ -1,8 +1,21 @@
-"""Sweeps (``python -m stablefused -m ...``): the launcher-plugin check."""
+"""Sweeps (``python -m stablefused -m ...``): a status file per job and the launcher-plugin check.
+
+Everything here talks to the runs through files only (``status.json``, ``manifest.jsonl``, ``.hydra/``), so
+it works the same whichever launcher ran the jobs and in whichever process.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+STATUS = "status.json"
 
 # hydra/launcher=<name> -> (plugin module under hydra_plugins, pyproject extra, PyPI package)
 LAUNCHERS = {
@@ -27,3 +40,42 @@ def missing_launcher(argv: list[str]) -> str | None:
                     return (f"hydra/launcher={name}: the {package} plugin is not installed; "
                             f"pip install -e '.[{extra}]' (or pip install {package})")
     return None
+
+
+def _write(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class JobStatus:
+    """``status.json`` in a job dir: ``running`` when the job starts (so a job killed from outside shows as
+    not finished), then ``ok`` or ``failed`` with a one-line reason, wall time and what the run reported."""
+
+    def __init__(self, run_dir: Path, job: Any = None, overrides: list[str] | None = None):
+        self.path = Path(run_dir) / STATUS
+        self.start = time.perf_counter()
+        self.data = {"status": "running", "job": job, "overrides": list(overrides or []), "pid": os.getpid(),
+                     "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _write(self.path, self.data)
+
+    def _finish(self, status: str, **extra: Any) -> dict:
+        self.data.update(status=status, wall_s=round(time.perf_counter() - self.start, 3), **extra)
+        _write(self.path, self.data)
+        return self.data
+
+    def ok(self, run: Any = None) -> dict:
+        stats = dict(getattr(run, "stats", None) or {})
+        extra = {k: stats[k] for k in ("unet_rows", "model_calls") if k in stats}
+        records = getattr(run, "records", None)
+        if records is not None:
+            extra["images"] = len(records)
+        return self._finish("ok", reason=None, **extra)
+
+    def failed(self, error: BaseException, with_traceback: bool = False) -> dict:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        extra = {"error_type": type(error).__name__}
+        if with_traceback:
+            extra["traceback"] = "".join(traceback.format_exception(error))
+        return self._finish("failed", reason=reason, **extra)
