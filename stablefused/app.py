@@ -96,6 +96,10 @@ def main() -> None:
 
         print_plugins(sys.argv[2] if len(sys.argv) > 2 else None)
         return
+    if sys.argv[1:2] == ["report"]:
+        from stablefused.report import main as report_main
+
+        sys.exit(report_main(sys.argv[2:]))
     if missing := missing_launcher(sys.argv[1:]):
         print(missing, file=sys.stderr)
         sys.exit(2)

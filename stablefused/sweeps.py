@@ -1,4 +1,5 @@
-"""Sweeps (``python -m stablefused -m ...``): a status file per job and the launcher-plugin check.
+"""Sweeps (``python -m stablefused -m ...``): a status file per job, the launcher-plugin check, and the
+callback that ends a sweep with its report and a non-zero exit code when a job failed.
 
 Everything here talks to the runs through files only (``status.json``, ``manifest.jsonl``, ``.hydra/``), so
 it works the same whichever launcher ran the jobs and in whichever process.
@@ -10,10 +11,13 @@ import importlib.util
 import json
 import os
 import socket
+import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+from hydra.experimental.callback import Callback
 
 STATUS = "status.json"
 
@@ -79,3 +83,33 @@ class JobStatus:
         if with_traceback:
             extra["traceback"] = "".join(traceback.format_exception(error))
         return self._finish("failed", reason=reason, **extra)
+
+
+class SweepReport(Callback):
+    """Registered in conf/config.yaml under ``hydra.callbacks``. At the end of a multirun (in the process
+    that launched it, whatever the launcher) it writes the sweep report and exits non-zero naming the jobs
+    that failed. Hydra turns an exception in a callback into a warning, so this exits with SystemExit."""
+
+    def __init__(self, report: bool = True, exit_code: int = 1):
+        self.report = report
+        self.exit_code = exit_code
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        from stablefused import report
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            jobs = report.write_report(sweep_dir) if self.report else report.collect(sweep_dir)
+        except Exception as e:  # a broken report must not pass for a good sweep
+            traceback.print_exc()
+            print(f"[stablefused] ERROR sweep report for {sweep_dir} failed: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+            sys.exit(self.exit_code)
+        bad = [j for j in jobs if j.status != "ok"]
+        where = f"; report: {sweep_dir / 'report.md'}" if self.report else ""
+        print(f"[stablefused] sweep {sweep_dir}: {len(jobs) - len(bad)}/{len(jobs)} jobs ok{where}",
+              file=sys.stderr)
+        if bad:
+            names = "; ".join(f"#{j.name} ({j.label}): {j.status}: {j.reason}" for j in bad)
+            print(f"[stablefused] ERROR {len(bad)} of {len(jobs)} sweep jobs failed: {names}", file=sys.stderr)
+            sys.exit(self.exit_code)
