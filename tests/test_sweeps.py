@@ -122,3 +122,18 @@ def test_missing_launcher_plugin_is_one_line(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip() == ("hydra/launcher=ray: the hydra-ray-launcher plugin is not installed; "
                                   "pip install -e '.[ray]' (or pip install hydra-ray-launcher)")
+
+
+def test_a_failing_report_still_fails_the_sweep(tmp_path, monkeypatch, capsys):
+    from omegaconf import OmegaConf
+
+    from stablefused.sweeps import SweepReport
+
+    def broken(sweep_dir):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    with pytest.raises(SystemExit) as e:  # Hydra would turn an exception here into a warning and exit 0
+        SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert e.value.code == 1
+    assert "sweep report for" in capsys.readouterr().err
