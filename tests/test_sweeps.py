@@ -115,14 +115,17 @@ def test_launcher_gives_the_basic_launchers_pngs(basic, tmp_path, launcher, modu
         assert len(list(csv.DictReader(f))) == 3
 
 
-def test_missing_launcher_plugin_is_one_line(tmp_path):
+def test_missing_launcher_plugin_is_one_line(monkeypatch, capsys):
     if importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None:
         pytest.skip("hydra-ray-launcher is installed")
-    res = sweep(tmp_path, "hydra/launcher=ray")
-    assert res.returncode == 2
-    assert res.stderr.strip() == ("hydra/launcher=ray: the hydra-ray-launcher plugin is not installed; "
-                                  "pip install -e '.[ray]' (or pip install hydra-ray-launcher)")
+    from stablefused import app
 
+    monkeypatch.setattr(sys, "argv", ["stablefused", "-m", "hydra/launcher=ray", "seeds=[0],[1]"])
+    with pytest.raises(SystemExit) as e:
+        app.main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("hydra/launcher=ray: the hydra-ray-launcher plugin is not installed; "
+                                       "pip install -e '.[ray]' (or pip install hydra-ray-launcher)\n")
 
 def test_a_failing_report_still_fails_the_sweep(tmp_path, monkeypatch, capsys):
     from omegaconf import OmegaConf
