@@ -91,14 +91,19 @@ def test_failed_job_does_not_stop_the_sweep(tmp_path, capsys):
     assert "#1 (height=18)" in capsys.readouterr().out and (tmp_path / "summary.csv").is_file()
 
 
-@pytest.mark.parametrize("launcher, module", [
-    ("joblib", "hydra_joblib_launcher"),
-    pytest.param("submitit_local", "hydra_submitit_launcher", marks=pytest.mark.slow),
+RAY_LOCAL = ["+hydra.launcher.ray.init.num_cpus=2", "+hydra.launcher.ray.init.include_dashboard=false"]
+
+
+@pytest.mark.parametrize("launcher, module, extra", [
+    ("joblib", "hydra_joblib_launcher", []),
+    pytest.param("submitit_local", "hydra_submitit_launcher", [], marks=pytest.mark.slow),
+    # a local Ray cluster (~70 s here); hydra-ray-launcher pins cloudpickle<3, see README
+    pytest.param("ray", "hydra_ray_launcher", RAY_LOCAL, marks=pytest.mark.slow),
 ])
-def test_launcher_gives_the_basic_launchers_pngs(basic, tmp_path, launcher, module):
+def test_launcher_gives_the_basic_launchers_pngs(basic, tmp_path, launcher, module, extra):
     if importlib.util.find_spec(f"hydra_plugins.{module}") is None:
         pytest.skip(f"{module} not installed")
-    res = sweep(tmp_path, GUIDANCE, f"hydra/launcher={launcher}")
+    res = sweep(tmp_path, GUIDANCE, f"hydra/launcher={launcher}", *extra)
     assert res.returncode == 0, res.stderr[-3000:]
     ours, ref = pngs(tmp_path), pngs(basic)
     assert sorted(ours) == sorted(ref) and len(ours) == 6
@@ -107,7 +112,7 @@ def test_launcher_gives_the_basic_launchers_pngs(basic, tmp_path, launcher, modu
     pids = {s["pid"] for s in st.values()}
     assert [s["status"] for s in st.values()] == ["ok"] * 3
     # each worker process loads the model once: submitit_local runs one process per job, joblib's loky
-    # workers are reused across jobs
+    # workers and Ray's workers are reused across jobs
     assert model_loads(tmp_path) == len(pids)
     if launcher == "submitit_local":
         assert len(pids) == 3
