@@ -72,7 +72,7 @@ def hydra_main(cfg: DictConfig) -> dict:
     if multirun:
         group = f"{cfg.name}-{Path(hc.sweep.dir).name}"
         log.info("sweep job %s", hc.job.get("num"))
-    status = JobStatus(run_dir, job=hc.job.get("num"), overrides=list(hc.overrides.task))
+    status = JobStatus(run_dir, job=hc.job.get("num"), overrides=list(hc.overrides.task), group=group)
     try:
         return status.ok(run(cfg, run_dir, group=group))
     except USER_ERRORS as e:

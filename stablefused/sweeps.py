@@ -56,10 +56,11 @@ class JobStatus:
     """``status.json`` in a job dir: ``running`` when the job starts (so a job killed from outside shows as
     not finished), then ``ok`` or ``failed`` with a one-line reason, wall time and what the run reported."""
 
-    def __init__(self, run_dir: Path, job: Any = None, overrides: list[str] | None = None):
+    def __init__(self, run_dir: Path, job: Any = None, overrides: list[str] | None = None, group: str | None = None):
         self.path = Path(run_dir) / STATUS
         self.start = time.perf_counter()
-        self.data = {"status": "running", "job": job, "overrides": list(overrides or []), "pid": os.getpid(),
+        self.data = {"status": "running", "job": job, "overrides": list(overrides or []), "group": group,
+                     "pid": os.getpid(),
                      "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _write(self.path, self.data)
@@ -105,6 +106,12 @@ class SweepReport(Callback):
             print(f"[stablefused] ERROR sweep report for {sweep_dir} failed: {type(e).__name__}: {e}",
                   file=sys.stderr)
             sys.exit(self.exit_code)
+        if self.report and jobs and config.get("logger", {}).get("name") == "wandb":
+            try:
+                log_to_wandb(config.logger, sweep_dir, jobs)
+            except Exception as e:  # the files on disk are the report; W&B is a copy
+                print(f"[stablefused] WARNING sweep report not logged to W&B: {type(e).__name__}: {e}",
+                      file=sys.stderr)
         bad = [j for j in jobs if j.status != "ok"]
         where = f"; report: {sweep_dir / 'report.md'}" if self.report else ""
         print(f"[stablefused] sweep {sweep_dir}: {len(jobs) - len(bad)}/{len(jobs)} jobs ok{where}",
@@ -113,3 +120,32 @@ class SweepReport(Callback):
             names = "; ".join(f"#{j.name} ({j.label}): {j.status}: {j.reason}" for j in bad)
             print(f"[stablefused] ERROR {len(bad)} of {len(jobs)} sweep jobs failed: {names}", file=sys.stderr)
             sys.exit(self.exit_code)
+
+
+def log_to_wandb(logger_cfg: Any, sweep_dir: Path, jobs: list) -> Any:
+    """Log the report (summary table, report grid, plots) as one W&B run, job_type ``sweep_report``, in
+    the group the sweep's jobs used (from their status.json). Returns the run's id."""
+    from PIL import Image
+
+    from stablefused import report
+    from stablefused.logger import WandbLogger
+
+    groups = [json.loads((j.dir / STATUS).read_text()).get("group") for j in jobs if (j.dir / STATUS).is_file()]
+    group = next((g for g in groups if g), None)
+    header, rows = report.summary_rows(jobs)
+    logger = WandbLogger(logger_cfg, {"sweep_dir": str(sweep_dir), "jobs": len(jobs)}, sweep_dir,
+                         name=f"{group or sweep_dir.name}/report", group=group, job_type="sweep_report")
+    run_id = logger.run.id
+    ok = False
+    try:
+        logger.table("sweep_summary", header, rows)
+        if (sweep_dir / "report_grid.png").is_file():
+            logger.image("report_grid", Image.open(sweep_dir / "report_grid.png").convert("RGB"))
+        for p in sorted((sweep_dir / "plots").glob("*.png")):
+            logger.image(f"plots/{p.stem}", Image.open(p).convert("RGB"))
+        bad = [j for j in jobs if j.status != "ok"]
+        logger.summary({"jobs": len(jobs), "jobs_ok": len(jobs) - len(bad), "jobs_failed": len(bad)})
+        ok = True
+    finally:
+        logger.finish(exit_code=0 if ok else 1)
+    return run_id

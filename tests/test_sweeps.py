@@ -145,3 +145,27 @@ def test_a_failing_report_still_fails_the_sweep(tmp_path, monkeypatch, capsys):
         SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     assert e.value.code == 1
     assert "sweep report for" in capsys.readouterr().err
+
+
+def test_report_logged_to_wandb_in_the_sweeps_group(basic, tmp_path):
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from stablefused.sweeps import log_to_wandb
+    from tests.test_app import read_wandb
+
+    d = tmp_path / "sweep"
+    shutil.copytree(basic, d)
+    groups = {s["group"] for s in statuses(d).values()}
+    assert len(groups) == 1 and None not in groups  # the group the jobs' W&B runs would have used
+    log_to_wandb(OmegaConf.create({"name": "wandb", "project": "stablefused", "mode": "offline"}), d,
+                 report.collect(d))
+    (records,) = read_wandb(d)
+    info = next(r for r in records if r["type"] == "run")["run"]
+    assert (info.get("jobType") or info.get("job_type")) == "sweep_report"
+    assert (info.get("runGroup") or info.get("run_group")) == groups.pop()
+    files = [f["path"] for r in records if r["type"] == "files" for f in r["files"]["files"]]
+    assert any("media/table/sweep_summary" in f for f in files)
+    assert any("media/images/report_grid" in f for f in files)
+    assert any("shapes_adherence_mean_vs_guidance_scales" in f for f in files)
