@@ -98,7 +98,8 @@ def _load_job(job_dir: Path) -> Job:
     if job.status == "not finished" and not job.reason:
         job.reason = "no final status.json: the job was killed or is still running"
     recs = _read_jsonl(job_dir / "manifest.jsonl")
-    images = [r for r in recs if r.get("type") == "image"]
+    # one record per image path: the last one wins (a resumed run may write an image's record again)
+    images = list({r.get("path", i): r for i, r in enumerate(recs) if r.get("type") == "image"}.values())
     job.images = len(images)
     job.image_paths = [job_dir / r["path"] for r in images if "path" in r]
     sums: dict[str, list[float]] = {}
