@@ -24,6 +24,7 @@ from stablefused.outputs import Manifest
 from stablefused.paths import config_dir
 from stablefused.pipeline import Sampler
 from stablefused.runs import Run, make_plugins, open_run_dir
+from stablefused.sweeps import JobStatus, missing_launcher
 from stablefused.tasks import get_task
 
 log = logging.getLogger("stablefused")
@@ -83,20 +84,33 @@ def _run_task(task: Any, r: Run) -> None:
 
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
-def hydra_main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     group = None
-    if hc.mode == RunMode.MULTIRUN:
+    multirun = hc.mode == RunMode.MULTIRUN
+    if multirun:
         group = f"{cfg.name}-{Path(hc.sweep.dir).name}"
         log.info("sweep job %s", hc.job.get("num"))
+    status = JobStatus(run_dir, job=hc.job.get("num"), overrides=list(hc.overrides.task), group=group)
     try:
-        run(cfg, run_dir, group=group)
+        return status.ok(run(cfg, run_dir, group=group))
     except signals.Interrupted as e:
+        status.failed(e)
         sys.exit(e.exit_code)
     except USER_ERRORS as e:
-        log.error("%s", e)
-        sys.exit(2)
+        log.error("%s%s", f"job {hc.job.num} failed: " if multirun else "", e)
+        status.failed(e)
+        if not multirun:
+            sys.exit(2)
+    except Exception as e:
+        # A sweep runs every job: a failure is logged (one line), kept in status.json with its traceback,
+        # and reported by the SweepReport callback, which makes the sweep exit non-zero.
+        status.failed(e, with_traceback=multirun)
+        if not multirun:
+            raise
+        log.error("job %s failed: %s: %s (traceback in %s)", hc.job.num, type(e).__name__, e, status.path)
+    return status.data
 
 
 def main() -> None:
@@ -105,5 +119,12 @@ def main() -> None:
 
         print_plugins(sys.argv[2] if len(sys.argv) > 2 else None)
         return
+    if sys.argv[1:2] == ["report"]:
+        from stablefused.report import main as report_main
+
+        sys.exit(report_main(sys.argv[2:]))
+    if missing := missing_launcher(sys.argv[1:]):
+        print(missing, file=sys.stderr)
+        sys.exit(2)
     torch.set_grad_enabled(False)
     hydra_main()

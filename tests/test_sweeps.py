@@ -1,0 +1,171 @@
+"""`python -m stablefused -m ...` sweeps on the tiny model: the same PNGs under the basic, joblib and
+submitit_local launchers (real worker processes), every job runs when one fails, the sweep's exit code and
+report name the failure, and the report's files."""
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stablefused import report
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["model=tiny_random", "logger=none", "progress=false", "steps=2", "seeds=[0]", "metrics=[shapes_adherence]"]
+GUIDANCE = "guidance_scales=[0],[3],[7.5]"
+
+
+def sweep(sweep_dir: Path, *args: str):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "stablefused", "-m", *BASE, *args, f"hydra.sweep.dir={sweep_dir}"],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def pngs(sweep_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(sweep_dir)): p.read_bytes() for p in sorted(sweep_dir.glob("*/images/*.png"))}
+
+
+def statuses(sweep_dir: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/status.json"))}
+
+
+def model_loads(sweep_dir: Path) -> int:
+    return sum(p.read_text().count("Loaded model tiny_random") for p in sweep_dir.glob("*/*.log"))
+
+
+@pytest.fixture(scope="module")
+def basic(tmp_path_factory):
+    d = tmp_path_factory.mktemp("basic")
+    res = sweep(d, GUIDANCE)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return d
+
+
+def test_basic_sweep_report(basic):
+    assert len(pngs(basic)) == 3 * 2  # 3 jobs x 2 example prompts
+    st = statuses(basic)
+    assert [s["status"] for s in st.values()] == ["ok"] * 3 and len({s["pid"] for s in st.values()}) == 1
+    assert all(s["unet_rows"] > 0 and s["images"] == 2 and s["wall_s"] > 0 for s in st.values())
+    assert model_loads(basic) == 1  # one process: the model is loaded once and shared by the jobs
+    with open(basic / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["job"] for r in rows] == ["0", "1", "2"]
+    assert [r["guidance_scales"] for r in rows] == ["[0]", "[3]", "[7.5]"]
+    assert {"status", "images", "wall_s", "unet_rows", "overrides", "shapes_adherence/mean"} <= set(rows[0])
+    assert all(r["status"] == "ok" and r["images"] == "2" for r in rows)
+    # guidance 0 runs only the unconditional pass: half the UNet rows of the others
+    assert int(rows[0]["unet_rows"]) * 2 == int(rows[1]["unet_rows"]) == int(rows[2]["unet_rows"])
+    assert 0 <= float(rows[0]["shapes_adherence/mean"]) <= 1
+    assert (basic / "report_grid.png").is_file()
+    assert (basic / "plots" / "shapes_adherence_mean_vs_guidance_scales.png").is_file()
+    md = (basic / "report.md").read_text()
+    assert "3 jobs, 3 ok, 0 failed" in md and "report_grid.png" in md
+
+
+def test_failed_job_does_not_stop_the_sweep(tmp_path, capsys):
+    res = sweep(tmp_path, "height=16,18,20")  # 18 is not a multiple of tiny_random's size_multiple (4)
+    assert res.returncode == 1
+    st = statuses(tmp_path)
+    assert [st[k]["status"] for k in "012"] == ["ok", "failed", "ok"]  # job 2 ran after job 1 failed
+    assert st["1"]["reason"] == "height=18: must be a multiple of 4 for model tiny_random; use 16 or 20"
+    assert st["1"]["error_type"] == "ConfigError"
+    assert len(pngs(tmp_path)) == 2 * 2
+    errors = [line for line in (res.stdout + res.stderr).splitlines() if "ERROR" in line]
+    assert len(errors) == 2  # the job's own line, then the sweep's summary naming it
+    assert "job 1 failed: height=18" in errors[0]
+    assert "1 of 3 sweep jobs failed: #1 (height=18)" in errors[1]
+    assert "Traceback" not in res.stderr
+    md = (tmp_path / "report.md").read_text()
+    assert "3 jobs, 2 ok, 1 failed" in md and "- #1 (height=18): failed: height=18: must be" in md
+    with open(tmp_path / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["height"], r["status"]) for r in rows] == [("16", "ok"), ("18", "failed"), ("20", "ok")]
+    # `python -m stablefused report DIR` rebuilds the same report and exits 1 as a failed sweep does
+    (tmp_path / "summary.csv").unlink()
+    assert report.main([str(tmp_path)]) == 1
+    assert "#1 (height=18)" in capsys.readouterr().out and (tmp_path / "summary.csv").is_file()
+
+
+RAY_LOCAL = ["+hydra.launcher.ray.init.num_cpus=2", "+hydra.launcher.ray.init.include_dashboard=false"]
+
+
+@pytest.mark.parametrize("launcher, module, extra", [
+    ("joblib", "hydra_joblib_launcher", []),
+    pytest.param("submitit_local", "hydra_submitit_launcher", [], marks=pytest.mark.slow),
+    # a local Ray cluster (~70 s here); hydra-ray-launcher pins cloudpickle<3, see README
+    pytest.param("ray", "hydra_ray_launcher", RAY_LOCAL, marks=pytest.mark.slow),
+])
+def test_launcher_gives_the_basic_launchers_pngs(basic, tmp_path, launcher, module, extra):
+    if importlib.util.find_spec(f"hydra_plugins.{module}") is None:
+        pytest.skip(f"{module} not installed")
+    res = sweep(tmp_path, GUIDANCE, f"hydra/launcher={launcher}", *extra)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ours, ref = pngs(tmp_path), pngs(basic)
+    assert sorted(ours) == sorted(ref) and len(ours) == 6
+    assert all(ours[k] == ref[k] for k in ref)  # byte-identical
+    st = statuses(tmp_path)
+    pids = {s["pid"] for s in st.values()}
+    assert [s["status"] for s in st.values()] == ["ok"] * 3
+    # each worker process loads the model once: submitit_local runs one process per job, joblib's loky
+    # workers and Ray's workers are reused across jobs
+    assert model_loads(tmp_path) == len(pids)
+    if launcher == "submitit_local":
+        assert len(pids) == 3
+    with open(tmp_path / "summary.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+
+
+def test_missing_launcher_plugin_is_one_line(monkeypatch, capsys):
+    if importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None:
+        pytest.skip("hydra-ray-launcher is installed")
+    from stablefused import app
+
+    monkeypatch.setattr(sys, "argv", ["stablefused", "-m", "hydra/launcher=ray", "seeds=[0],[1]"])
+    with pytest.raises(SystemExit) as e:
+        app.main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("hydra/launcher=ray: the hydra-ray-launcher plugin is not installed; "
+                                       "pip install -e '.[ray]' (or pip install hydra-ray-launcher)\n")
+
+def test_a_failing_report_still_fails_the_sweep(tmp_path, monkeypatch, capsys):
+    from omegaconf import OmegaConf
+
+    from stablefused.sweeps import SweepReport
+
+    def broken(sweep_dir):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    with pytest.raises(SystemExit) as e:  # Hydra would turn an exception here into a warning and exit 0
+        SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert e.value.code == 1
+    assert "sweep report for" in capsys.readouterr().err
+
+
+def test_report_logged_to_wandb_in_the_sweeps_group(basic, tmp_path):
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from stablefused.sweeps import log_to_wandb
+    from tests.test_app import read_wandb
+
+    d = tmp_path / "sweep"
+    shutil.copytree(basic, d)
+    groups = {s["group"] for s in statuses(d).values()}
+    assert len(groups) == 1 and None not in groups  # the group the jobs' W&B runs would have used
+    log_to_wandb(OmegaConf.create({"name": "wandb", "project": "stablefused", "mode": "offline"}), d,
+                 report.collect(d))
+    (records,) = read_wandb(d)
+    info = next(r for r in records if r["type"] == "run")["run"]
+    assert (info.get("jobType") or info.get("job_type")) == "sweep_report"
+    assert (info.get("runGroup") or info.get("run_group")) == groups.pop()
+    files = [f["path"] for r in records if r["type"] == "files" for f in r["files"]["files"]]
+    assert any("media/table/sweep_summary" in f for f in files)
+    assert any("media/images/report_grid" in f for f in files)
+    assert any("shapes_adherence_mean_vs_guidance_scales" in f for f in files)
