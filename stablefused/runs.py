@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 RECORD_KEYS = {"type", "path", "index", "prompt", "negative_prompt", "seed", "guidance_scale", "steps", "scheduler",
                "sampler", "scheduler_class", "model", "height", "width", "guidance_schedule", "guidance_rule", "row",
                "col", "task", "strength", "frame", "time", "keyframe", "position",
-               "init_image", "source", "resize"}
+               "init_image", "source", "resize",
+               "mask", "mask_blur", "mask_box", "paste_back", "unet_channels"}  # inpainting
 
 
 @dataclass
