@@ -107,7 +107,7 @@ def check(cfg: Any) -> list[tuple[str, Any]]:
         specs = _specs(cfg.mask)
         return [(" + ".join(specs), [parse_shape(s) for s in specs])]
     out = []
-    for spec in _specs(cfg.mask_image):
+    for spec in im._specs(cfg.mask_image):
         for f in im._files(spec, "mask_image"):
             try:
                 with Image.open(f) as m:
