@@ -296,3 +296,39 @@ def test_empty_mask_fails_before_the_model_loads(tmp_path, files, monkeypatch):
     monkeypatch.setattr(app, "load_components", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ConfigError, match="nothing to repaint"):
         run(compose_cfg("task=inpaint", f"init_image={src}", "mask=[circle:-20,-20,5]"), tmp_path / "run")
+
+
+def test_shapes_adherence_region_scores_the_box_in_place():
+    """region=mask_box: only the box is classified (a large red circle outside it is ignored) and a small
+    shape stays small (the box is scored at the image's scale, not stretched)."""
+    from stablefused.registry import create
+    from stablefused.shapes.data import COLORS, shape_mask
+
+    a = np.zeros((32, 32, 3), np.float32)
+    a[shape_mask("circle", 20, 1, 1)] = COLORS["red"]
+    a[shape_mask("triangle", 10, 20, 20)] = COLORS["yellow"]
+    img = Image.fromarray((a * 255).astype(np.uint8))
+    rec = {"prompt": "a small yellow triangle on a black background", "mask_box": [18, 18, 32, 32]}
+    whole = create("metrics", "shapes_adherence")([img], [rec])[0]
+    region = create("metrics", "shapes_adherence", region="mask_box")([img], [rec])[0]
+    assert whole["shapes_adherence/color"] == 0.0 and whole["shapes_adherence/size"] == 0.0
+    assert region["shapes_adherence/mean"] == 1.0
+    assert create("metrics", "shapes_adherence", region="mask_box")([img], [{"prompt": rec["prompt"]}])[0] == whole
+
+
+def test_inpaint_experiment_cut_down(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from stablefused.paths import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=inpaint", "logger=none", "progress=false", "seeds=[1]",
+                                           "strengths=[1.0]", "steps=8",
+                                           "prompts=[a small yellow triangle on a black background]"])
+    assert cfg.model.name == "shapes"
+    run(cfg, tmp_path)
+    recs = [m for m in _manifest(tmp_path) if m["type"] == "image"]
+    assert len(recs) == 2 and all(m["mask_box"] == [6, 11, 21, 26] and m["outside_change"] == 0 for m in recs)
+    assert all(m["shapes_adherence/color"] == 1.0 for m in recs)  # yellow painted in the region
+    assert all("shapes_adherence_source/mean" in m for m in recs)
+    assert len(list((tmp_path / "inputs").glob("mask_*.png"))) == 2

@@ -15,7 +15,7 @@ def _pil(img):
 
 def test_registered_with_doc_and_no_required_params():
     info = {p.name: p for p in registry.list_plugins("metrics")}["shapes_adherence"]
-    assert info.doc and list(info.params) == ["against"]  # optional: defaults to the prompt
+    assert info.doc and list(info.params) == ["against", "region"]  # optional: the prompt, the whole image
     registry.create("metrics", "shapes_adherence")
 
 

@@ -8,6 +8,20 @@ from stablefused.shapes.classify import classify_image, parse_prompt, score, unk
 NAME = "shapes_adherence"
 
 
+def in_place(image, box: list[int]):
+    """``image`` with everything outside ``box`` = [x0, y0, x1, y1] painted the box's median border colour."""
+    import numpy as np
+    from PIL import Image
+
+    image = image.convert("RGB")
+    crop = image.crop(tuple(box))
+    a = np.asarray(crop)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    out = Image.new("RGB", image.size, tuple(int(v) for v in np.median(border, axis=0)))
+    out.paste(crop, tuple(box[:2]))
+    return out
+
+
 @register("metrics", NAME)
 class ShapesAdherence:
     """Prompt adherence of shapes-model images: colour, shape, size, background correct (1/0), and their mean.
@@ -27,17 +41,27 @@ class ShapesAdherence:
     ``against``: the record keys whose text the image is scored against: ``prompt`` gives
     ``shapes_adherence/<attr>``, another key ``k`` gives ``shapes_adherence_<k>/<attr>`` (e.g. ``source``:
     img2img's source description, i.e. faithfulness to the source image).
+
+    ``region``: null scores the whole image; a record key (e.g. ``mask_box``, written by ``task=inpaint``)
+    scores just the box ``[x0, y0, x1, y1]`` that key holds, in place: the rest of the image is painted with
+    the box's median border colour, so sizes keep their meaning (records without the key are scored whole).
     """
 
-    def __init__(self, against: list[str] = ("prompt",)):
+    def __init__(self, against: list[str] = ("prompt",), region: str | None = None):
         against = [against] if isinstance(against, str) else list(against)
         if not against or not all(isinstance(k, str) and k for k in against):
             raise PluginError(f"metrics.{NAME}: against={against!r}: must be a list of record keys, e.g. [prompt, source]")
-        self.against = against
+        if region is not None and not (isinstance(region, str) and region):
+            raise PluginError(f"metrics.{NAME}: region={region!r}: must be null (whole image) or a record key holding "
+                              "[x0, y0, x1, y1], e.g. mask_box")
+        self.against, self.region = against, region
 
     def __call__(self, images, records):
         out = []
         for image, rec in zip(images, records):
+            box = rec.get(self.region) if self.region else None
+            if box:
+                image = in_place(image, [int(v) for v in box])
             scores, predicted = {}, None
             for key in self.against:
                 text = rec.get(key) or ""

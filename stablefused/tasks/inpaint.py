@@ -143,9 +143,9 @@ def inpaint(
 
 
 def mask_overlay(source: Image.Image, mask: Image.Image) -> Image.Image:
-    """The source with the repainted region shown: tinted towards magenta through the mask."""
-    tint = Image.new("RGB", source.size, (255, 0, 255))
-    return Image.composite(Image.blend(source, tint, 0.5), source, mask)
+    """The source with the repainted region shown: lightened through the mask."""
+    tint = Image.new("RGB", source.size, (255, 255, 255))
+    return Image.composite(Image.blend(source, tint, 0.4), source, mask)
 
 
 @register_task("inpaint")
