@@ -163,6 +163,14 @@ class Sampler:
         progress: bool = True,
     ) -> Generation:
         """Prepared latents and embeddings → :func:`denoise` → decoded images. Every task ends here."""
+        need = int(self.c.unet.config.in_channels)
+        have = latents.shape[1] + (0 if extra_channels is None else extra_channels.shape[1])
+        if need != have:  # e.g. an inpainting model (latents + mask + masked image) under task=txt2img
+            from stablefused.errors import ConfigError
+
+            hint = " (an inpainting model: use task=inpaint)" if need == 2 * latents.shape[1] + 1 else ""
+            raise ConfigError(f"model={self.c.name}: its UNet takes {need} input channels, this task gives it "
+                              f"{have}{hint}")
         latents, ctx = denoise(
             self.c.unet, self.scheduler, latents, cond, uncond, guidance_scales, num_steps=steps,
             guidance=guidance, hooks=hooks, generators=generators, start_step=start_step,

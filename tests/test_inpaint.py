@@ -332,3 +332,19 @@ def test_inpaint_experiment_cut_down(tmp_path):
     assert all(m["shapes_adherence/color"] == 1.0 for m in recs)  # yellow painted in the region
     assert all("shapes_adherence_source/mean" in m for m in recs)
     assert len(list((tmp_path / "inputs").glob("mask_*.png"))) == 2
+
+
+def test_mask_shapes_are_drawn_in_source_pixels():
+    from stablefused.masks import _specs, draw, parse_shape
+
+    assert _specs(["rect:0", 0, 8, 8, "circle:20", 8, 3]) == ["rect:0,0,8,8", "circle:20,8,3"]  # Hydra's list
+    m = np.asarray(draw([parse_shape("rect:0,0,8,8")], (24, 16))) > 0
+    assert m.sum() == 64 and m[:8, :8].all()  # x1, y1 exclusive
+    c = np.asarray(draw([parse_shape("circle:12,8,4")], (24, 16))) > 0
+    assert abs(int(c.sum()) - np.pi * 16) < 8 and c[8, 12] and not c[8, 17]
+
+
+def test_an_inpainting_model_under_txt2img_is_one_line(models):
+    with pytest.raises(ConfigError, match="its UNet takes 9 input channels, this task gives it 4 \\(an inpainting "
+                                          "model: use task=inpaint\\)"):
+        Sampler(models[9]).txt2img(["a red circle"], [0], steps=2, progress=False)
