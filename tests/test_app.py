@@ -219,3 +219,13 @@ def test_offline_wandb_run_is_whole(tmp_path, monkeypatch):
     assert not (outside / "wandb-data").exists()
     assert not (outside / ".local" / "share" / "wandb").exists()
     assert os.environ["WANDB_DATA_DIR"] == str(outside / "wandb-data") and "WANDB_ARTIFACT_DIR" not in os.environ
+
+
+def test_help_lists_experiments_tasks_and_subcommands():
+    res = cli("--help")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    for text in ("experiment: ", "negative_guidance", "task: ", "img2img", "txt2img", "scheduler: ",
+                 "python -m stablefused plugins", "python -m stablefused report", "stablefused -sc install=bash"):
+        assert text in out, text
+    assert "powered by Hydra" not in out
