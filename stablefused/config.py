@@ -177,6 +177,9 @@ def _check_size(cfg: DictConfig, problems: list[str]) -> None:
                 least = (native // 4 // mult + 1) * mult
                 raise ConfigError(f"{key}={v}: far below model {model.name}'s {native} px (a quarter or less: it makes "
                                   f"no recognisable images there); use {key} >= {least}")
+            if isinstance(native, int) and v > 8 * native:  # beyond 8x the trained size: repeated tiles, hours
+                raise ConfigError(f"{key}={v}: far above model {model.name}'s {native} px (more than 8x); use {key} "
+                                  f"<= {8 * native}")
             size[key] = v
         except ConfigError as e:
             problems.append(str(e))
