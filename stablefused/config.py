@@ -119,7 +119,12 @@ def _check_sampling(cfg: DictConfig, problems: list[str]) -> None:
     model = cfg.model
 
     def prompts_and_seeds() -> None:
-        prompts = _list(cfg, "prompts", str, "strings", allow_none=True) or list(model.get("example_prompts") or [])
+        prompts = _list(cfg, "prompts", str, "strings", allow_none=True)
+        if not prompts and model.get("example_prompts") is not None:
+            try:
+                prompts = _list(model, "example_prompts", str, "strings")
+            except ConfigError as e:
+                raise ConfigError(f"model.{e}") from None
         if not prompts:
             raise ConfigError(f"prompts: empty, and model {model.name} has no example_prompts; set prompts=[...]")
         if any(not p.strip() for p in prompts):
@@ -161,6 +166,11 @@ def _check_sampling(cfg: DictConfig, problems: list[str]) -> None:
 
 def _check_size(cfg: DictConfig, problems: list[str]) -> None:
     model = cfg.model
+    bad_model = [k for k in ("size_multiple", "height", "width") if model.get(k) is not None
+                 and (isinstance(model.get(k), bool) or not isinstance(model.get(k), int) or model.get(k) < 1)]
+    if bad_model:
+        problems += [f"model.{k}={model.get(k)!r}: must be an integer >= 1" for k in bad_model]
+        return
     mult = int(model.get("size_multiple") or 8)
     size = {}
     for key in ("height", "width"):
@@ -198,15 +208,32 @@ def _check_size(cfg: DictConfig, problems: list[str]) -> None:
                 f"batch_size, or raise max_pixels")
 
 
+def _rows(cfg: DictConfig) -> int | None:
+    """Grid rows (prompt/seed pairs) of the run, None when the lists are bad."""
+    try:
+        prompts = list(cfg.prompts or cfg.model.get("example_prompts") or [])
+        seeds = list(cfg.seeds)
+    except Exception:
+        return None
+    return (min(len(prompts), len(seeds)) if cfg.combine == "zip" else len(prompts) * len(seeds)) or None
+
+
+def _run_images(cfg: DictConfig) -> int | None:
+    """Images of the whole run for the tasks whose count is known here (txt2img, guidance_grid), else None."""
+    n = _image_count(cfg)
+    if n is None or cfg.task not in ("txt2img", "guidance_grid"):
+        return None
+    grid = cfg.guidance.get("grid") if cfg.task == "guidance_grid" else None
+    return n * (len(grid) if isinstance(grid, (list, ListConfig)) and grid else 1)
+
+
 def _image_count(cfg: DictConfig) -> int | None:
     """Images per guidance variant (prompt/seed rows x guidance scales); None when the lists are bad."""
     try:
-        prompts = list(cfg.prompts or cfg.model.get("example_prompts") or [])
-        seeds, scales = list(cfg.seeds), list(cfg.guidance_scales)
+        scales = list(cfg.guidance_scales)
     except Exception:
         return None
-    rows = min(len(prompts), len(seeds)) if cfg.combine == "zip" else len(prompts) * len(seeds)
-    return rows * len(scales) or None
+    return (_rows(cfg) or 0) * len(scales) or None
 
 
 def _check_runtime(cfg: DictConfig, problems: list[str]) -> None:
@@ -229,7 +256,9 @@ def _check_runtime(cfg: DictConfig, problems: list[str]) -> None:
     if cfg.logger.name not in ("wandb", "none"):
         checks.append((True, f"logger={cfg.logger.name}: must be wandb or none"))
     sched = cfg.scheduler
-    if sched.get("cls"):
+    if sched.get("cls") is not None and not isinstance(sched.get("cls"), str):
+        checks.append((True, f"scheduler.cls={sched.get('cls')!r}: must be a diffusers scheduler class name"))
+    elif sched.get("cls"):
         import diffusers
 
         checks.append((not hasattr(diffusers, sched.cls), f"scheduler.cls={sched.cls}: diffusers has no such scheduler class"))
@@ -258,6 +287,22 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
     from stablefused.models import hub_files_missing, model_source, safetensors_problem
 
     model = cfg.model
+    kinds = {"name": str, "builtin": str, "bundled": str, "hub_id": str, "path": str, "config": str, "revision": str,
+             "allow_pickle": bool, "seed": int}
+    bad = [k for k, t in kinds.items() if model.get(k) is not None and (not isinstance(model.get(k), t) or
+                                                                         (t is int and isinstance(model.get(k), bool)))]
+    problems += [f"model.{k}={model.get(k)!r}: must be {_A[kinds[k]]}" for k in bad]
+    if model.get("builtin") not in (None, "tiny_random"):
+        problems.append(f"model.builtin={model.builtin!r}: the only model built in code is tiny_random")
+    if not isinstance(cfg.get("name"), str) or not cfg.get("name"):
+        problems.append(f"name={cfg.get('name')!r}: must be a non-empty string (the run dir is runs/<name>/...)")
+    if not isinstance(cfg.scheduler.get("name"), (str, type(None))):
+        problems.append(f"scheduler.name={cfg.scheduler.get('name')!r}: must be a string")
+    if not isinstance(cfg.scheduler.get("overrides"), (DictConfig, dict, type(None))):
+        problems.append(f"scheduler.overrides={cfg.scheduler.get('overrides')!r}: must be a mapping, e.g. "
+                        "+scheduler.overrides.timestep_spacing=trailing")
+    if bad or len(problems) and problems[-1].startswith("model.builtin"):
+        return
     try:
         source = model_source(model)
     except Exception as e:  # ModelLoadError: no source at all
@@ -297,6 +342,9 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
     if train_steps and isinstance(steps, int) and not isinstance(steps, bool) and steps > train_steps:
         problems.append(f"steps={steps}: more than the {train_steps} timesteps model {model.name}'s scheduler was "
                         f"trained with; use steps <= {train_steps}")
+
+
+_A = {str: "a string", bool: "true or false", int: "an integer"}
 
 
 def _cached_hub_file(repo: str, filename: str, revision: str | None) -> str | None:
@@ -349,6 +397,14 @@ def _check_plugins(cfg: DictConfig, problems: list[str]) -> None:
                 problems.append(str(e))
             if steps is None:
                 continue
+            images = _run_images(cfg)
+            for key in ("samples", "sample", "rows"):
+                v = params.get(key)
+                items = v if isinstance(v, list) else [v]
+                limit = images if key != "rows" else _rows(cfg)
+                if limit and any(isinstance(x, int) and not isinstance(x, bool) and x >= limit for x in items):
+                    problems.append(f"{kind}.{name}.{key}={_show(v)}: this run has {limit} "
+                                    f"{'rows' if key == 'rows' else 'images'} (indices 0..{limit - 1})")
             every, step_list = params.get("every"), params.get("steps")
             if isinstance(every, int) and every > steps:
                 problems.append(f"{kind}.{name}.every={every}: larger than steps={steps} (only the first and last "

@@ -373,8 +373,8 @@ def check_requirements(cfg: Any) -> None:
     selected = set(registry.selected(cfg, "recorders"))
     for name, params in registry.selected(cfg, "visualizers").items():
         cls = registry.get("visualizers", name)
-        if not hasattr(cls, "requires"):
-            continue
+        if not hasattr(cls, "requires") or registry.param_problems(cls, dict(params or {})):
+            continue  # bad parameter values are reported by config validation, one line each
         need = list(cls.requires(dict(params or {})))
         missing = [r for r in need if r not in selected]
         if missing:

@@ -260,7 +260,11 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     if hint is type(None):
         return None if value is None else "null"
     if origin is typing.Literal:
-        return None if value in args and not isinstance(value, bool) else "one of " + ", ".join(map(str, args))
+        try:
+            ok = value in args and not isinstance(value, bool)
+        except TypeError:  # unhashable (a list or mapping)
+            ok = False
+        return None if ok else "one of " + ", ".join(map(str, args))
     if hint is bool:
         return None if isinstance(value, bool) else "true or false"
     if hint is int:

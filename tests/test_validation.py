@@ -112,6 +112,22 @@ BAD = [
     (["model.builtin=null", "model.path=/nonexistent/x.safetensors"], "model.path=/nonexistent/x.safetensors: no such file"),
     (["model=shapes", "model.bundled=nosuch"], "model.bundled=nosuch: no such folder"),
     (["combine=cross"], "combine='cross': must be product or zip"),
+    # found by fuzzing every key with wrong types (each was a TypeError/AttributeError traceback or silent)
+    (["recorders=[x0]", "recorders.x0.samples=[0,4]"], "recorders.x0.samples=[0,4]: this run has 4 images (indices 0..3)"),
+    (["recorders=[latents,x0]", "visualizers=[denoise_video]", "visualizers.denoise_video.rows=[4]"],
+     "visualizers.denoise_video.rows=[4]: this run has 4 rows"),
+    (["recorders=[latents,x0]", "visualizers=[denoise_video]", "visualizers.denoise_video.panels=null"],
+     "visualizers.denoise_video.panels=None: must be"),
+    (["recorders=[x0]", "visualizers=[step_strip]", "visualizers.step_strip.source=[x0]"], "visualizers.step_strip.source=['x0']: must be one of"),
+    (["model.builtin=x"], "model.builtin='x': the only model built in code is tiny_random"),
+    (["model.allow_pickle=maybe"], "model.allow_pickle='maybe': must be true or false"),
+    (["name=[]"], "name=[]: must be a non-empty string"),
+    (["scheduler.overrides=5"], "scheduler.overrides=5: must be a mapping"),
+    (["scheduler.cls=1"], "scheduler.cls=1: must be a diffusers scheduler class name"),
+    (["model.size_multiple=x"], "model.size_multiple='x': must be an integer >= 1"),
+    (["model.height=[16]"], "model.height=[16]: must be an integer >= 1"),
+    (["model.example_prompts=[1]"], "model.example_prompts: item 1 is not a string"),
+    (["model.example_prompts=3"], "model.example_prompts=3: must be a list of strings"),
 ]
 if NO_CUDA:
     BAD += [(["device=cuda"], "device=cuda: no CUDA device is available here; use device=cpu or device=auto")]
