@@ -405,6 +405,11 @@ def _check_plugins(cfg: DictConfig, problems: list[str]) -> None:
                 if limit and any(isinstance(x, int) and not isinstance(x, bool) and x >= limit for x in items):
                     problems.append(f"{kind}.{name}.{key}={_show(v)}: this run has {limit} "
                                     f"{'rows' if key == 'rows' else 'images'} (indices 0..{limit - 1})")
+            for key in ("samples", "rows", "steps", "tokens", "panels", "stats", "layers"):
+                if isinstance(params.get(key), list) and not params[key]:
+                    default = registry.param_default(kind, name, key)
+                    problems.append(f"{kind}.{name}.{key}=[]: selects nothing; list at least one"
+                                    + (" or set null for all" if default is None else ""))
             every, step_list = params.get("every"), params.get("steps")
             if isinstance(every, int) and every > steps:
                 problems.append(f"{kind}.{name}.every={every}: larger than steps={steps} (only the first and last "
@@ -427,8 +432,7 @@ def _check_task(cfg: DictConfig, problems: list[str]) -> None:
 
 
 def _plugin(group: Any, name_key: str, kind: str, params_key: str, where: str) -> None:
-    _create_check(kind, group.get(name_key), group.get(params_key) or {}, f"{where}.{name_key}",
-                  f"{where}.{params_key}")
+    _create_check(kind, group.get(name_key), group.get(params_key), f"{where}.{name_key}", f"{where}.{params_key}")
 
 
 def _show(value: Any) -> str:

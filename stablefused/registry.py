@@ -231,6 +231,12 @@ def param_problems(cls: Any, params: dict) -> list[str]:
     return out
 
 
+def param_default(kind: str, name: str, key: str) -> Any:
+    """The constructor default of parameter ``key`` of a plugin (None when it has none)."""
+    p = _parameters(get(kind, name)).get(key)
+    return None if p is None or p.default is inspect.Parameter.empty else p.default
+
+
 def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value).replace(" ", "")
 

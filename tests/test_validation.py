@@ -128,6 +128,10 @@ BAD = [
     (["model.height=[16]"], "model.height=[16]: must be an integer >= 1"),
     (["model.example_prompts=[1]"], "model.example_prompts: item 1 is not a string"),
     (["model.example_prompts=3"], "model.example_prompts=3: must be a list of strings"),
+    (["recorders=[x0]", "recorders.x0.samples=[]"], "recorders.x0.samples=[]: selects nothing; list at least one or set null for all"),
+    (["recorders=[latents,x0]", "visualizers=[denoise_video]", "visualizers.denoise_video.panels=[]"],
+     "visualizers.denoise_video.panels=[]: selects nothing; list at least one"),
+    (["recorders=[stats]", "visualizers=[stats_plot]", "visualizers.stats_plot.stats=[]"], "visualizers.stats_plot.stats=[]: selects nothing"),
 ]
 if NO_CUDA:
     BAD += [(["device=cuda"], "device=cuda: no CUDA device is available here; use device=cpu or device=auto")]
