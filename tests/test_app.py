@@ -94,7 +94,8 @@ def test_wandb_offline_run_has_config_images_and_table(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["steps=0"], "steps=0: must be >= 1"),
-    (["metrics=[clip_score]"], "metrics.clip_score: cannot load CLIP model 'openai/clip-vit-base-patch32'"),
+    # offline without the CLIP weights: found by validation, before anything loads
+    (["metrics=[clip_score]"], "metrics.clip_score.model_id='openai/clip-vit-base-patch32': CLIP weights not downloaded"),
 ])
 def test_user_error_is_one_line_and_exit_code_2(tmp_path, args, message):
     res = cli("experiment=negative_guidance", "model=tiny_random", *args, f"hydra.run.dir={tmp_path}", "logger=none")

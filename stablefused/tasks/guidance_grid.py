@@ -65,6 +65,8 @@ def variants(guidance_cfg: Any) -> list[dict]:
                                            ("rule", "guidance_rule", "rule_params")):
             try:
                 registry.check_params(kind, v[name_key], v[params_key])
+            except registry.ParamError as e:
+                raise ConfigError("\n".join(f"guidance.grid[{i}].{params_key}.{p}" for p in e.problems)) from None
             except registry.PluginError as e:
                 raise ConfigError(f"guidance.grid[{i}]: {e}") from None
         v["label"] = item.get("label")
