@@ -199,7 +199,7 @@ def _check_size(cfg: DictConfig, problems: list[str]) -> None:
         problems.append(str(e))
         return
     if len(size) == 2 and isinstance(cfg.batch_size, int) and cfg.batch_size >= 1:
-        per_batch = min(cfg.batch_size, _image_count(cfg) or cfg.batch_size)
+        per_batch = min(cfg.batch_size, _run_images(cfg) or cfg.batch_size)
         total = size["height"] * size["width"] * per_batch
         if total > cfg.max_pixels:
             problems.append(
@@ -209,31 +209,23 @@ def _check_size(cfg: DictConfig, problems: list[str]) -> None:
 
 
 def _rows(cfg: DictConfig) -> int | None:
-    """Grid rows (prompt/seed pairs) of the run, None when the lists are bad."""
-    try:
-        prompts = list(cfg.prompts or cfg.model.get("example_prompts") or [])
-        seeds = list(cfg.seeds)
-    except Exception:
+    """Prompt/seed rows of a grid task (those whose images the config tells), None otherwise."""
+    from stablefused.tasks.txt2img import grid_image_count
+
+    n, scales = _run_images(cfg), grid_image_count(cfg)
+    if not n or not scales:
         return None
-    return (min(len(prompts), len(seeds)) if cfg.combine == "zip" else len(prompts) * len(seeds)) or None
+    return scales // len(cfg.guidance_scales)
 
 
 def _run_images(cfg: DictConfig) -> int | None:
-    """Images of the whole run for the tasks whose count is known here (txt2img, guidance_grid), else None."""
-    n = _image_count(cfg)
-    if n is None or cfg.task not in ("txt2img", "guidance_grid"):
-        return None
-    grid = cfg.guidance.get("grid") if cfg.task == "guidance_grid" else None
-    return n * (len(grid) if isinstance(grid, (list, ListConfig)) and grid else 1)
+    """Images of the whole run, when the task can tell from the config alone (``Task.image_count``)."""
+    from stablefused.tasks import get_task
 
-
-def _image_count(cfg: DictConfig) -> int | None:
-    """Images per guidance variant (prompt/seed rows x guidance scales); None when the lists are bad."""
     try:
-        scales = list(cfg.guidance_scales)
-    except Exception:
+        return get_task(cfg.task).image_count(cfg)
+    except ConfigError:
         return None
-    return (_rows(cfg) or 0) * len(scales) or None
 
 
 def _check_runtime(cfg: DictConfig, problems: list[str]) -> None:
