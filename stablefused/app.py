@@ -113,6 +113,48 @@ def hydra_main(cfg: DictConfig) -> dict:
     return status.data
 
 
+def override_problems(args: list[str]) -> list[str]:
+    """Cheap checks of command-line overrides before Hydra composes anything, so that a misspelt setting or
+    option gets one line with the closest names instead of Hydra's advice: ``key=value`` whose top-level key
+    is neither a setting (conf/config.yaml, any conf/task/*.yaml) nor a config group, and ``group=option``
+    whose option has no conf/<group>/<option>.yaml. ``+``/``~`` overrides, ``hydra...``, packages (``@``) and
+    sweeps written as functions (``choice(...)``) are left to Hydra."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    if any(a.split("=")[0] in ("-cn", "-cp", "-cd", "--config-name", "--config-path", "--config-dir") for a in args):
+        return []  # another primary config: nothing here applies
+    conf = config_dir()
+    groups = {p.name for p in conf.iterdir() if p.is_dir()}
+    keys = set(OmegaConf.load(conf / "config.yaml").keys()) - {"defaults"}
+    for f in (conf / "task").glob("*.yaml"):
+        keys |= set(OmegaConf.load(f).keys())
+    known = keys | groups | {"hydra"}
+    out = []
+    for arg in args:
+        if arg.startswith(("-", "+", "~")) or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        if "@" in key or key.startswith("hydra"):
+            continue
+        top = key.split(".")[0].split("/")[0]
+        if top not in known:
+            close = difflib.get_close_matches(top, sorted(known - {"hydra"}), n=1)
+            hint = f" Did you mean {close[0]}?" if close else " (add it with +key=value if it is a new key)"
+            out.append(f"{top}: unknown setting.{hint}")
+            continue
+        if key in groups and "(" not in value:
+            names = [n.strip() for n in value.strip("[]").split(",") if n.strip() and n.strip() != "null"]
+            options = sorted(p.relative_to(conf / key).with_suffix("").as_posix() for p in (conf / key).rglob("*.yaml"))
+            for n in names:
+                if n not in options:
+                    close = difflib.get_close_matches(n, options, n=3, cutoff=0.6)
+                    hint = f" Closest: {', '.join(close)}." if close else f" Options: {', '.join(options)}."
+                    out.append(f"{key}={n}: no such {key} option (conf/{key}/{n}.yaml).{hint}")
+    return out
+
+
 def main() -> None:
     if sys.argv[1:2] == ["plugins"]:
         from stablefused.cli import print_plugins
@@ -125,6 +167,11 @@ def main() -> None:
         sys.exit(report_main(sys.argv[2:]))
     if missing := missing_launcher(sys.argv[1:]):
         print(missing, file=sys.stderr)
+        sys.exit(2)
+    problems = override_problems(sys.argv[1:])
+    if problems:
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
         sys.exit(2)
     torch.set_grad_enabled(False)
     hydra_main()

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from stablefused.errors import ModelLoadError
+from stablefused.errors import ModelLoadError, first_line
 from stablefused.paths import bundled_models_dir
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,59 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device=cuda: no CUDA device is available here; use device=cpu or device=auto")
     return torch.device(device)
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face hub may not be contacted (HF_HUB_OFFLINE set)."""
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_files_missing(repo_or_dir: str, filename: str, revision: str | None = None, local_only: bool = False) -> bool:
+    """True when ``repo_or_dir`` is a hub id whose ``filename`` is not in the local cache and the hub may not be
+    contacted (offline, or ``local_only``): loading it would fail. Cheap (no network, nothing loaded); a local
+    folder, a cached file or an online hub are not "missing" (a download may still fail later)."""
+    if Path(str(repo_or_dir)).expanduser().exists():
+        return False
+    if not (hub_offline() or local_only):
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(str(repo_or_dir), filename, revision=revision)
+    except Exception:  # not a valid repo id: let the loader say what is wrong
+        return False
+    return not isinstance(found, str)
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable ``.safetensors`` file (None if its header parses). Reads 8 bytes plus the
+    JSON header: a safetensors file starts with the header's length (8-byte little-endian) and the header."""
+    import json
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"only {size} bytes, too short for a safetensors header (corrupt or truncated)"
+            (n,) = struct.unpack("<Q", head)
+            if n < 2 or n > min(size - 8, 100_000_000):
+                return "not a safetensors file (its first 8 bytes are not a header length; corrupt, truncated, or another format)"
+            header = json.loads(f.read(n))
+    except OSError as e:
+        return f"cannot be read ({e.strerror or type(e).__name__})"
+    except (ValueError, UnicodeDecodeError):
+        return "corrupt safetensors header (not valid JSON; the file is damaged or truncated)"
+    if not isinstance(header, dict):
+        return "corrupt safetensors header (not a JSON object)"
+    end = max((int(v["data_offsets"][1]) for k, v in header.items()
+               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    if 8 + n + end > size:
+        return f"truncated: the header lists {8 + n + end} bytes but the file has {size}"
+    return None
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -146,6 +199,9 @@ def _load_from(source: str, model_cfg: Any) -> Components:
             )
         if not path.is_file():
             raise ModelLoadError(f"model.path={source}: no such file")
+        bad = safetensors_problem(path) if path.suffix == ".safetensors" else None
+        if bad:
+            raise ModelLoadError(f"model.path={source}: {bad}; download or convert it again")
         from diffusers import StableDiffusionPipeline
 
         try:
@@ -156,7 +212,7 @@ def _load_from(source: str, model_cfg: Any) -> Components:
         except Exception as e:  # diffusers needs the model's config (a hub id or local folder)
             raise ModelLoadError(
                 f"model.path={source}: could not load the single-file checkpoint ({type(e).__name__}: "
-                f"{_first_line(e)}). Set model.config=<local diffusers folder or hub id> with "
+                f"{first_line(e)}). Set model.config=<local diffusers folder or hub id> with "
                 "the matching configs, or use a diffusers folder."
             ) from e
         return Components(name, pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae,
@@ -190,7 +246,7 @@ def _load_from(source: str, model_cfg: Any) -> Components:
         parts = load(local_only=True)
     except LOAD_ERRORS as e:
         if is_local:
-            raise ModelLoadError(f"model.path={source}: not a loadable diffusers folder ({_first_line(e)})") from e
+            raise ModelLoadError(f"model.path={source}: not a loadable diffusers folder ({(first_line(e) or type(e).__name__)})") from e
         # Not (completely) in the cache. Ask the hub once, quickly: huggingface_hub's own retries against an
         # unreachable network take minutes before they give up.
         if _env_true("HF_HUB_OFFLINE"):
@@ -204,7 +260,7 @@ def _load_from(source: str, model_cfg: Any) -> Components:
             parts = load(local_only=False)
         except LOAD_ERRORS as e2:
             raise ModelLoadError(f"model={name}: cannot load {source!r} from the Hugging Face hub (not found, "
-                                 f"gated or incomplete: {_first_line(e2)}). {how}") from e2
+                                 f"gated or incomplete: {(first_line(e2) or type(e2).__name__)}). {how}") from e2
     tokenizer, text_encoder, unet, vae, scheduler_config = parts
     return Components(name, tokenizer, text_encoder, unet, vae, scheduler_config,
                       torch.device("cpu"), torch.float32)
@@ -218,14 +274,6 @@ def _env_true(name: str) -> bool:
     import os
 
     return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _first_line(e: BaseException, limit: int = 160) -> str:
-    """The first line of an error, shortened at a word boundary (never mid-word)."""
-    text = str(e).strip().splitlines()[0].strip() if str(e).strip() else type(e).__name__
-    if len(text) <= limit:
-        return text
-    return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:(") + " …"
 
 
 def hub_endpoint() -> str:

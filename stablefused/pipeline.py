@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from stablefused.errors import NonFiniteError
 from stablefused.guidance import Guidance
 from stablefused.hooks import LoopContext
 from stablefused.models import Components
@@ -23,6 +24,23 @@ log = logging.getLogger(__name__)
 
 
 FRAMES_PER_DECODE = 8  # video frames per VAE call: a whole batch of videos at once would not fit in memory
+
+
+log = logging.getLogger("stablefused")
+_WARNED_LONG: set[tuple[str, int]] = set()  # (prompt, window): each too-long prompt is warned about once
+
+
+def warn_truncated(tokenizer: Any, prompts: Sequence[str]) -> None:
+    """Warn once per prompt that does not fit the text encoder's window, saying how many tokens are dropped."""
+    window = int(tokenizer.model_max_length)
+    for p in dict.fromkeys(prompts):
+        if (p, window) in _WARNED_LONG or not p:
+            continue
+        n = len(tokenizer(p, truncation=False).input_ids)
+        if n > window:
+            _WARNED_LONG.add((p, window))
+            log.warning("prompt %r: %d tokens, the text encoder reads %d; the last %d are dropped",
+                        p if len(p) <= 60 else p[:57] + "...", n, window, n - window)
 
 
 @dataclass
@@ -61,6 +79,7 @@ class Sampler:
         model does not know are named once per prompt (:meth:`warn_unknown_words`)."""
         self.warn_unknown_words(prompts)
         tok = self.c.tokenizer
+        warn_truncated(tok, prompts)
         ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(self.c.device)
         return self.c.text_encoder(ids)[0].to(self.c.dtype)
@@ -110,6 +129,9 @@ class Sampler:
         n = batch_size or len(latents)
         for chunk in latents.split(n):
             img = vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+            if not bool(torch.isfinite(img).all()):  # would be written as a black image
+                raise NonFiniteError(f"decode: the VAE returned NaN/inf ({vae.dtype}); likely float16 overflow in the "
+                                     "VAE, try dtype=float32 or bfloat16")
             out.append((img / 2 + 0.5).clamp(0, 1).float().permute(0, 2, 3, 1).cpu().numpy())
         return np.concatenate(out)
 

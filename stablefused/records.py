@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import torch
 
@@ -259,7 +259,9 @@ class SelectedSteps(BaseHook):
     """What every recorder shares: every k-th step (``every``, and always the last) of the chosen samples
     (``samples``: global indices across the batches of a run), one entry per step or per call (``per``)."""
 
-    def __init__(self, every: int = 1, samples: list[int] | None = None, per: str = "step"):
+    ranges = {"every": (1, None), "samples": (0, None), "steps": (0, None)}  # checked at config validation
+
+    def __init__(self, every: int = 1, samples: list[int] | int | None = None, per: Literal["step", "call"] = "step"):
         self.every = _check_every(every)
         self.samples = _check_samples(samples)
         self.tracker = StepTracker(per)
@@ -286,8 +288,8 @@ class TensorRecorder(SelectedSteps):
     FIELDS: dict[str, str] = {}
     LAST_CALL: tuple[str, ...] = ("x_prev",)
 
-    def __init__(self, every: int = 1, samples: list[int] | None = None, dtype: str | None = "float16",
-                 per: str = "step"):
+    def __init__(self, every: int = 1, samples: list[int] | int | None = None,
+                 dtype: Literal["float16", "bfloat16", "float32"] | None = "float16", per: Literal["step", "call"] = "step"):
         super().__init__(every, samples, per)
         self.dtype = _check_dtype(dtype)
 
@@ -376,8 +378,8 @@ def check_requirements(cfg: Any) -> None:
     selected = set(registry.selected(cfg, "recorders"))
     for name, params in registry.selected(cfg, "visualizers").items():
         cls = registry.get("visualizers", name)
-        if not hasattr(cls, "requires"):
-            continue
+        if not hasattr(cls, "requires") or registry.param_problems(cls, dict(params or {})):
+            continue  # bad parameter values are reported by config validation, one line each
         need = list(cls.requires(dict(params or {})))
         missing = [r for r in need if r not in selected]
         if missing:

@@ -31,7 +31,8 @@ from typing import Any, Callable
 from stablefused.errors import PluginError
 from stablefused.paths import builtin_plugins_dir
 
-__all__ = ["PluginError", "register", "get", "create", "check_params", "discover", "list_plugins", "list_names"]
+__all__ = ["PluginError", "ParamError", "register", "get", "create", "check_params", "param_problems", "discover",
+           "plugin_dirs", "list_plugins", "list_names"]
 
 KINDS = (
     "guidance_schedule",
@@ -71,20 +72,22 @@ def _qualname(obj: Any) -> str:
 
 
 def load_plugin_dir(folder: str | Path) -> None:
-    """Import every ``<kind>/<name>.py`` below ``folder`` (once per folder)."""
+    """Import every ``<kind>/<name>.py`` below ``folder`` (once per folder), for the plugin kinds only:
+    nothing else below ``folder`` is imported."""
     folder = Path(folder).resolve()
     if folder in _loaded_dirs:
         return
     if not folder.is_dir():
         raise PluginError(f"plugin_dirs: {folder} is not a folder")
     _loaded_dirs.add(folder)
-    for file in sorted(folder.glob("*/*.py")):
+    files = sorted(f for kind in KINDS for f in (folder / kind).glob("*.py") if (folder / kind).is_dir())
+    for file in files:
         if file.name.startswith("_"):
             continue
         kind = file.parent.name
         prefix = "stablefused_plugins" if folder == builtin_plugins_dir().resolve() else f"stablefused_user_plugins_{len(_loaded_dirs)}"
         mod_name = f"{prefix}.{kind}.{file.stem}"
-        if kind == "__pycache__" or mod_name in sys.modules:
+        if mod_name in sys.modules:
             continue
         _ensure_parents(mod_name)
         spec = importlib.util.spec_from_file_location(mod_name, file)
@@ -95,6 +98,20 @@ def load_plugin_dir(folder: str | Path) -> None:
         except Exception:
             del sys.modules[mod_name]
             raise
+
+
+def plugin_dirs(value: Any) -> list[str]:
+    """``plugin_dirs`` as a list of folders: a single string is one folder (never read letter by letter)."""
+    if value is None:
+        return []
+    if isinstance(value, (str, Path)):
+        return [str(value)]
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        bad = [v for v in value if not isinstance(v, (str, Path))]
+        if bad:
+            raise PluginError(f"plugin_dirs: item {bad[0]!r} is not a folder path")
+        return [str(v) for v in value]
+    raise PluginError(f"plugin_dirs={value!r}: must be a folder or a list of folders")
 
 
 def _ensure_parents(mod_name: str) -> None:
@@ -119,11 +136,11 @@ def _load_entry_points() -> None:
             obj()
 
 
-def discover(extra_dirs: list[str | Path] = ()) -> None:
-    """Load built-in plugins, entry points and any extra folders."""
+def discover(extra_dirs: list[str | Path] | str | Path = ()) -> None:
+    """Load built-in plugins, entry points and any extra folders (a single folder may be given as a string)."""
     load_plugin_dir(builtin_plugins_dir())
     _load_entry_points()
-    for d in extra_dirs:
+    for d in plugin_dirs(extra_dirs):
         load_plugin_dir(d)
 
 
@@ -144,7 +161,8 @@ def get(kind: str, name: str) -> Any:
 
 
 def check_params(kind: str, name: str, params: dict, /) -> Any:
-    """The plugin class for ``name``, after checking that it accepts every key of ``params``."""
+    """The plugin class for ``name``, after checking that it accepts every key of ``params`` and every value
+    (:func:`param_problems`); the first problem is raised as a ``PluginError``."""
     cls = get(kind, name)
     accepted = _parameters(cls)
     if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
@@ -156,7 +174,123 @@ def check_params(kind: str, name: str, params: dict, /) -> Any:
                 f"{kind} plugin {name!r} has no parameter {unknown[0]!r}.{hint} "
                 f"Parameters: {', '.join(accepted) or '(none)'}"
             )
+    problems = param_problems(cls, params)
+    if problems:
+        raise ParamError(problems)
     return cls
+
+
+# ------------------------------------------------------------------------------------ parameter values
+# A plugin declares its parameters' types with its constructor's type hints (int, float, bool, str,
+# list[int], Literal["a", "b"], int | None, ...) and, optionally, inclusive ranges in a class attribute
+#     ranges = {"frac": (0, 1), "every": (1, None)}      # None: unbounded on that side; list items each
+# and cross-parameter rules in an optional classmethod ``check(params) -> list[str]`` (params: the
+# constructor's defaults updated with the configured values; each line starts with the parameter it names).
+# Config validation reports every problem as ``<where>.<param>=<value>: <what is allowed>``.
+
+
+class ParamError(PluginError):
+    """Bad plugin parameter values; ``problems`` holds one line per value, each starting ``param=value:``."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def param_problems(cls: Any, params: dict) -> list[str]:
+    """One line per parameter value of ``params`` that ``cls`` does not accept (types, ranges, ``check``)."""
+    import math
+    import typing
+
+    accepted = _parameters(cls)
+    try:
+        target = cls.__init__ if inspect.isclass(cls) else cls
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: no type checks, the ranges and check() still apply
+        hints = {}
+    ranges = getattr(cls, "ranges", {}) or {}
+    out = []
+    for key, value in params.items():
+        if key not in accepted:
+            continue
+        hint = hints.get(key)
+        what = None if hint is None else _type_problem(value, hint)
+        if what is None and key in ranges:
+            lo, hi = ranges[key]
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for x in items:
+                if isinstance(x, (int, float)) and not isinstance(x, bool) and not (
+                        math.isfinite(x) and (lo is None or x >= lo) and (hi is None or x <= hi)):
+                    what = _range_text(lo, hi) + (" (each item)" if items is value else "")
+                    break
+        if what is not None:
+            out.append(f"{key}={_show(value)}: must be {what}")
+    if not out and hasattr(cls, "check"):
+        defaults = {k: p.default for k, p in accepted.items() if p.default is not inspect.Parameter.empty}
+        out += list(cls.check({**defaults, **params}) or [])
+    return out
+
+
+def param_default(kind: str, name: str, key: str) -> Any:
+    """The constructor default of parameter ``key`` of a plugin (None when it has none)."""
+    p = _parameters(get(kind, name)).get(key)
+    return None if p is None or p.default is inspect.Parameter.empty else p.default
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value).replace(" ", "")
+
+
+def _range_text(lo: Any, hi: Any) -> str:
+    if lo is not None and hi is not None:
+        return f"in [{lo:g}, {hi:g}]"
+    return f">= {lo:g}" if lo is not None else f"<= {hi:g}"
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """None when ``value`` fits the type hint, else what it must be ("an integer", "one of a, b", ...)."""
+    import math
+    import types as _types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is inspect.Parameter.empty:
+        return None
+    if origin is typing.Annotated:
+        return _type_problem(value, args[0])
+    if origin in (typing.Union, _types.UnionType):
+        probs = [_type_problem(value, a) for a in args]
+        if any(p is None for p in probs):
+            return None
+        return " or ".join(dict.fromkeys(p for p in probs if p))
+    if hint is type(None):
+        return None if value is None else "null"
+    if origin is typing.Literal:
+        try:
+            ok = value in args and not isinstance(value, bool)
+        except TypeError:  # unhashable (a list or mapping)
+            ok = False
+        return None if ok else "one of " + ", ".join(map(str, args))
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if origin in (list, tuple, typing.Sequence) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            inner = _type_problem(None, args[0]) if args else None
+            return "a list" + (f" (each {inner})" if inner else "")
+        for x in value:
+            if args and args[0] is not Ellipsis:
+                inner = _type_problem(x, args[0])
+                if inner is not None:
+                    return f"a list, each item {inner}"
+        return None
+    return None  # a type this checker does not know: accepted
 
 
 SELECTED = "_selected_"  # set by every conf/<kind>/<name>.yaml: the plugin was chosen in the group selection

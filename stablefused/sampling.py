@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from stablefused.errors import NonFiniteError
 from stablefused.guidance import Guidance
 from stablefused.hooks import LoopContext, StepInfo, StepState, x0_coefficients
 
@@ -149,6 +150,26 @@ class GuidedDenoiser:
         return Prediction(guided, cond, uncond, w, need_cond, need_uncond, x_in.shape[0])
 
 
+class _FiniteCheck:
+    """Cheap NaN/inf watch on the latents: each step ANDs ``isfinite(x).all()`` into a flag kept on the device
+    (no sync); the flag is read (one sync) every ``every`` steps and at the end. On the first bad read it
+    stops the run with one line naming the step window and the usual cause."""
+
+    def __init__(self, device: torch.device, every: int = 10, dtype: torch.dtype | None = None):
+        self.ok, self.every, self.dtype, self.checked = torch.ones((), dtype=torch.bool, device=device), every, dtype, 0
+
+    def update(self, x: torch.Tensor, step: int, total: int, last: bool = False) -> None:
+        self.ok &= torch.isfinite(x).all()
+        if last or (step + 1) % self.every == 0:
+            if not bool(self.ok):
+                first = self.checked + 1
+                where = f"step {step + 1}" if first == step + 1 else f"between steps {first} and {step + 1}"
+                hint = ("float16 overflow in the UNet; try dtype=float32 or bfloat16" if self.dtype == torch.float16
+                        else "a guidance scale or schedule/rule parameter too large, or a broken model")
+                raise NonFiniteError(f"denoise: the latents became NaN/inf {where} of {total}: likely {hint}")
+            self.checked = step + 1
+
+
 def denoise(
     unet: Any,
     scheduler: Any,
@@ -205,6 +226,7 @@ def denoise(
         if new is not None:
             latents = new
 
+    finite = _FiniteCheck(latents.device, dtype=latents.dtype)
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", leave=False)):
         # scale -> predict (guided) -> step -> hooks
         model_input = scheduler.scale_model_input(latents, t)
@@ -229,6 +251,7 @@ def denoise(
                 if new is not None:
                     x_prev = state.x_prev = new
         latents = x_prev
+        finite.update(latents, i, len(timesteps), last=i == len(timesteps) - 1)
 
     for hook in hooks:
         hook.after_loop(ctx, latents)

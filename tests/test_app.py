@@ -94,7 +94,8 @@ def test_wandb_offline_run_has_config_images_and_table(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["steps=0"], "steps=0: must be >= 1"),
-    (["metrics=[clip_score]"], "metrics.clip_score: cannot load CLIP model 'openai/clip-vit-base-patch32'"),
+    # offline without the CLIP weights: found by validation, before anything loads
+    (["metrics=[clip_score]"], "metrics.clip_score.model_id='openai/clip-vit-base-patch32': CLIP weights not downloaded"),
 ])
 def test_user_error_is_one_line_and_exit_code_2(tmp_path, args, message):
     res = cli("experiment=negative_guidance", "model=tiny_random", *args, f"hydra.run.dir={tmp_path}", "logger=none")
@@ -219,3 +220,13 @@ def test_offline_wandb_run_is_whole(tmp_path, monkeypatch):
     assert not (outside / "wandb-data").exists()
     assert not (outside / ".local" / "share" / "wandb").exists()
     assert os.environ["WANDB_DATA_DIR"] == str(outside / "wandb-data") and "WANDB_ARTIFACT_DIR" not in os.environ
+
+
+def test_help_lists_experiments_tasks_and_subcommands():
+    res = cli("--help")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    for text in ("experiment: ", "negative_guidance", "task: ", "img2img", "txt2img", "scheduler: ",
+                 "python -m stablefused plugins", "python -m stablefused report", "stablefused -sc install=bash"):
+        assert text in out, text
+    assert "powered by Hydra" not in out

@@ -20,7 +20,10 @@ def test_every_model_and_scheduler_config_validates():
     for group in ("model", "scheduler", "guidance", "logger", "experiment"):
         for f in sorted((config_dir() / group).glob("*.yaml")):
             cfg = compose_cfg(f"{group}={f.stem}")
-            validate(cfg)
+            try:
+                validate(cfg)
+            except ConfigError as e:  # hub models are not downloaded here (offline): that is the only problem
+                assert all("is not downloaded and the hub is offline" in line for line in str(e).splitlines()), e
 
 
 def test_primary_defaults_have_self_first_and_experiment_null():

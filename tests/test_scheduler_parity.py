@@ -13,6 +13,8 @@ next ones).
 import numpy as np
 import pytest
 import torch
+
+from tests.test_loop import reference as loop_reference
 import yaml
 from diffusers import StableDiffusionPipeline
 
@@ -66,14 +68,7 @@ def sd15(sd15_folder):
 
 
 def reference(comps, scheduler, seeds=SEEDS):
-    pipe = StableDiffusionPipeline(
-        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    return pipe(PROMPTS, negative_prompt=NEG, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
-                guidance_scale=SCALE, generator=gens, output_type="np").images
+    return loop_reference(comps, scheduler, PROMPTS, seeds, SCALE, steps=STEPS, height=HEIGHT, width=WIDTH, neg=NEG)
 
 
 def reference_scheduler(comps, cls, overrides, seeds=SEEDS):

@@ -1,3 +1,5 @@
+from typing import Literal
+
 import torch
 
 from stablefused.guidance import GuidanceRule, per_sample
@@ -37,7 +39,10 @@ class APG(GuidanceRule):
     rule is plain CFG (eta = 1, r = 0, momentum = 0) and w = 0.
     """
 
-    def __init__(self, eta: float = 0.0, r: float = 0.0, momentum: float = 0.0, space: str = "x0"):
+    ranges = {"eta": (-100, 100), "r": (0, None), "momentum": (-1, 1)}  # |momentum| < 1: a decaying average
+
+    def __init__(self, eta: float = 0.0, r: float = 0.0, momentum: float = 0.0,
+                 space: Literal["x0", "prediction"] = "x0"):
         if space not in ("x0", "prediction"):
             raise ValueError(f"guidance.rule_params.space={space!r}: must be x0 or prediction")
         self.eta, self.r, self.momentum, self.space = float(eta), float(r), float(momentum), space

@@ -11,6 +11,8 @@ class Cutoff(GuidanceSchedule):
     frac = 1 is the constant schedule, frac = 0 no guidance at all.
     """
 
+    ranges = {"frac": (0, 1)}
+
     def __init__(self, frac: float = 0.5):
         self.frac = float(frac)
 

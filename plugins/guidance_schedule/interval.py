@@ -19,9 +19,16 @@ class Interval(GuidanceSchedule):
     The interval is open below and closed above, as in the paper.
     """
 
+    ranges = {"sigma_lo": (0, None), "sigma_hi": (0, None)}
+
+    @classmethod
+    def check(cls, params):
+        lo, hi = params["sigma_lo"], params["sigma_hi"]
+        return [f"sigma_lo={lo}: must be below sigma_hi={hi} (the interval is (sigma_lo, sigma_hi])"] if lo >= hi else []
+
     def __init__(self, sigma_lo: float = 0.28, sigma_hi: float = 5.42):
-        if sigma_lo > sigma_hi:
-            raise ValueError(f"interval: sigma_lo={sigma_lo} > sigma_hi={sigma_hi}")
+        if sigma_lo >= sigma_hi:
+            raise ValueError(f"interval: sigma_lo={sigma_lo} >= sigma_hi={sigma_hi}")
         self.sigma_lo, self.sigma_hi = float(sigma_lo), float(sigma_hi)
 
     def __call__(self, base, info):

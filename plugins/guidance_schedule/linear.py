@@ -15,6 +15,8 @@ class Linear(GuidanceSchedule):
     iterations as the constant schedule.
     """
 
+    ranges = {"start": (-100, 100), "end": (-100, 100)}  # strength factors; |f| > 100 only overflows
+
     def __init__(self, start: float = 0.0, end: float = 2.0):
         self.start, self.end = float(start), float(end)
 

@@ -11,6 +11,8 @@ class Warmup(GuidanceSchedule):
     guidance reaches the base scale b at iteration frac * n.
     """
 
+    ranges = {"frac": (0, 1), "start": (-100, 100)}
+
     def __init__(self, frac: float = 0.25, start: float = 0.0):
         self.frac, self.start = float(frac), float(start)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from stablefused.errors import first_line
 from stablefused.models import ModelLoadError
 from stablefused.registry import register
 
@@ -21,7 +24,21 @@ class ClipScore:
     line saying how to get them. For real checkpoints only: the score is meaningless on the shapes model.
     """
 
-    def __init__(self, model_id: str = "openai/clip-vit-base-patch32", device: str = "auto", batch_size: int = 32,
+    ranges = {"batch_size": (1, None)}
+
+    @classmethod
+    def check(cls, params):
+        """Cheap, before anything loads: offline (or local_files_only) without the weights in the cache."""
+        from stablefused.models import hub_files_missing
+
+        mid = params["model_id"]
+        if hub_files_missing(mid, "config.json", local_only=params["local_files_only"]):
+            return [f"model_id={mid!r}: CLIP weights not downloaded and offline; run `hf download {mid}` with network, "
+                    f"or set metrics.clip_score.model_id=<local CLIP folder>"]
+        return []
+
+    def __init__(self, model_id: str = "openai/clip-vit-base-patch32",
+                 device: Literal["auto", "cpu", "cuda", "mps"] = "auto", batch_size: int = 32,
                  local_files_only: bool = False):
         import torch
         from transformers import CLIPModel, CLIPProcessor
@@ -34,7 +51,7 @@ class ClipScore:
             self.processor = CLIPProcessor.from_pretrained(model_id, local_files_only=local_files_only)
             self.model = CLIPModel.from_pretrained(model_id, local_files_only=local_files_only)
         except (OSError, ValueError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            first = first_line(e, 160) or type(e).__name__
             raise ClipScoreUnavailable(
                 f"metrics.clip_score: cannot load CLIP model {model_id!r} (offline or not downloaded: {first}); "
                 f"run `hf download {model_id}` with network, or set metrics.clip_score.model_id=<local CLIP folder>"

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,10 @@ class Attention(BaseHook):
     each batch.
     """
 
-    def __init__(self, layers: list[str] | None = None, every: int = 1, steps: list[int] | None = None,
-                 samples: list[int] | None = None, dtype: str | None = "float32"):
+    ranges = {"every": (1, None), "steps": (0, None), "samples": (0, None)}
+
+    def __init__(self, layers: list[str] | str | None = None, every: int = 1, steps: list[int] | None = None,
+                 samples: list[int] | int | None = None, dtype: Literal["float16", "bfloat16", "float32"] | None = "float32"):
         from stablefused.records import _check_dtype
 
         if isinstance(layers, str):

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -26,7 +26,8 @@ class Stats(SelectedSteps):
     ``denoise/<stat>/w=<guidance>`` (mean over the samples of each guidance scale) against ``denoise_step``.
     """
 
-    def __init__(self, every: int = 1, samples: list[int] | None = None, per: str = "step", log: bool = True):
+    def __init__(self, every: int = 1, samples: list[int] | int | None = None, per: Literal["step", "call"] = "step",
+                 log: bool = True):
         super().__init__(every, samples, per)
         self.log = bool(log)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import math
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -34,8 +34,12 @@ class DenoiseVideo:
     panel shows one frame of the video, ``frame`` (default null: the middle one, as the run's image records).
     """
 
-    def __init__(self, panels: list[str] = ("x_t", "x0"), layout: str = "grid", rows: list[int] | None = None,
-                 samples: list[int] | None = None, sample: int = 0, decode: str = "vae", fps: int = 8,
+    ranges = {"rows": (0, None), "samples": (0, None), "sample": (0, None), "fps": (1, 120), "hold": (0, 1000),
+              "min_cell": (1, 4096), "max_cell": (1, 4096)}
+
+    def __init__(self, panels: list[Literal["x_t", "x0", "x_prev"]] | Literal["x_t", "x0", "x_prev"] = ("x_t", "x0"),
+                 layout: Literal["grid", "square", "sample"] = "grid", rows: list[int] | None = None,
+                 samples: list[int] | None = None, sample: int = 0, decode: Literal["vae", "linear", "auto"] = "vae", fps: int = 8,
                  hold: int = 8, gif: bool = False, min_cell: int = 128, max_cell: int | None = 256,
                  filename: str = "denoise", frame: int | None = None):
         panels = [panels] if isinstance(panels, str) else list(panels)

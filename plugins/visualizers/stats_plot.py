@@ -3,7 +3,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -25,8 +25,9 @@ class StatsPlot:
     Needs recorder ``stats``.
     """
 
-    def __init__(self, stats: list[str] = ("guidance_delta_norm", "latent_std", "x0_std", "x0_change"),
-                 x: str = "step", group: str = "guidance_scale", log_y: bool = False, filename: str = "stats_plot"):
+    def __init__(self, stats: list[str] | str = ("guidance_delta_norm", "latent_std", "x0_std", "x0_change"),
+                 x: Literal["step", "t", "sigma"] = "step", group: Literal["guidance_scale", "sample", "prompt"] = "guidance_scale",
+                 log_y: bool = False, filename: str = "stats_plot"):
         if x not in X_AXES:
             raise PluginError(f"visualizers.stats_plot: x={x!r}: must be one of {', '.join(X_AXES)}")
         if group not in GROUPS:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
 
@@ -25,9 +25,12 @@ class StepStrip:
     ``frame`` (default null: the middle one, the frame of the run's image records, so of the final column).
     """
 
-    def __init__(self, source: str = "x0", steps: list[int] | None = None, count: int = 8,
-                 samples: list[int] | None = None, final: bool = True, decode: str = "vae", min_cell: int = 96,
-                 max_cell: int | None = 192, filename: str | None = None, frame: int | None = None):
+    ranges = {"steps": (0, None), "count": (1, None), "samples": (0, None), "min_cell": (1, 4096), "max_cell": (1, 4096)}
+
+    def __init__(self, source: Literal["x0", "x_t", "x_prev"] = "x0", steps: list[int] | None = None, count: int = 8,
+                 samples: list[int] | None = None, final: bool = True, decode: Literal["vae", "linear", "auto"] = "vae",
+                 min_cell: int = 96, max_cell: int | None = 192, filename: str | None = None,
+                 frame: int | None = None):
         if source not in SOURCES:
             raise PluginError(f"visualizers.step_strip: source={source!r}: must be one of {', '.join(SOURCES)}")
         if int(count) < 1:

@@ -50,6 +50,11 @@ class Task:
     def validate(self, cfg: Any, problems: list[str]) -> None:
         """Append one line per bad setting of this task (name the key and the fix). No model is loaded."""
 
+    def image_count(self, cfg: Any) -> int | None:
+        """Images the run will make, when the config alone tells (used to check sample indices and memory
+        before loading); None when it depends on files or is unknown."""
+        return None
+
     def run(self, run: Run) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 

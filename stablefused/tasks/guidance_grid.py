@@ -23,7 +23,7 @@ import logging
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 from PIL import Image
 
 from stablefused import registry
@@ -32,7 +32,7 @@ from stablefused.guidance import Guidance
 from stablefused.outputs import strict_json
 from stablefused.runs import Run, log_samples_table, means, prompt_seed_rows, row_label, wrap
 from stablefused.tasks import Task, register_task
-from stablefused.tasks.txt2img import guidance_cells, txt2img_batch
+from stablefused.tasks.txt2img import grid_image_count, guidance_cells, txt2img_batch
 
 log = logging.getLogger(__name__)
 VARIANT_KEYS = ("label", "schedule", "params", "rule", "rule_params")
@@ -65,6 +65,8 @@ def variants(guidance_cfg: Any) -> list[dict]:
                                            ("rule", "guidance_rule", "rule_params")):
             try:
                 registry.check_params(kind, v[name_key], v[params_key])
+            except registry.ParamError as e:
+                raise ConfigError("\n".join(f"guidance.grid[{i}].{params_key}.{p}" for p in e.problems)) from None
             except registry.PluginError as e:
                 raise ConfigError(f"guidance.grid[{i}]: {e}") from None
         v["label"] = item.get("label")
@@ -108,6 +110,10 @@ def _labels(vs: list[dict]) -> None:
 @register_task("guidance_grid")
 class GuidanceGrid(Task):
     """The same prompts and seeds under several guidance variants (schedule + rule), side by side."""
+
+    def image_count(self, cfg: Any) -> int | None:
+        n, grid = grid_image_count(cfg), cfg.guidance.get("grid")
+        return n and n * (len(grid) if isinstance(grid, (list, ListConfig)) and grid else 1)
 
     def validate(self, cfg: Any, problems: list[str]) -> None:
         try:

@@ -37,9 +37,23 @@ def txt2img_batch(run: Run, guidance=None):
     return make
 
 
+def grid_image_count(cfg) -> int | None:
+    """prompt/seed rows x guidance scales, None when those lists are bad (validation says why)."""
+    try:
+        prompts, seeds, scales = list(cfg.prompts or cfg.model.get("example_prompts") or []), list(cfg.seeds), \
+            list(cfg.guidance_scales)
+    except Exception:
+        return None
+    rows = min(len(prompts), len(seeds)) if cfg.combine == "zip" else len(prompts) * len(seeds)
+    return rows * len(scales) or None
+
+
 @register_task("txt2img")
 class Txt2Img(Task):
     """Text to image: rows = prompt/seed, columns = guidance scale."""
+
+    def image_count(self, cfg) -> int | None:
+        return grid_image_count(cfg)
 
     def run(self, run: Run) -> None:
         cfg = run.cfg
