@@ -348,3 +348,19 @@ def test_an_inpainting_model_under_txt2img_is_one_line(models):
     with pytest.raises(ConfigError, match="its UNet takes 9 input channels, this task gives it 4 \\(an inpainting "
                                           "model: use task=inpaint\\)"):
         Sampler(models[9]).txt2img(["a red circle"], [0], steps=2, progress=False)
+
+
+def test_rerun_resumes_from_the_missing_image(tmp_path, files):
+    """An interrupted inpainting run continues: the image whose PNG is missing is made again, identical."""
+    src, mask = files
+    cfg = compose_cfg("task=inpaint", f"init_image={src}", f"mask_image={mask}", "prompts=[a red circle]",
+                      "seeds=[1,2]", "steps=3", "scheduler=ddim")
+    run(cfg, tmp_path)
+    recs = [m for m in _manifest(tmp_path) if m["type"] == "image"]
+    first = {m["path"]: _png(tmp_path / m["path"]) for m in recs}
+    (tmp_path / recs[1]["path"]).unlink()
+    r = run(cfg, tmp_path)
+    assert [m["path"] for m in r.records] == [m["path"] for m in recs]
+    assert r.records[1]["outside_change"] == recs[1]["outside_change"]
+    for p, img in first.items():
+        assert np.array_equal(_png(tmp_path / p), img)
