@@ -193,7 +193,9 @@ def test_paste_back_keeps_the_unmasked_pixels_exactly(tmp_path, files):
 
 
 def test_all_white_mask_equals_img2img(tmp_path, files):
-    """A 4-channel model with an all-white mask is image-to-image: the same PNGs as task=img2img."""
+    """A 4-channel model with an all-white mask is image-to-image: the same PNGs as task=img2img (to one level
+    of rounding: the two diffusers pipelines lay the source's latents out differently in memory, and the UNet's
+    conv kernels then differ by ~1e-6)."""
     src, _ = files
     white = tmp_path / "white.png"
     Image.new("L", (24, 16), 255).save(white)
@@ -205,7 +207,7 @@ def test_all_white_mask_equals_img2img(tmp_path, files):
     b = sorted(m["path"] for m in _manifest(tmp_path / "i2i") if m["type"] == "image")
     assert a == b and len(a) == 2
     for p in a:
-        assert np.array_equal(_png(tmp_path / "inp" / p), _png(tmp_path / "i2i" / p))
+        assert np.abs(_png(tmp_path / "inp" / p) - _png(tmp_path / "i2i" / p)).max() <= 1 / 255 + 1e-6
 
 
 def test_inpainting_model_folder_is_picked_and_matches_the_pipeline(tmp_path, models, caplog):

@@ -118,7 +118,9 @@ def inpaint(
     if kind == 4 or not is_max:
         if encoded is None:
             encoded = im.encode(c.vae, pixels)
-        image_latents = im.sample_latents(c.vae, encoded, generators).to(c.dtype)
+        # contiguous, as the pipeline's repeat() leaves it: the VAE's sample can come out channels-last, and
+        # the blend would pass that layout on to the UNet's input (another conv kernel, ~1e-6 apart)
+        image_latents = im.sample_latents(c.vae, encoded, generators).to(c.dtype).contiguous()
     if is_max:
         noise = randn_tensor(shape, generator=generators, device=c.device, dtype=c.dtype)
         latents = noise * scheduler.init_noise_sigma
