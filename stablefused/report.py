@@ -4,7 +4,9 @@ automatically at the end of every ``-m`` run, see :class:`stablefused.sweeps.Swe
 Writes into the sweep dir:
 
 - ``summary.csv``: one row per job: its swept values and overrides, status (+ reason), images, wall time,
-  UNet rows and model calls where recorded, and the mean of every numeric metric over the job's images
+  UNet rows and model calls (from the manifest's final ``run`` record; a resumed job counts only the work of
+  its last run, not what a killed run had done before), and the mean of every numeric metric over the job's
+  images
 - ``report_grid.png``: one row per job, labelled with its swept overrides; cells are the job's images (or
   its ``grid.png`` when a job has more than ``max_cells`` images)
 - ``plots/<metric>_vs_<key>.png``: each metric's mean against each swept key with at least two numeric
@@ -76,7 +78,7 @@ def _num(v: Any) -> float | None:
 
 
 def _wandb_summary(job_dir: Path) -> dict:
-    for p in sorted(job_dir.glob("wandb/*run-*/files/wandb-summary.json")):
+    for p in sorted(job_dir.glob("wandb/*run-*/files/wandb-summary.json"), reverse=True):  # newest first
         try:
             return json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
@@ -108,12 +110,16 @@ def _load_job(job_dir: Path) -> Job:
             if k not in PARAM_KEYS and (x := _num(v)) is not None:
                 sums.setdefault(k, []).append(x)
     job.metrics = {k: sum(v) / len(v) for k, v in sums.items()}
-    # UNet rows: the job's status (from the run's stats), else the manifest's per-variant compute records
-    # (guidance_grid), else the W&B run summary
+    # UNet rows and model calls: the manifest's final run record, else the job's status, else the manifest's
+    # per-variant compute records (guidance_grid), else the W&B run summary. A resumed run counts only its
+    # own work (the images it made), not the images a killed run had made before.
+    run_rec = next((r for r in reversed(recs) if r.get("type") == "run"), {})
     compute = [r for r in recs if r.get("type") == "compute" and _num(r.get("unet_rows")) is not None]
     summary = _wandb_summary(job_dir)
+    if job.wall_s is None:
+        job.wall_s = run_rec.get("wall_s")
     for key in ("unet_rows", "model_calls"):
-        v = status.get(key)
+        v = run_rec.get(key, status.get(key))
         if v is None and compute and key == "unet_rows":
             v = sum(int(r["unet_rows"]) for r in compute)
         if v is None:

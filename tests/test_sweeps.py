@@ -169,3 +169,73 @@ def test_report_logged_to_wandb_in_the_sweeps_group(basic, tmp_path):
     assert any("media/table/sweep_summary" in f for f in files)
     assert any("media/images/report_grid" in f for f in files)
     assert any("shapes_adherence_mean_vs_guidance_scales" in f for f in files)
+
+
+# ------------------------------------------------------------------------------------------- resume
+RESUME = ["steps=4", "batch_size=2", "prompts=[a red circle]", "seeds=[" + ",".join(map(str, range(24))) + "]"]
+
+
+def images_per_index(job_dir: Path) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for line in (job_dir / "manifest.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["type"] == "image":
+            counts[rec["index"]] = counts.get(rec["index"], 0) + 1
+    return counts
+
+
+@pytest.mark.slow  # three sweeps of 72 images each (~35 s here)
+def test_killed_sweep_resumes_to_the_same_pngs(tmp_path):
+    import signal
+    import time
+
+    ref, d = tmp_path / "ref", tmp_path / "sweep"
+    res = sweep(ref, GUIDANCE, *RESUME)
+    assert res.returncode == 0, res.stderr[-3000:]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "stablefused", "-m", *BASE, GUIDANCE, *RESUME,
+                             f"hydra.sweep.dir={d}"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # kill when job 1 has a few images
+        m = d / "1" / "manifest.jsonl"
+        if m.is_file() and m.read_text().count('"type": "image"') >= 4:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, as a scheduler's kill does
+    proc.wait()
+    killed = statuses(d)
+    assert killed["0"]["status"] == "ok" and killed["1"]["status"] == "running" and "2" not in killed
+    made = images_per_index(d / "1")
+    assert 4 <= len(made) < 24  # job 1 was stopped midway
+
+    res = sweep(d, GUIDANCE, *RESUME, "resume=true")
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert f"{d / '0'} is complete" in log and f"{d / '1'} is complete" not in log  # job 0 skipped
+    assert "resuming: %d of 24 images already in %s" % (len(made), d / "1") in log
+    assert model_loads(d) == 2  # the killed process and the rerun (job 0 did not load it again)
+    ours, theirs = pngs(d), pngs(ref)
+    assert sorted(ours) == sorted(theirs) and len(ours) == 72
+    assert all(ours[k] == theirs[k] for k in theirs)  # every PNG byte-identical with the uninterrupted sweep
+    for name in ("grid.png", "report_grid.png"):
+        for a in sorted(ref.glob(f"**/{name}")):
+            assert (d / a.relative_to(ref)).read_bytes() == a.read_bytes(), a
+    for job in "012":
+        assert images_per_index(d / job) == {i: 1 for i in range(24)}  # no duplicate manifest lines
+        runs = [json.loads(x) for x in (d / job / "manifest.jsonl").read_text().splitlines()
+                if json.loads(x)["type"] == "run"]
+        assert len(runs) == 1 and runs[0]["images"] == 24
+    # job 1's run record counts only the images the rerun made
+    run1 = json.loads((d / "1" / "manifest.jsonl").read_text().splitlines()[-1])
+    assert run1["kept"] == len(made) and run1["model_calls"] == 4 * (24 - len(made)) // 2 + 4 * ((24 - len(made)) % 2)
+    st = statuses(d)
+    assert [s["status"] for s in st.values()] == ["ok"] * 3
+    assert st["0"] == killed["0"]  # the skipped job's status.json is left as it was
+    md = (d / "report.md").read_text()
+    assert "3 jobs, 3 ok, 0 failed" in md
+    with open(d / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["images"] for r in rows] == ["24"] * 3
+    assert int(rows[1]["model_calls"]) == run1["model_calls"] and rows[0]["model_calls"] == "48"
