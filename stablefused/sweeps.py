@@ -157,6 +157,8 @@ def log_to_wandb(logger_cfg: Any, sweep_dir: Path, jobs: list) -> Any:
         logger.table("sweep_summary", header, rows)
         if (sweep_dir / "report_grid.png").is_file():
             logger.image("report_grid", Image.open(sweep_dir / "report_grid.png").convert("RGB"))
+        for p in sorted(sweep_dir.glob("xyz*.png")):
+            logger.image(p.stem, Image.open(p).convert("RGB"))
         for p in sorted((sweep_dir / "plots").glob("*.png")):
             logger.image(f"plots/{p.stem}", Image.open(p).convert("RGB"))
         bad = [j for j in jobs if j.status != "ok"]

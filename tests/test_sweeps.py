@@ -239,3 +239,40 @@ def test_killed_sweep_resumes_to_the_same_pngs(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["images"] for r in rows] == ["24"] * 3
     assert int(rows[1]["model_calls"]) == run1["model_calls"] and rows[0]["model_calls"] == "48"
+
+
+# ------------------------------------------------------------------------------------------- X/Y/Z plot
+def test_xyz_plot_batches_x_and_makes_one_grid_per_z(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    res = sweep(tmp_path, "experiment=xyz", "xyz.y=scheduler", "xyz.z=steps", "guidance_scales=[0,5]",
+                "scheduler=ddim,euler", "steps=2,3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    st = statuses(tmp_path)
+    assert len(st) == 4  # 2 schedulers x 2 step counts; the 2 guidance scales share each job's batch
+    assert all(len(list((tmp_path / j / "images").glob("*.png"))) == 2 for j in st)
+    assert sorted(p.name for p in tmp_path.glob("xyz*.png")) == ["xyz_2.png", "xyz_3.png"]
+    job = {(j.values()["scheduler"], j.values()["steps"]): j.dir for j in report.collect(tmp_path)}
+    for steps in (2, 3):
+        g = np.asarray(Image.open(tmp_path / f"xyz_{steps}.png").convert("RGB"))
+        cell = 16 * 12  # tiny_random's 16 px upscaled to the grid's 192 px cells
+        top, left = g.shape[0] - 2 * cell, g.shape[1] - 2 * cell  # 2 rows (schedulers) x 2 columns (guidance)
+        assert top > 0 and left > 0  # room for the labels
+        for r, sched in enumerate(("ddim", "euler")):
+            d = job[(sched, str(steps))]
+            recs = [json.loads(x) for x in (d / "manifest.jsonl").read_text().splitlines()]
+            for c, scale in enumerate((0.0, 5.0)):
+                (rec,) = [x for x in recs if x["type"] == "image" and x["guidance_scale"] == scale]
+                want = np.asarray(Image.open(d / rec["path"]).convert("RGB").resize((cell, cell), Image.NEAREST))
+                got = g[top + r * cell: top + (r + 1) * cell, left + c * cell: left + (c + 1) * cell]
+                assert np.array_equal(got, want), (steps, sched, scale)
+    md = (tmp_path / "report.md").read_text()
+    assert "![xyz_2](xyz_2.png)" in md and "![xyz_3](xyz_3.png)" in md
+
+
+def test_xyz_axis_typo_is_one_line(tmp_path):
+    res = sweep(tmp_path, "experiment=xyz", "xyz.y=schedular", "scheduler=ddim,euler")
+    assert res.returncode == 1
+    errors = [x for x in (res.stdout + res.stderr).splitlines() if "ERROR" in x and "job 0" in x]
+    assert errors and errors[0].endswith("xyz.y=schedular: no such setting; did you mean scheduler?")
