@@ -343,7 +343,7 @@ def xyz_grids(jobs: list[Job], out_dir: Path) -> list[Path]:
                 tiles.append(tile)
         if not any(tiles):
             continue
-        label = lambda key, v: _wrap(f"{key}={v}" if key else "", 24)  # noqa: E731
+        label = lambda key, v: _wrap(f"{key}={v}" if key else "")  # noqa: E731
         img = grid(tiles, rows=len(ys), cols=len(xs), row_labels=[label(axes["y"], y) for y in ys],
                    col_labels=[label(axes["x"], x) for x in xs], title=f"{axes['z']}={z}" if axes["z"] else None)
         path = out_dir / (f"xyz_{_safe(str(z))}.png" if axes["z"] else "xyz.png")
