@@ -61,10 +61,28 @@ def test_basic_sweep_report(basic):
     # guidance 0 runs only the unconditional pass: half the UNet rows of the others
     assert int(rows[0]["unet_rows"]) * 2 == int(rows[1]["unet_rows"]) == int(rows[2]["unet_rows"])
     assert 0 <= float(rows[0]["shapes_adherence/mean"]) <= 1
+    for k, row in zip("012", rows):  # the manifest ends with the run's record; the report reads compute from it
+        last = json.loads((basic / k / "manifest.jsonl").read_text().splitlines()[-1])
+        assert last["type"] == "run" and last["images"] == 2 and last["kept"] == 0 and last["wall_s"] > 0
+        assert (last["unet_rows"], last["model_calls"]) == (int(row["unet_rows"]), int(row["model_calls"]))
     assert (basic / "report_grid.png").is_file()
     assert (basic / "plots" / "shapes_adherence_mean_vs_guidance_scales.png").is_file()
     md = (basic / "report.md").read_text()
     assert "3 jobs, 3 ok, 0 failed" in md and "report_grid.png" in md
+
+
+def test_rerun_of_a_finished_sweep_skips_every_job(basic, tmp_path):
+    import shutil
+
+    d = tmp_path / "sweep"
+    shutil.copytree(basic, d)
+    before = {p: p.stat().st_mtime_ns for p in d.glob("*/images/*.png")}
+    res = sweep(d, GUIDANCE, "resume=true")
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert all(f"{d / k} is complete" in log for k in "012") and "Loaded model" not in log
+    assert {p: p.stat().st_mtime_ns for p in d.glob("*/images/*.png")} == before  # nothing made again
+    assert statuses(d) == statuses(basic)
 
 
 def test_failed_job_does_not_stop_the_sweep(tmp_path, capsys):
