@@ -177,7 +177,7 @@ class Run:
 # ------------------------------------------------------------------------------------------- run dir
 RUN_FILE = "run.json"
 # Settings that change neither the images nor their records: a rerun that differs only in these continues.
-NOT_OUTPUT = ("progress", "logger", "batch_size", "resume", "overwrite", "hydra")
+NOT_OUTPUT = ("progress", "logger", "batch_size", "resume", "overwrite", "hydra", "xyz")
 
 
 def fingerprint(cfg: DictConfig) -> dict:
@@ -243,7 +243,7 @@ def _keep_images(run_dir: Path) -> dict[int, dict]:
     done: dict[int, dict] = {}
     parts: dict[int, dict[str, dict]] = defaultdict(dict)
     if manifest.is_file():
-        for rec in Manifest(manifest).records():
+        for rec in read_records(manifest):
             if "index" not in rec or not (run_dir / rec.get("path", "")).is_file():
                 continue  # artifacts (grids, plots) are made again
             if rec.get("type") == "image":
@@ -255,6 +255,28 @@ def _keep_images(run_dir: Path) -> dict[int, dict]:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     tmp.replace(manifest)
     return done
+
+
+def read_records(manifest: Path) -> list[dict]:
+    """The manifest's records, skipping a line cut short by a killed process (the next run rewrites it)."""
+    out = []
+    for line in manifest.read_text().splitlines() if manifest.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def is_complete(cfg: DictConfig, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds this config's finished run: same ``run.json`` config, the manifest's final
+    ``run`` record written, and every file the manifest lists on disk (a rerun would have nothing to do)."""
+    meta = run_dir / RUN_FILE
+    if not meta.is_file() or json.loads(meta.read_text()).get("config") != fingerprint(cfg):
+        return False
+    recs = read_records(run_dir / "manifest.jsonl")
+    return bool(recs) and recs[-1].get("type") == "run" and all(
+        (run_dir / r["path"]).is_file() for r in recs if r.get("path"))
 
 
 def _remove_outputs(run_dir: Path) -> None:
