@@ -60,6 +60,8 @@ class Run:
     stats: dict = field(default_factory=lambda: {"unet_rows": 0, "model_calls": 0})
     done: dict[int, dict] = field(default_factory=dict)  # image records already on disk (a resumed run), by index
     failures: list[str] = field(default_factory=list)  # plugins that raised, one line each
+    # False: images are written and scored but not kept in ``images`` (long walks: memory stays flat)
+    keep_images: bool = True
 
     def path(self, *parts: str) -> Path:
         p = self.run_dir.joinpath(*parts)
@@ -75,7 +77,8 @@ class Run:
                 todo.append(cell)
             else:
                 self.records.append(rec)
-                self.images.append(Image.open(self.run_dir / rec["path"]).convert("RGB"))
+                if self.keep_images:
+                    self.images.append(Image.open(self.run_dir / rec["path"]).convert("RGB"))
         if len(todo) < len(cells):
             log.info("resuming: %d of %d images already in %s", len(cells) - len(todo), len(cells), self.run_dir)
         return todo
@@ -101,7 +104,8 @@ class Run:
         if todo and len(todo) < len(cells):  # resumed: images from disk came first; restore index order
             order = sorted(range(len(self.records)), key=lambda i: self.records[i]["index"])
             self.records[:] = [self.records[i] for i in order]
-            self.images[:] = [self.images[i] for i in order]
+            if self.keep_images:
+                self.images[:] = [self.images[i] for i in order]
         return compute
 
     def add_images(self, images: np.ndarray, records: list[dict]) -> list[Image.Image]:
@@ -115,7 +119,8 @@ class Run:
         for img, rec in zip(pil, records):
             self.manifest.append(rec)
             self.records.append(rec)
-            self.images.append(img)
+            if self.keep_images:
+                self.images.append(img)
         return pil
 
     def score(self, images: list[Image.Image], records: list[dict]) -> None:
@@ -155,6 +160,8 @@ class Run:
 
 # ------------------------------------------------------------------------------------------- run dir
 RUN_FILE = "run.json"
+# Manifest record types that a resumed run keeps and does not make again (one file per index).
+OUTPUT_TYPES = ("image", "frame")
 # Settings that change neither the images nor their records: a rerun that differs only in these continues.
 NOT_OUTPUT = ("progress", "logger", "batch_size", "resume", "overwrite", "hydra")
 
@@ -216,7 +223,7 @@ def _keep_images(run_dir: Path) -> dict[int, dict]:
     done: dict[int, dict] = {}
     if manifest.is_file():
         for rec in Manifest(manifest).records():
-            if rec.get("type") == "image" and (run_dir / rec["path"]).is_file():
+            if rec.get("type") in OUTPUT_TYPES and (run_dir / rec["path"]).is_file():
                 done[int(rec["index"])] = rec
     tmp = manifest.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in sorted(done.values(), key=lambda r: r["index"])))
