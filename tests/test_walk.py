@@ -198,10 +198,17 @@ def test_interrupted_walk_resumes_to_the_same_frames_and_video(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         run(walk_cfg(*common), tmp_path / "cut")
     assert len(frame_records(tmp_path / "cut")) == 6 and not (tmp_path / "cut" / "walk.mp4").exists()
-    monkeypatch.setattr(walk_task, "render", real)
+    made = []
+
+    def counting(run_, walker_, frames, *args, **kwargs):
+        made.extend(f.index for f in frames)
+        return real(run_, walker_, frames, *args, **kwargs)
+
+    monkeypatch.setattr(walk_task, "render", counting)
     # also lose the last written frame's PNG (its manifest line stays): it is made again
     (tmp_path / "cut" / "frames" / "000005.png").unlink()
     run(walk_cfg(*common[:-1], "batch_size=5"), tmp_path / "cut")  # batch_size may differ on resume
+    assert made == list(range(5, 12))  # only the missing frames were made
     recs = frame_records(tmp_path / "cut")
     assert [r["frame"] for r in recs] == list(range(12))
     for p, q in zip(sorted((tmp_path / "full" / "frames").glob("*.png")), sorted((tmp_path / "cut" / "frames").glob("*.png"))):

@@ -39,8 +39,8 @@ from stablefused.walkers import Frame, Keys, Walk, Walker, default_keyframes, de
 
 log = logging.getLogger(__name__)
 PACINGS = ("uniform", "even")
-PREVIEW_GRID = 4  # pacing=even: previews per frame along each segment
-PREVIEW_STEPS = 6  # ... each made with this many steps (at most the walk's)
+PREVIEW_BUDGET = 8  # pacing=even: at most this many previews per frame of a segment
+MIN_WIDTH = 1e-7  # ... and no finer than this fraction of a segment (float32 noise: ~1e-7 relative)
 VIDEO_MIN_SIDE = 256  # small models' frames are upscaled (nearest) to at least this in the video
 
 
@@ -149,8 +149,14 @@ def frame_distances(images: np.ndarray) -> np.ndarray:
 
 
 def even_pacing(run: Run, walker: Walker, frames: list[Frame], keys: Keys, uncond: torch.Tensor) -> list[Frame]:
-    """Move each segment's positions so that consecutive frames are equally different: previews on a fine
-    grid of positions → cumulative change → its inverse at the frames' (uniform) positions."""
+    """Move each segment's positions so that consecutive frames are equally different.
+
+    Per segment of n frames: previews (made like the frames, through the one loop) on a grid of 2n + 1
+    positions; then, while the preview budget lasts, the intervals that change more than half a frame's share
+    are split (a steep change, such as the picture flipping from one shape to another, is found to
+    ~1e-6 of the segment); the frames go where the cumulative change reaches k / n of the total. An interval
+    still changing more than one frame's share when the budget or the float precision ends is a jump: it is
+    given one frame step, and the other frames share the rest evenly."""
     path = run.run_dir / "pacing.json"
     if path.is_file():  # a resumed walk: the positions its first frames were made with
         saved = json.loads(path.read_text())
@@ -158,33 +164,57 @@ def even_pacing(run: Run, walker: Walker, frames: list[Frame], keys: Keys, uncon
             for f, p in zip(frames, saved["positions"]):
                 f.position = float(p)
             return frames
-    steps = min(PREVIEW_STEPS, int(run.cfg.steps))
-    segments = sorted({f.segment for f in frames})
+    steps, batch = int(run.cfg.steps), int(run.cfg.batch_size)
     report, rows = {}, 0
-    for s in segments:
+
+    def preview(segment: int, positions: list[float]) -> np.ndarray:
+        nonlocal rows
+        out = []
+        for i in range(0, len(positions), batch):
+            gen = render(run, walker, [Frame(-1, segment, float(u)) for u in positions[i : i + batch]], keys, uncond,
+                         steps)
+            rows += gen.context.stats["unet_rows"]
+            out.append(gen.images)
+        return np.concatenate(out)
+
+    for s in sorted({f.segment for f in frames}):
         own = [f for f in frames if f.segment == s and 0 < f.position < 1]
         if not own:
             continue
         n = len([f for f in frames if f.segment == s and f.position < 1])
-        grid = np.linspace(0.0, 1.0, PREVIEW_GRID * n + 1)
-        images = []
-        for i in range(0, len(grid), int(run.cfg.batch_size)):
-            chunk = [Frame(-1, s, float(u)) for u in grid[i : i + int(run.cfg.batch_size)]]
-            gen = render(run, walker, chunk, keys, uncond, steps)
-            rows += gen.context.stats["unet_rows"]
-            images.append(gen.images)
-        d = frame_distances(np.concatenate(images))
-        cum = np.concatenate([[0.0], np.cumsum(d)])
+        grid = list(np.linspace(0.0, 1.0, 2 * n + 1))
+        images = list(preview(s, grid))
+        budget = PREVIEW_BUDGET * n
+        while len(grid) < budget:
+            d = frame_distances(np.stack(images))
+            share = d.sum() / n
+            widths = np.diff(grid)
+            todo = [i for i in np.argsort(-d) if d[i] > share / 2 and widths[i] > MIN_WIDTH][: max(1, batch // 3)]
+            if not todo:
+                break
+            parts = max(4, batch // len(todo) + 1)  # one batch per round: few intervals are split finer
+            new = sorted(grid[i] + widths[i] * j / parts for i in todo for j in range(1, parts))
+            for u, img in zip(new, preview(s, new)):
+                k = int(np.searchsorted(grid, u))
+                grid.insert(k, u)
+                images.insert(k, img)
+        d = frame_distances(np.stack(images))
+        share = d.sum() / n
+        jumps = d > share
+        if jumps.any() and (~jumps).any():  # a jump takes one frame step; the rest share what is left
+            share = d[~jumps].sum() / max(n - int(jumps.sum()), 1)
+        cost = np.minimum(d, share)
+        cum = np.concatenate([[0.0], np.cumsum(cost)])
         if cum[-1] <= 0:
             continue
         for f in own:
             f.position = float(np.interp(f.position * cum[-1], cum, grid))
-        report[str(s)] = {"grid": len(grid), "change": round(float(cum[-1]), 6)}
+        report[str(s)] = {"previews": len(grid), "change": round(float(d.sum()), 6), "jumps": int(jumps.sum())}
     run.stats["unet_rows"] += rows
     path.write_text(strict_json({"frames": len(frames), "preview_steps": steps, "preview_unet_rows": rows,
                                  "segments": report, "positions": [f.position for f in frames]}))
     run.manifest.append({"type": "file", "path": "pacing.json", "caption": "pacing=even: positions per frame"})
-    log.info("pacing=even: %d previews at %d steps (%d UNet rows)", sum(v["grid"] for v in report.values()), steps, rows)
+    log.info("pacing=even: %d previews (%d UNet rows)", sum(v["previews"] for v in report.values()), rows)
     return frames
 
 
