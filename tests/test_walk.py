@@ -245,7 +245,8 @@ def test_story_walk_captions_srt_and_sample_story(tmp_path):
 
 # ------------------------------------------------------------------------------------------- audio
 def click_track(path, seconds=3.0, clicks=(0.55, 1.55, 2.55), sr=16000):
-    import soundfile as sf
+    pytest.importorskip("librosa")  # the `audio` extra
+    sf = pytest.importorskip("soundfile")
 
     y = 0.01 * np.sin(2 * np.pi * 220 * np.arange(int(seconds * sr)) / sr)
     for c in clicks:
@@ -287,7 +288,9 @@ def test_audio_walk_mp4_carries_the_audio(tmp_path):
 
 def test_audio_without_librosa_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "librosa", None)
-    wav = click_track(tmp_path / "c.wav", seconds=0.5, clicks=())
+    from stablefused.paths import config_dir
+
+    wav = config_dir() / "walker" / "sounds" / "clicks.wav"
     with pytest.raises(ConfigError) as e:
         run(walk_cfg("walker=audio", f"audio={wav}", f"prompts=[{P1},{P2}]", "seeds=[1,2]"), tmp_path / "run")
     assert str(e.value) == "walker=audio needs librosa and soundfile: pip install 'stablefused[audio]'"

@@ -36,8 +36,10 @@ def percussive_envelope(path, start=0.0, duration=None, margin=1.0):
 
 @register("walkers", "audio")
 class Audio(Walker):
-    """Frame timing from an audio file (audio=, audio_start=, audio_duration=, fps=): fast on beats, slow between
-    them (percussive onset envelope via librosa); the video lasts as long as the audio and carries it."""
+    """Paced by an audio file's beats (percussive envelope, librosa); the MP4 lasts as long as the audio and carries it.
+
+    Task keys audio=, audio_start=, audio_duration=, fps=. ``floor``: the speed between beats (fraction of
+    the loudest beat's); ``smooth``: smooth the envelope; ``margin``: librosa.decompose.hpss margin."""
 
     paces_itself = True
 

@@ -10,8 +10,10 @@ STREAM = 1  # the second axis b of the circle: an extra noise stream of the firs
 
 @register("walkers", "circle")
 class Circle(Walker):
-    """A closed loop in noise space around the first keyframe: x = cos θ·a + sin θ·b, θ: 0 → 2π (always loops);
-    prompt fixed (text=fixed) or interpolated through the keyframes (lerp|slerp)."""
+    """A closed loop in noise space around the first keyframe: x = cos θ·a + sin θ·b, θ from 0 to 2π.
+
+    Always loops. ``b`` is an extra noise stream of the first keyframe's seed. The prompt stays the first
+    keyframe's (text=fixed) or is interpolated through the keyframes (lerp|slerp)."""
 
     closed = True
     min_keyframes = 1

@@ -10,8 +10,10 @@ STREAM = 1000  # + segment: the random steps of a segment, an extra noise stream
 
 @register("walkers", "random")
 class RandomWalk(Walker):
-    """A random walk in noise space, reproducible from the seeds: between keyframes the noise wanders by
-    ``step`` (× the noise's std) per frame, pinned at both keyframes (a Brownian bridge), kept at slerp's norm."""
+    """A random walk in noise space between keyframes (a Brownian bridge, reproducible from the seeds).
+
+    The noise wanders by ``step`` (× the noise's std) per frame, pinned at both keyframes, and is kept at the
+    slerp's norm."""
 
     def __init__(self, step: float = 0.15, text: str = "lerp", easing: str = "linear"):
         super().__init__(text=text, easing=easing)

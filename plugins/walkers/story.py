@@ -30,8 +30,9 @@ def read_story(path: str | Path) -> list[tuple[float, str, str]]:
 
 @register("walkers", "story")
 class Story(Walker):
-    """Scenes from a text file (story=path: 'seconds | prompt | caption' per line): each scene's seconds (at
-    fps) lead to the next; captions burned into the video and written to walk.srt."""
+    """Scenes from a story file ('seconds | prompt | caption' per line); captions burned in and in walk.srt.
+
+    ``story=path``: each scene's seconds (at fps) lead to the next scene."""
 
     def __init__(self, text: str = "slerp", easing: str = "cosine", caption_size: float = 0.06):
         super().__init__(text=text, easing=easing)
