@@ -220,7 +220,7 @@ def test_interrupted_walk_resumes_to_the_same_frames_and_video(tmp_path, monkeyp
 def test_story_walk_captions_srt_and_sample_story(tmp_path):
     story = tmp_path / "story.txt"
     story.write_text(f"# comment\n1 | {P1} | First scene\n\n0.5 | {P2} | Second, longer caption here\n1 | {P3}\n")
-    run(walk_cfg("walker=story", f"story={story}", "fps=4", "loop=true"), tmp_path / "run")
+    run(walk_cfg("walker=story", f"story={story}", "fps=4", "loop=true", "gif=true", "logger=wandb"), tmp_path / "run")
     recs = frame_records(tmp_path / "run")
     assert len(recs) == 4 + 2 + 4  # seconds x fps per scene, in a loop
     assert [r["caption"] for r in recs[:5]] == ["First scene"] * 4 + ["Second, longer caption here"]
@@ -236,6 +236,14 @@ def test_story_walk_captions_srt_and_sample_story(tmp_path):
     assert (plain != captioned).any(axis=2)[-40:].sum() > 100 and (plain == captioned).all(axis=2)[:150].all()
     vf = video_frames(tmp_path / "run" / "walk.mp4")
     assert vf.shape == (10, 256, 256, 3)
+    assert Image.open(tmp_path / "run" / "walk.gif").n_frames == 10
+    # W&B: the video and the per-frame table
+    from tests.test_app import read_wandb
+
+    (records,) = read_wandb(tmp_path / "run")
+    files = [f["path"] for r in records if r["type"] == "files" for f in r["files"]["files"]]
+    assert any("media/videos/walk_" in f and f.endswith(".mp4") for f in files), files
+    assert any("media/table/frames" in f for f in files), files
     # the sample story ships and parses
     from stablefused.paths import config_dir
 

@@ -40,6 +40,7 @@ from stablefused.walkers import Frame, Keys, Walk, Walker, default_keyframes, de
 log = logging.getLogger(__name__)
 PACINGS = ("uniform", "even")
 PREVIEW_BUDGET = 8  # pacing=even: at most this many previews per frame of a segment
+PREVIEW_SIDE = 64  # ... compared at most this size (area-averaged)
 MIN_WIDTH = 1e-7  # ... and no finer than this fraction of a segment (float32 noise: ~1e-7 relative)
 VIDEO_MIN_SIDE = 256  # small models' frames are upscaled (nearest) to at least this in the video
 
@@ -148,6 +149,16 @@ def frame_distances(images: np.ndarray) -> np.ndarray:
     return np.sqrt((d ** 2).reshape(len(d), -1).mean(axis=1))
 
 
+def thumbnails(images: np.ndarray, side: int = PREVIEW_SIDE) -> np.ndarray:
+    """Images (B, H, W, 3) area-averaged to at most ``side`` pixels: previews of a long segment stay small."""
+    f = max(1, -(-max(images.shape[1:3]) // side))
+    if f == 1:
+        return images
+    b, h, w, c = images.shape
+    h, w = h - h % f, w - w % f
+    return images[:, :h, :w].reshape(b, h // f, f, w // f, f, c).mean(axis=(2, 4))
+
+
 def even_pacing(run: Run, walker: Walker, frames: list[Frame], keys: Keys, uncond: torch.Tensor) -> list[Frame]:
     """Move each segment's positions so that consecutive frames are equally different.
 
@@ -174,7 +185,7 @@ def even_pacing(run: Run, walker: Walker, frames: list[Frame], keys: Keys, uncon
             gen = render(run, walker, [Frame(-1, segment, float(u)) for u in positions[i : i + batch]], keys, uncond,
                          steps)
             rows += gen.context.stats["unet_rows"]
-            out.append(gen.images)
+            out.append(thumbnails(gen.images))
         return np.concatenate(out)
 
     for s in sorted({f.segment for f in frames}):
