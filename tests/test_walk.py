@@ -376,6 +376,17 @@ def test_walker_gets_the_previous_frame_image(tmp_path):
         assert np.array_equal(PreviousImage.seen[i], pixels(tmp_path / recs[i - 1]["path"]))
 
 
+def test_guidance_recorders_and_metrics_work_in_a_walk(tmp_path):
+    r = run(walk_cfg(f"prompts=[{P1},{P2},{P3}]", "seeds=[1,2,3]", "guidance=cutoff", "recorders=[stats]",
+                     "metrics=[shapes_adherence]"), tmp_path)
+    recs = frame_records(tmp_path)
+    assert len(recs) == 7 and all("shapes_adherence/mean" in x and x["guidance_schedule"] == "cutoff" for x in recs)
+    # cutoff drops the unconditional half for the later steps: fewer UNet rows than full CFG (7 frames x 3 steps x 2)
+    assert r.stats["unet_rows"] < 7 * 3 * 2
+    assert (tmp_path / "records.safetensors").is_file()
+    assert set(json.loads((tmp_path / "metrics_by_segment.json").read_text())) == {"0", "1"}
+
+
 def test_experiments_compose():
     for name in ("latent_walk", "story_walk", "audio_walk"):
         cfg = compose_cfg(f"experiment={name}", "model=shapes")

@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 
 from stablefused import registry
 from stablefused.outputs import font, strict_json
-from stablefused.runs import Run, image_record, image_size, metric_keys
+from stablefused.runs import Run, image_record, image_size, metric_keys, summarise_metrics
 from stablefused.tasks import Task, register_task
 from stablefused.walkers import Frame, Keys, Walk, Walker, default_keyframes, derived_seed
 
@@ -406,5 +406,6 @@ class WalkTask(Task):
                                            json.dumps(r["prompt_weights"]), r["seed"], *[r.get(m) for m in mkeys]]
                                           for r in records])
         run.logger.summary({"frames": n, "fps": walk.fps, "seconds": n / walk.fps})
+        summarise_metrics(run, key="keyframe", label="segment (from keyframe)", filename="metrics_by_segment")
         log.info("walk: %d frames -> %s", n, video)
 
