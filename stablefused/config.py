@@ -39,7 +39,14 @@ TINY_RANDOM_TRAIN_STEPS = 1000  # the scheduler config build_tiny_random uses
 def task_keys(task: str) -> set[str]:
     """The task's own top-level keys: those of ``conf/task/<task>.yaml`` (empty for a task without one)."""
     path = config_dir() / "task" / f"{task}.yaml"
-    return set(OmegaConf.load(path).keys()) - {"task"} if path.is_file() else set()
+    if not path.is_file():
+        return set()
+    conf = OmegaConf.load(path)
+    keys = set(conf.keys()) - {"task", "defaults"}
+    for entry in conf.get("defaults") or []:  # a config group the task selects (``- /walker: interpolate``)
+        if isinstance(entry, DictConfig):
+            keys |= {str(k).removeprefix("override ").lstrip("/").split("@")[0].split("/")[0] for k in entry}
+    return keys
 
 
 def _unknown(keys: Any, allowed: set[str], where: str, task: str | None = None) -> None:
