@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from stablefused.outputs import Manifest
 from stablefused.paths import config_dir
 from stablefused.pipeline import Sampler
 from stablefused.runs import Run, make_plugins, open_run_dir
-from stablefused.sweeps import JobStatus, missing_launcher
+from stablefused.sweeps import JobStatus, finished, missing_launcher
 from stablefused.tasks import get_task
 
 log = logging.getLogger("stablefused")
@@ -33,6 +34,7 @@ log = logging.getLogger("stablefused")
 def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Run:
     """One StableFused run into ``run_dir``. Plugins, scheduler and logger are created fresh here, so
     nothing of one sweep job leaks into the next; only the loaded model modules are shared."""
+    start = time.perf_counter()
     validate(cfg)
     task = get_task(cfg.task)
     done = open_run_dir(cfg, run_dir)  # refuses another config's outputs; keeps this config's (resume)
@@ -51,6 +53,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Run:
     try:
         with signals.installed():
             _run_task(task, r)
+        r.manifest.append(run_record(r, time.perf_counter() - start))
         ok = not r.failures
     except signals.Interrupted as e:
         log.error("interrupted (%s) after %d of %d images; outputs in %s", e, len(r.records),
@@ -83,6 +86,13 @@ def _run_task(task: Any, r: Run) -> None:
                           "images": len(r.records)})
 
 
+def run_record(r: Run, wall_s: float) -> dict:
+    """The manifest's last record: what this run computed (a resumed run counts only its own work; ``kept``
+    images were on disk already) and its wall time. Its presence says the run got to the end."""
+    return {"type": "run", "unet_rows": r.stats["unet_rows"], "model_calls": r.stats["model_calls"],
+            "images": len(r.records), "kept": len(r.done), "wall_s": round(wall_s, 3)}
+
+
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
@@ -92,6 +102,10 @@ def hydra_main(cfg: DictConfig) -> dict:
     if multirun:
         group = f"{cfg.name}-{Path(hc.sweep.dir).name}"
         log.info("sweep job %s", hc.job.get("num"))
+    if (done := finished(cfg, run_dir)) is not None:
+        log.info("%s is complete (status.json ok, same config, every file there): skipped; overwrite=true "
+                 "makes it again", run_dir)
+        return done
     status = JobStatus(run_dir, job=hc.job.get("num"), overrides=list(hc.overrides.task), group=group)
     try:
         return status.ok(run(cfg, run_dir, group=group))
@@ -128,8 +142,8 @@ def override_problems(args: list[str]) -> list[str]:
     conf = config_dir()
     groups = {p.name for p in conf.iterdir() if p.is_dir()}
     keys = set(OmegaConf.load(conf / "config.yaml").keys()) - {"defaults"}
-    for f in (conf / "task").glob("*.yaml"):
-        keys |= set(OmegaConf.load(f).keys())
+    for f in [*(conf / "task").glob("*.yaml"), *(conf / "experiment").glob("*.yaml")]:  # both @package _global_
+        keys |= set(OmegaConf.load(f).keys()) - {"defaults"}
     known = keys | groups | {"hydra"}
     out = []
     for arg in args:

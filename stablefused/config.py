@@ -22,7 +22,7 @@ from stablefused.paths import config_dir
 CORE_KEYS = {
     "name", "task", "prompts", "negative_prompt", "seeds", "combine", "guidance_scales", "steps", "height",
     "width", "batch_size", "eta", "device", "dtype", "progress", "plugin_dirs", "model", "scheduler",
-    "guidance", "recorders", "visualizers", "metrics", "logger", "resume", "overwrite", "max_pixels",
+    "guidance", "recorders", "visualizers", "metrics", "logger", "resume", "overwrite", "max_pixels", "xyz",
 }
 MODEL_KEYS = {
     "name", "builtin", "bundled", "hub_id", "path", "config", "revision", "allow_pickle", "prediction_type",
@@ -39,7 +39,14 @@ TINY_RANDOM_TRAIN_STEPS = 1000  # the scheduler config build_tiny_random uses
 def task_keys(task: str) -> set[str]:
     """The task's own top-level keys: those of ``conf/task/<task>.yaml`` (empty for a task without one)."""
     path = config_dir() / "task" / f"{task}.yaml"
-    return set(OmegaConf.load(path).keys()) - {"task"} if path.is_file() else set()
+    if not path.is_file():
+        return set()
+    conf = OmegaConf.load(path)
+    keys = set(conf.keys()) - {"task", "defaults"}
+    for entry in conf.get("defaults") or []:  # a config group the task selects (``- /walker: interpolate``)
+        if isinstance(entry, DictConfig):
+            keys |= {str(k).removeprefix("override ").lstrip("/").split("@")[0].split("/")[0] for k in entry}
+    return keys
 
 
 def _unknown(keys: Any, allowed: set[str], where: str, task: str | None = None) -> None:
@@ -89,7 +96,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming every problem found (one line each); cheap checks only (no model loads)."""
     problems: list[str] = []
     for check in (_check_keys, _check_sampling, _check_size, _check_runtime, _check_model, _check_plugins,
-                  _check_task, _check_finite):
+                  _check_task, _check_finite, _check_xyz):
         try:
             check(cfg, problems)
         except (ConfigError, registry.PluginError) as e:
@@ -448,3 +455,26 @@ def _create_check(kind: str, name: str, params: Any, where: str, where_params: s
         raise ConfigError("\n".join(f"{where_params or where}.{p}" for p in e.problems)) from None
     except registry.PluginError as e:
         raise ConfigError(f"{where_params or where}: {e}") from None
+
+
+def _check_xyz(cfg: DictConfig, problems: list[str]) -> None:
+    """``experiment=xyz``: each of ``xyz.x``/``y``/``z`` is null or names a setting of this config, once."""
+    axes = cfg.get("xyz")
+    if axes is None:
+        return
+    if not isinstance(axes, DictConfig) or set(axes.keys()) - {"x", "y", "z"}:
+        raise ConfigError(f"xyz={axes!r}: must hold x, y and z, each a setting's name or null")
+    seen: dict[str, str] = {}
+    for axis in ("x", "y", "z"):
+        key = axes.get(axis)
+        if key is None:
+            continue
+        if not isinstance(key, str) or not key or key == "xyz" or key.startswith("xyz."):
+            problems.append(f"xyz.{axis}={key!r}: must name a setting, e.g. xyz.{axis}=steps")
+        elif OmegaConf.select(cfg, key, default="\0missing") == "\0missing":
+            close = difflib.get_close_matches(key, sorted(k for k in cfg.keys() if k != "xyz"), n=1)
+            problems.append(f"xyz.{axis}={key}: no such setting" + (f"; did you mean {close[0]}?" if close else ""))
+        elif key in seen:
+            problems.append(f"xyz.{axis}={key}: already the {seen[key]} axis; give each axis its own setting")
+        else:
+            seen[key] = axis

@@ -4,11 +4,14 @@ automatically at the end of every ``-m`` run, see :class:`stablefused.sweeps.Swe
 Writes into the sweep dir:
 
 - ``summary.csv``: one row per job: its swept values and overrides, status (+ reason), images, wall time,
-  UNet rows and model calls where recorded, and the mean of every numeric metric over the job's images
+  UNet rows and model calls (from the manifest's final ``run`` record; a resumed job counts only the work of
+  its last run, not what a killed run had done before), and the mean of every numeric metric over the job's
+  images
 - ``report_grid.png``: one row per job, labelled with its swept overrides; cells are the job's images (or
   its ``grid.png`` when a job has more than ``max_cells`` images)
 - ``plots/<metric>_vs_<key>.png``: each metric's mean against each swept key with at least two numeric
   values (one line per combination of the other swept keys)
+- ``xyz_<z>.png`` (``experiment=xyz``): one grid per z value, rows/columns the y/x values (:func:`xyz_grids`)
 - ``report.md``: all of the above in one page
 
 A job is a sub-directory holding ``.hydra/overrides.yaml``. Its status comes from ``status.json``; a job
@@ -47,6 +50,7 @@ class Job:
     model_calls: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     image_paths: list[Path] = field(default_factory=list)
+    image_records: list[dict] = field(default_factory=list)  # same order as image_paths
     label: str = ""
 
     def values(self) -> dict[str, str]:
@@ -76,7 +80,7 @@ def _num(v: Any) -> float | None:
 
 
 def _wandb_summary(job_dir: Path) -> dict:
-    for p in sorted(job_dir.glob("wandb/*run-*/files/wandb-summary.json")):
+    for p in sorted(job_dir.glob("wandb/*run-*/files/wandb-summary.json"), reverse=True):  # newest first
         try:
             return json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
@@ -101,19 +105,24 @@ def _load_job(job_dir: Path) -> Job:
     # one record per image path: the last one wins (a resumed run may write an image's record again)
     images = list({r.get("path", i): r for i, r in enumerate(recs) if r.get("type") == "image"}.values())
     job.images = len(images)
-    job.image_paths = [job_dir / r["path"] for r in images if "path" in r]
+    job.image_records = [r for r in images if "path" in r]
+    job.image_paths = [job_dir / r["path"] for r in job.image_records]
     sums: dict[str, list[float]] = {}
     for r in images:
         for k, v in r.items():
             if k not in PARAM_KEYS and (x := _num(v)) is not None:
                 sums.setdefault(k, []).append(x)
     job.metrics = {k: sum(v) / len(v) for k, v in sums.items()}
-    # UNet rows: the job's status (from the run's stats), else the manifest's per-variant compute records
-    # (guidance_grid), else the W&B run summary
+    # UNet rows and model calls: the manifest's final run record, else the job's status, else the manifest's
+    # per-variant compute records (guidance_grid), else the W&B run summary. A resumed run counts only its
+    # own work (the images it made), not the images a killed run had made before.
+    run_rec = next((r for r in reversed(recs) if r.get("type") == "run"), {})
     compute = [r for r in recs if r.get("type") == "compute" and _num(r.get("unet_rows")) is not None]
     summary = _wandb_summary(job_dir)
+    if job.wall_s is None:
+        job.wall_s = run_rec.get("wall_s")
     for key in ("unet_rows", "model_calls"):
-        v = status.get(key)
+        v = run_rec.get(key, status.get(key))
         if v is None and compute and key == "unet_rows":
             v = sum(int(r["unet_rows"]) for r in compute)
         if v is None:
@@ -267,6 +276,82 @@ def plots(jobs: list[Job], out_dir: Path) -> list[Path]:
     return written
 
 
+# ------------------------------------------------------------------------------------------- X/Y/Z plot
+# batched list settings -> the image-record key holding each image's value
+BATCHED = {"guidance_scales": "guidance_scale", "seeds": "seed", "prompts": "prompt"}
+
+
+def xyz_axes(jobs: list[Job]) -> dict[str, str | None] | None:
+    """The ``xyz`` node of the sweep's config (``experiment=xyz``) with its unnamed y/z axes filled in from
+    the swept settings in command-line order; None when the sweep is not an X/Y/Z plot."""
+    cfgs = [j.dir / ".hydra" / "config.yaml" for j in jobs if (j.dir / ".hydra" / "config.yaml").is_file()]
+    node = (yaml.safe_load(cfgs[0].read_text()) or {}).get("xyz") if cfgs else None
+    if not isinstance(node, dict):
+        return None
+    axes = {a: node.get(a) for a in "xyz"}
+    free = [k for k in swept_keys(jobs) if k not in axes.values()]
+    for a in "yz":
+        if axes[a] is None and free:
+            axes[a] = free.pop(0)
+    return axes
+
+
+def _axis_value(job: Job, rec: dict, key: str | None, swept: list[str]) -> str | None:
+    """An image's value on an axis: the job's override for a setting swept across jobs, else the image's own
+    record value for a batched setting (guidance_scales -> guidance_scale, strengths -> strength, ...)."""
+    if key is None:
+        return None
+    if key not in swept:
+        for k in (BATCHED.get(key), key, key[:-1] if key.endswith("s") else None):
+            if k and k in rec:
+                v = rec[k]
+                return f"{v:g}" if isinstance(v, float) else str(v)
+    return job.values().get(key, "-")
+
+
+def xyz_grids(jobs: list[Job], out_dir: Path) -> list[Path]:
+    """``experiment=xyz``: one labelled grid per z value (``xyz_<z>.png``, or ``xyz.png`` without z): rows =
+    y values, columns = x values, cells = the images with those values (side by side when several)."""
+    from PIL import Image
+
+    from stablefused.outputs import grid
+
+    axes = xyz_axes(jobs)
+    if axes is None or not any(j.image_paths for j in jobs):
+        return []
+    swept = swept_keys(jobs)
+    cells: dict[tuple, list[Path]] = {}
+    for j in jobs:
+        for rec, path in zip(j.image_records, j.image_paths):
+            if path.is_file():
+                cells.setdefault(tuple(_axis_value(j, rec, axes[a], swept) for a in "xyz"), []).append(path)
+    xs, ys, zs = (list(dict.fromkeys(c[i] for c in cells)) for i in range(3))
+    n = max(len(v) for v in cells.values())
+    written = []
+    for z in zs:
+        tiles = []
+        for y in ys:
+            for x in xs:
+                imgs = [Image.open(p).convert("RGB") for p in cells.get((x, y, z), [])]
+                if not imgs:
+                    tiles.append(None)
+                    continue
+                w, h = imgs[0].size
+                tile = Image.new("RGB", (w * n, h), "white")
+                for k, im in enumerate(imgs):
+                    tile.paste(im, (k * w, 0))
+                tiles.append(tile)
+        if not any(tiles):
+            continue
+        label = lambda key, v: _wrap(f"{key}={v}" if key else "")  # noqa: E731
+        img = grid(tiles, rows=len(ys), cols=len(xs), row_labels=[label(axes["y"], y) for y in ys],
+                   col_labels=[label(axes["x"], x) for x in xs], title=f"{axes['z']}={z}" if axes["z"] else None)
+        path = out_dir / (f"xyz_{_safe(str(z))}.png" if axes["z"] else "xyz.png")
+        img.save(path)
+        written.append(path)
+    return written
+
+
 def write_report(sweep_dir: str | Path, max_cells: int = 16) -> list[Job]:
     """Write summary.csv, report_grid.png, plots/ and report.md into ``sweep_dir``; return the jobs."""
     sweep_dir = Path(sweep_dir)
@@ -280,6 +365,7 @@ def write_report(sweep_dir: str | Path, max_cells: int = 16) -> list[Job]:
     if img is not None:
         img.save(sweep_dir / "report_grid.png")
     plot_paths = plots(jobs, sweep_dir / "plots")
+    xyz_paths = xyz_grids(jobs, sweep_dir)
 
     bad = [j for j in jobs if j.status != "ok"]
     common = [o for o in (jobs[0].overrides if jobs else []) if all(o in j.overrides for j in jobs)]
@@ -294,6 +380,8 @@ def write_report(sweep_dir: str | Path, max_cells: int = 16) -> list[Job]:
         md += ["", "## Failed jobs", ""] + [f"- #{j.name} ({j.label}): {j.status}: {j.reason}" for j in bad]
     if img is not None:
         md += ["", "## Images", "", "![one row per job](report_grid.png)"]
+    if xyz_paths:
+        md += ["", "## X/Y/Z", ""] + [f"![{p.stem}]({p.name})" for p in xyz_paths]
     if plot_paths:
         md += ["", "## Metrics vs swept values", ""] + [f"![{p.stem}](plots/{p.name})" for p in plot_paths]
     (sweep_dir / "report.md").write_text("\n".join(md) + "\n")

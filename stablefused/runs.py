@@ -64,6 +64,9 @@ class Run:
     done: dict[int, dict] = field(default_factory=dict)  # image records already on disk (a resumed run), by index
     failures: list[str] = field(default_factory=list)  # plugins that raised, one line each
     total: int = 0  # images the run will make (for progress and interrupt messages); generate() raises it
+    # False: images are written and scored but neither kept in ``images`` nor logged one by one to W&B (long
+    # walks: memory stays flat; the task logs its video instead)
+    keep_images: bool = True
 
     def path(self, *parts: str) -> Path:
         p = self.run_dir.joinpath(*parts)
@@ -78,11 +81,12 @@ class Run:
             if rec is None:
                 todo.append(cell)
             else:
-                kept.append((Image.open(self.run_dir / rec["path"]).convert("RGB"), rec))
                 self.records.append(rec)
-                self.images.append(kept[-1][0])
-        if kept:
-            log.info("resuming: %d of %d images already in %s", len(kept), len(cells), self.run_dir)
+                if self.keep_images:
+                    kept.append((Image.open(self.run_dir / rec["path"]).convert("RGB"), rec))
+                    self.images.append(kept[-1][0])
+        if len(todo) < len(cells):
+            log.info("resuming: %d of %d images already in %s", len(cells) - len(todo), len(cells), self.run_dir)
             self.log_images([k[0] for k in kept], [k[1] for k in kept])  # this W&B run gets them too
         return todo
 
@@ -108,7 +112,8 @@ class Run:
         if len(self.records) > 1:  # resumed, or several generate() calls: keep the records in index order
             order = sorted(range(len(self.records)), key=lambda i: self.records[i]["index"])
             self.records[:] = [self.records[i] for i in order]
-            self.images[:] = [self.images[i] for i in order]
+            if self.keep_images:
+                self.images[:] = [self.images[i] for i in order]
         return compute
 
     def add_images(self, images: np.ndarray, records: list[dict]) -> list[Image.Image]:
@@ -123,8 +128,9 @@ class Run:
             for img, rec in zip(pil, records):
                 self.manifest.append(rec)
                 self.records.append(rec)
-                self.images.append(img)
-            self.log_images(pil, records)
+            if self.keep_images:
+                self.images.extend(pil)
+                self.log_images(pil, records)
         return pil
 
     def log_images(self, images: list[Image.Image], records: list[dict]) -> None:
@@ -178,7 +184,7 @@ class Run:
 # ------------------------------------------------------------------------------------------- run dir
 RUN_FILE = "run.json"
 # Settings that change neither the images nor their records: a rerun that differs only in these continues.
-NOT_OUTPUT = ("progress", "logger", "batch_size", "resume", "overwrite", "hydra")
+NOT_OUTPUT = ("progress", "logger", "batch_size", "resume", "overwrite", "hydra", "xyz")
 
 
 def fingerprint(cfg: DictConfig) -> dict:
@@ -214,7 +220,9 @@ def open_run_dir(cfg: DictConfig, run_dir: Path) -> dict[int, dict]:
             raise ConfigError(f"resume=false: {run_dir} already holds this run's outputs; use a new run dir, "
                               "resume=true to continue it, or overwrite=true to start again")
         else:
-            done = _keep_images(run_dir)
+            from stablefused.tasks import get_task
+
+            done = _keep_images(run_dir, get_task(cfg.task).output_type)
     run_dir.mkdir(parents=True, exist_ok=True)
     meta.write_text(strict_json({"config": fp}))
     return done
@@ -236,18 +244,18 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 PART_TYPES = ("frame", "video", "strip")
 
 
-def _keep_images(run_dir: Path) -> dict[int, dict]:
-    """The image records of an interrupted run whose file exists (last record per index wins), with their
-    parts (:data:`PART_TYPES`); the manifest is rewritten to hold just those, so the continued run adds no
-    duplicate lines."""
+def _keep_images(run_dir: Path, output_type: str = "image") -> dict[int, dict]:
+    """The output records (``output_type``: the task's one record per index, e.g. a walk's ``frame``) of an
+    interrupted run whose file exists (last record per index wins), with their parts (:data:`PART_TYPES`);
+    the manifest is rewritten to hold just those, so the continued run adds no duplicate lines."""
     manifest = run_dir / "manifest.jsonl"
     done: dict[int, dict] = {}
     parts: dict[int, dict[str, dict]] = defaultdict(dict)
     if manifest.is_file():
-        for rec in Manifest(manifest).records():
+        for rec in read_records(manifest):
             if "index" not in rec or not (run_dir / rec.get("path", "")).is_file():
                 continue  # artifacts (grids, plots) are made again
-            if rec.get("type") == "image":
+            if rec.get("type") == output_type:
                 done[int(rec["index"])] = rec
             elif rec.get("type") in PART_TYPES:
                 parts[int(rec["index"])][rec["path"]] = rec
@@ -256,6 +264,28 @@ def _keep_images(run_dir: Path) -> dict[int, dict]:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     tmp.replace(manifest)
     return done
+
+
+def read_records(manifest: Path) -> list[dict]:
+    """The manifest's records, skipping a line cut short by a killed process (the next run rewrites it)."""
+    out = []
+    for line in manifest.read_text().splitlines() if manifest.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def is_complete(cfg: DictConfig, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds this config's finished run: same ``run.json`` config, the manifest's final
+    ``run`` record written, and every file the manifest lists on disk (a rerun would have nothing to do)."""
+    meta = run_dir / RUN_FILE
+    if not meta.is_file() or json.loads(meta.read_text()).get("config") != fingerprint(cfg):
+        return False
+    recs = read_records(run_dir / "manifest.jsonl")
+    return bool(recs) and recs[-1].get("type") == "run" and all(
+        (run_dir / r["path"]).is_file() for r in recs if r.get("path"))
 
 
 def _remove_outputs(run_dir: Path) -> None:

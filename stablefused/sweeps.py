@@ -86,6 +86,22 @@ class JobStatus:
         return self._finish("failed", reason=reason, **extra)
 
 
+def finished(cfg: Any, run_dir: Path) -> dict | None:
+    """``resume=true`` (not ``overwrite``): the status of a job that already finished in ``run_dir`` (status
+    ``ok`` and a complete run dir, :func:`stablefused.runs.is_complete`), so a rerun of the sweep skips it
+    without loading the model; None when there is work to do (a killed or failed job continues instead)."""
+    from stablefused.runs import is_complete
+
+    path = Path(run_dir) / STATUS
+    if not cfg.get("resume") or cfg.get("overwrite") or not path.is_file():
+        return None
+    try:
+        status = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return status if status.get("status") == "ok" and is_complete(cfg, Path(run_dir)) else None
+
+
 class SweepReport(Callback):
     """Registered in conf/config.yaml under ``hydra.callbacks``. At the end of a multirun (in the process
     that launched it, whatever the launcher) it writes the sweep report and exits non-zero naming the jobs
@@ -141,6 +157,8 @@ def log_to_wandb(logger_cfg: Any, sweep_dir: Path, jobs: list) -> Any:
         logger.table("sweep_summary", header, rows)
         if (sweep_dir / "report_grid.png").is_file():
             logger.image("report_grid", Image.open(sweep_dir / "report_grid.png").convert("RGB"))
+        for p in sorted(sweep_dir.glob("xyz*.png")):
+            logger.image(p.stem, Image.open(p).convert("RGB"))
         for p in sorted((sweep_dir / "plots").glob("*.png")):
             logger.image(f"plots/{p.stem}", Image.open(p).convert("RGB"))
         bad = [j for j in jobs if j.status != "ok"]

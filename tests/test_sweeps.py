@@ -61,10 +61,28 @@ def test_basic_sweep_report(basic):
     # guidance 0 runs only the unconditional pass: half the UNet rows of the others
     assert int(rows[0]["unet_rows"]) * 2 == int(rows[1]["unet_rows"]) == int(rows[2]["unet_rows"])
     assert 0 <= float(rows[0]["shapes_adherence/mean"]) <= 1
+    for k, row in zip("012", rows):  # the manifest ends with the run's record; the report reads compute from it
+        last = json.loads((basic / k / "manifest.jsonl").read_text().splitlines()[-1])
+        assert last["type"] == "run" and last["images"] == 2 and last["kept"] == 0 and last["wall_s"] > 0
+        assert (last["unet_rows"], last["model_calls"]) == (int(row["unet_rows"]), int(row["model_calls"]))
     assert (basic / "report_grid.png").is_file()
     assert (basic / "plots" / "shapes_adherence_mean_vs_guidance_scales.png").is_file()
     md = (basic / "report.md").read_text()
     assert "3 jobs, 3 ok, 0 failed" in md and "report_grid.png" in md
+
+
+def test_rerun_of_a_finished_sweep_skips_every_job(basic, tmp_path):
+    import shutil
+
+    d = tmp_path / "sweep"
+    shutil.copytree(basic, d)
+    before = {p: p.stat().st_mtime_ns for p in d.glob("*/images/*.png")}
+    res = sweep(d, GUIDANCE, "resume=true")
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert all(f"{d / k} is complete" in log for k in "012") and "Loaded model" not in log
+    assert {p: p.stat().st_mtime_ns for p in d.glob("*/images/*.png")} == before  # nothing made again
+    assert statuses(d) == statuses(basic)
 
 
 def test_failed_job_does_not_stop_the_sweep(tmp_path, capsys):
@@ -169,3 +187,110 @@ def test_report_logged_to_wandb_in_the_sweeps_group(basic, tmp_path):
     assert any("media/table/sweep_summary" in f for f in files)
     assert any("media/images/report_grid" in f for f in files)
     assert any("shapes_adherence_mean_vs_guidance_scales" in f for f in files)
+
+
+# ------------------------------------------------------------------------------------------- resume
+RESUME = ["steps=4", "batch_size=2", "prompts=[a red circle]", "seeds=[" + ",".join(map(str, range(24))) + "]"]
+
+
+def images_per_index(job_dir: Path) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for line in (job_dir / "manifest.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["type"] == "image":
+            counts[rec["index"]] = counts.get(rec["index"], 0) + 1
+    return counts
+
+
+@pytest.mark.slow  # three sweeps of 72 images each (~35 s here)
+def test_killed_sweep_resumes_to_the_same_pngs(tmp_path):
+    import signal
+    import time
+
+    ref, d = tmp_path / "ref", tmp_path / "sweep"
+    res = sweep(ref, GUIDANCE, *RESUME)
+    assert res.returncode == 0, res.stderr[-3000:]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "stablefused", "-m", *BASE, GUIDANCE, *RESUME,
+                             f"hydra.sweep.dir={d}"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # kill when job 1 has a few images
+        m = d / "1" / "manifest.jsonl"
+        if m.is_file() and m.read_text().count('"type": "image"') >= 4:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, as a scheduler's kill does
+    proc.wait()
+    killed = statuses(d)
+    assert killed["0"]["status"] == "ok" and killed["1"]["status"] == "running" and "2" not in killed
+    made = images_per_index(d / "1")
+    assert 4 <= len(made) < 24  # job 1 was stopped midway
+
+    res = sweep(d, GUIDANCE, *RESUME, "resume=true")
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert f"{d / '0'} is complete" in log and f"{d / '1'} is complete" not in log  # job 0 skipped
+    assert "resuming: %d of 24 images already in %s" % (len(made), d / "1") in log
+    assert model_loads(d) == 2  # the killed process and the rerun (job 0 did not load it again)
+    ours, theirs = pngs(d), pngs(ref)
+    assert sorted(ours) == sorted(theirs) and len(ours) == 72
+    assert all(ours[k] == theirs[k] for k in theirs)  # every PNG byte-identical with the uninterrupted sweep
+    for name in ("grid.png", "report_grid.png"):
+        for a in sorted(ref.glob(f"**/{name}")):
+            assert (d / a.relative_to(ref)).read_bytes() == a.read_bytes(), a
+    for job in "012":
+        assert images_per_index(d / job) == {i: 1 for i in range(24)}  # no duplicate manifest lines
+        runs = [json.loads(x) for x in (d / job / "manifest.jsonl").read_text().splitlines()
+                if json.loads(x)["type"] == "run"]
+        assert len(runs) == 1 and runs[0]["images"] == 24
+    # job 1's run record counts only the images the rerun made
+    run1 = json.loads((d / "1" / "manifest.jsonl").read_text().splitlines()[-1])
+    assert run1["kept"] == len(made) and run1["model_calls"] == 4 * (24 - len(made)) // 2 + 4 * ((24 - len(made)) % 2)
+    st = statuses(d)
+    assert [s["status"] for s in st.values()] == ["ok"] * 3
+    assert st["0"] == killed["0"]  # the skipped job's status.json is left as it was
+    md = (d / "report.md").read_text()
+    assert "3 jobs, 3 ok, 0 failed" in md
+    with open(d / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["images"] for r in rows] == ["24"] * 3
+    assert int(rows[1]["model_calls"]) == run1["model_calls"] and rows[0]["model_calls"] == "48"
+
+
+# ------------------------------------------------------------------------------------------- X/Y/Z plot
+def test_xyz_plot_batches_x_and_makes_one_grid_per_z(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    res = sweep(tmp_path, "experiment=xyz", "xyz.y=scheduler", "xyz.z=steps", "guidance_scales=[0,5]",
+                "scheduler=ddim,euler", "steps=2,3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    st = statuses(tmp_path)
+    assert len(st) == 4  # 2 schedulers x 2 step counts; the 2 guidance scales share each job's batch
+    assert all(len(list((tmp_path / j / "images").glob("*.png"))) == 2 for j in st)
+    assert sorted(p.name for p in tmp_path.glob("xyz*.png")) == ["xyz_2.png", "xyz_3.png"]
+    job = {(j.values()["scheduler"], j.values()["steps"]): j.dir for j in report.collect(tmp_path)}
+    for steps in (2, 3):
+        g = np.asarray(Image.open(tmp_path / f"xyz_{steps}.png").convert("RGB"))
+        cell = 16 * 12  # tiny_random's 16 px upscaled to the grid's 192 px cells
+        top, left = g.shape[0] - 2 * cell, g.shape[1] - 2 * cell  # 2 rows (schedulers) x 2 columns (guidance)
+        assert top > 0 and left > 0  # room for the labels
+        for r, sched in enumerate(("ddim", "euler")):
+            d = job[(sched, str(steps))]
+            recs = [json.loads(x) for x in (d / "manifest.jsonl").read_text().splitlines()]
+            for c, scale in enumerate((0.0, 5.0)):
+                (rec,) = [x for x in recs if x["type"] == "image" and x["guidance_scale"] == scale]
+                want = np.asarray(Image.open(d / rec["path"]).convert("RGB").resize((cell, cell), Image.NEAREST))
+                got = g[top + r * cell: top + (r + 1) * cell, left + c * cell: left + (c + 1) * cell]
+                assert np.array_equal(got, want), (steps, sched, scale)
+    md = (tmp_path / "report.md").read_text()
+    assert "![xyz_2](xyz_2.png)" in md and "![xyz_3](xyz_3.png)" in md
+
+
+def test_xyz_axis_typo_is_one_line(tmp_path):
+    res = sweep(tmp_path, "experiment=xyz", "xyz.y=schedular", "scheduler=ddim,euler")
+    assert res.returncode == 1
+    errors = [x for x in (res.stdout + res.stderr).splitlines() if "ERROR" in x and "job 0" in x]
+    assert errors and errors[0].endswith("xyz.y=schedular: no such setting; did you mean scheduler?")

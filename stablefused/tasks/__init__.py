@@ -46,6 +46,7 @@ class Task:
     """Base class: a task validates its own settings and runs into a :class:`~stablefused.runs.Run`."""
 
     name: str = ""
+    output_type: str = "image"  # the manifest type of its one record per cell index (what resume keeps)
 
     def validate(self, cfg: Any, problems: list[str]) -> None:
         """Append one line per bad setting of this task (name the key and the fix). No model is loaded."""
