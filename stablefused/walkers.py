@@ -23,7 +23,9 @@ and passes the previous frame's image (a PIL image read back from its PNG, so a 
 to :meth:`condition`, whose returned dict is added to :meth:`stablefused.pipeline.Sampler.sample`'s
 keyword arguments: ``latents`` (replaces the walker's noise, e.g. the zoomed image encoded and noised to
 ``start_step``), ``start_step``, ``extra_channels`` (an inpainting UNet's mask + masked latents), ``hooks``
-(added to the recorders). Frame 0 gets ``previous=None``.
+(added to the recorders). Frame 0 gets ``previous=None``. A walker that makes a frame without the loop
+(``zoom``: crops between keyframes it outpainted itself) returns ``images`` instead (float (B, H, W, 3) in
+[0, 1]) and ``stats`` (the UNet rows/calls it spent on them, counted in the run's).
 
 Helpers for plugins: :func:`slerp`, :func:`lerp`, :func:`ease`.
 """

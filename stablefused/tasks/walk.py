@@ -135,11 +135,27 @@ def render(run: Run, walker: Walker, frames: list[Frame], keys: Keys, uncond: to
                                   samples=samples, eta=cfg.eta, progress=cfg.progress)
     if walker.needs_previous_image:
         extra = dict(walker.condition(frames, previous, keys, run))
+        if "images" in extra:  # frames the walker made itself (zoom: crops between its outpainted keyframes)
+            return made_frames(run, extra, latents, cond, uncond, samples)
         latents = extra.pop("latents", latents)
         kwargs["hooks"] += list(extra.pop("hooks", []))
         kwargs.update(extra)
     scales = [float(cfg.guidance_scales[0])] * len(frames)
     return run.sampler.sample(latents, cond, uncond.expand(len(frames), -1, -1), scales, **kwargs)
+
+
+def made_frames(run: Run, extra: dict, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+                samples: list[dict] | None):
+    """A :class:`Generation` of frames a walker made without the loop (``condition`` returned ``images``,
+    float (B, H, W, 3) in [0, 1]); ``stats`` = the UNet work it did for them (counted in the run's)."""
+    from stablefused.hooks import LoopContext
+    from stablefused.pipeline import Generation
+
+    stats = {"unet_rows": 0, "model_calls": 0, **extra.get("stats", {})}
+    ctx = LoopContext(latents=latents, cond_embeds=cond, uncond_embeds=uncond, base_scales=torch.zeros(len(latents)),
+                      timesteps=torch.zeros(0), scheduler=run.sampler.scheduler, unet=run.components.unet,
+                      samples=samples or [], stats=stats)
+    return Generation(np.asarray(extra["images"], np.float32), latents, ctx)
 
 
 # --------------------------------------------------------------------------------------------- pacing
