@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from stablefused.registry import register
+from stablefused.tasks.inpaint import unet_kind
 from stablefused.walkers import Frame, Walker, check_choice
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,14 @@ class Zoom(Walker):
             img = Image.open(path).convert("RGB")
         else:
             scale, neg = float(cfg.guidance_scales[0]), cfg.negative_prompt
-            if prev is None:
+            if prev is None and unet_kind(run.components) == 9:  # an inpainting model: paint a whole blank image
+                from stablefused.tasks.inpaint import inpaint
+
+                gen = inpaint(run.sampler, [Image.new("RGB", (w, h))], [Image.new("L", (w, h), 255)], [prompt],
+                              [seed], [scale], 1.0, neg, steps=int(cfg.steps), guidance=run.guidance, eta=cfg.eta,
+                              progress=cfg.progress)
+                arr = gen.images
+            elif prev is None:
                 gen = run.sampler.txt2img([prompt], [seed], [scale], neg, steps=int(cfg.steps), height=h, width=w,
                                           guidance=run.guidance, eta=cfg.eta, progress=cfg.progress)
                 arr = gen.images
