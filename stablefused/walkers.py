@@ -132,6 +132,7 @@ class Walker:
     closed = False  # True: the path always returns to its start (the walk loops whatever ``loop`` says)
     paces_itself = False  # True: the walker sets the positions (audio); pacing=even does not apply
     needs_previous_image = False  # True: frames one at a time, in order; see condition()
+    makes_frames = False  # True: condition() returns the frames' images (no loop, nothing for recorders)
     min_keyframes = 2  # fewer in an open walk is a config error (a loop needs one)
 
     def __init__(self, text: str = "slerp", easing: str = "linear"):

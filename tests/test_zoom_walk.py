@@ -112,6 +112,7 @@ def test_inpainting_model_zooms(tmp_path):
     (["pacing=even"], "pacing=even: walker=zoom sets its own pacing"),
     (["walker.factor=0.95"], "factor=0.95"),
     (["walker.direction=left"], "walker.direction='left'"),
+    (["recorders=[x0]"], "recorders: walker=zoom makes its frames without the denoising loop"),
 ])
 def test_bad_settings(overrides, needle):
     with pytest.raises(ConfigError) as e:

@@ -94,7 +94,8 @@ class Zoom(Walker):
     frames reversed). ``mode=pan`` shifts by ``shift`` of the side instead (direction right|left|down|up)."""
 
     paces_itself = True  # a constant zoom speed; pacing=even does not apply
-    needs_previous_image = True  # frames one at a time, in order (they are not sampled: see condition)
+    needs_previous_image = True  # frames one at a time, in order
+    makes_frames = True  # condition() returns crops between keyframes: no loop runs for a frame
     ranges = {"factor": (0.1, 0.9), "shift": (0.05, 0.9), "strength": (0.01, 1.0), "mask_blur": (0, None)}
 
     def __init__(self, mode: str = "zoom", direction: str = "out", factor: float = 0.5, shift: float = 0.25,

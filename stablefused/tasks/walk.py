@@ -357,6 +357,9 @@ class WalkTask(Task):
             return
         if cfg.pacing == "even" and walker.paces_itself:
             problems.append(f"pacing=even: walker={name} sets its own pacing; use pacing=uniform")
+        if walker.makes_frames and cfg.get("recorders") and registry.selected(cfg, "recorders"):
+            problems.append(f"recorders: walker={name} makes its frames without the denoising loop (crops between "
+                            "keyframes it paints itself): nothing to record; drop the recorders")
         walker.check_walk(walk, keyframes, problems)
 
     def run(self, run: Run) -> None:
