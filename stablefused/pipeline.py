@@ -146,12 +146,10 @@ class Sampler:
         steps: int = 20,
         height: int | None = None,
         width: int | None = None,
-        guidance: Guidance | None = None,
-        hooks: Sequence[Any] = (),
-        samples: list[dict] | None = None,
-        eta: float = 0.0,
-        progress: bool = True,
+        **sample_kw: Any,
     ) -> Generation:
+        """Text to image: prompts → embeddings, seeds → noise, then :meth:`sample` (``sample_kw``: guidance,
+        hooks, samples, eta, progress)."""
         n = len(prompts)
         if isinstance(negative_prompts, str):
             negative_prompts = [negative_prompts] * n
@@ -163,8 +161,7 @@ class Sampler:
         height, width = height or default, width or default
         cond, uncond = self.encode(prompts), self.encode(negative_prompts)
         latents, generators = self.initial_latents(seeds, height, width, steps=steps)
-        return self.sample(latents, cond, uncond, guidance_scales, steps=steps, generators=generators,
-                           guidance=guidance, hooks=hooks, samples=samples, eta=eta, progress=progress)
+        return self.sample(latents, cond, uncond, guidance_scales, steps=steps, generators=generators, **sample_kw)
 
     @torch.no_grad()
     def sample(
