@@ -91,6 +91,11 @@ def test_resumed_zoom_gives_the_same_frames(zoom_out, tmp_path):
     (tmp_path / "cut" / "zoom" / "keyframe_002.png").unlink()
     run(compose_cfg(*BASE), tmp_path / "cut")
     assert all(np.array_equal(x, y) for x, y in zip(frames(out), frames(tmp_path / "cut")))
+    # a keyframe file another config left behind (not listed in this run's manifest) is not reused
+    (tmp_path / "other" / "zoom").mkdir(parents=True)
+    shutil.copy(out / "zoom" / "keyframe_000.png", tmp_path / "other" / "zoom" / "keyframe_000.png")
+    run(compose_cfg(*BASE[:-2], "seeds=[4,5,6]", "walker.mask_blur=0"), tmp_path / "other")
+    assert not np.array_equal(keyframes(tmp_path / "other")[0], keyframes(out)[0])
 
 
 def test_inpainting_model_zooms(tmp_path):

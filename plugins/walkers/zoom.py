@@ -14,6 +14,7 @@ from stablefused.walkers import Frame, Walker, check_choice
 
 log = logging.getLogger(__name__)
 MODES = ("zoom", "pan")
+TAG_KEY = "stablefused_zoom"  # PNG text chunk of a keyframe: the settings that made it
 DIRECTIONS = {"zoom": ("out", "in"), "pan": ("right", "left", "down", "up")}
 
 
@@ -158,9 +159,12 @@ class Zoom(Walker):
         if prev is not None:
             src, mask, where = self._step(prev, f)
             self.boxes[j] = where
-        if path.is_file():
-            img = Image.open(path).convert("RGB")
-        else:
+        tag = self._tag(run, j)
+        img = None
+        if path.is_file():  # a resumed walk's keyframe, if this config made it (not a stale one left behind)
+            with Image.open(path) as old:
+                img = old.convert("RGB") if getattr(old, "text", {}).get(TAG_KEY) == tag else None
+        if img is None:
             scale, neg = float(cfg.guidance_scales[0]), cfg.negative_prompt
             if prev is None and unet_kind(run.components) == 9:  # an inpainting model: paint a whole blank image
                 from stablefused.tasks.inpaint import inpaint
@@ -185,12 +189,27 @@ class Zoom(Walker):
                 stats[k] += gen.context.stats[k]
             from stablefused.outputs import to_uint8
 
+            from PIL.PngImagePlugin import PngInfo
+
             img = Image.fromarray(to_uint8(arr)[0])
-            img.save(path)
+            info = PngInfo()
+            info.add_text(TAG_KEY, tag)
+            img.save(path, pnginfo=info)
         run.add_artifact(path, "image", caption=f"zoom keyframe {j}: {prompt} (seed {seed})", log_key=f"keyframe_{j:03d}",
                          keyframe=j, prompt=prompt, seed=seed)
         self.images[j] = img
         return img, stats
+
+    @staticmethod
+    def _tag(run, j: int) -> str:
+        """What made keyframe ``j``: the run's output settings (as resume compares them) and ``j``."""
+        import hashlib
+        import json
+
+        from stablefused.runs import fingerprint
+
+        text = json.dumps(fingerprint(run.cfg), sort_keys=True, default=str)
+        return f"{hashlib.sha1(text.encode()).hexdigest()[:16]}:{j}"
 
     def condition(self, frames, previous, keys, run) -> dict:
         out, stats = [], {"unet_rows": 0, "model_calls": 0}
