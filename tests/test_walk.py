@@ -141,8 +141,9 @@ def test_slerp_keeps_the_noise_norm_lerp_does_not():
 
 
 # ------------------------------------------------------------------------------------------- chunks
-def test_frame_depends_only_on_config_and_index_chunks_of_1_and_8(tmp_path):
-    common = [f"prompts=[{P1},{P2}]", "seeds=[1,2]", "frames=5", "loop=true"]
+@pytest.mark.parametrize("scheduler", ["default", "dpm_sde"])  # dpm_sde: per-frame Brownian noise seeds
+def test_frame_depends_only_on_config_and_index_chunks_of_1_and_8(tmp_path, scheduler):
+    common = [f"prompts=[{P1},{P2}]", "seeds=[1,2]", "frames=5", "loop=true", f"scheduler={scheduler}"]
     run(walk_cfg(*common, "batch_size=1"), tmp_path / "b1")
     run(walk_cfg(*common, "batch_size=8"), tmp_path / "b8")
     a, b = sorted((tmp_path / "b1" / "frames").glob("*.png")), sorted((tmp_path / "b8" / "frames").glob("*.png"))

@@ -73,9 +73,8 @@ def img2img(
     if encoded is None:
         encoded = im.encode(c.vae, im.to_pixels(sources, c.vae_scale_factor))
     cond, uncond = sampler.encode(prompts), sampler.encode(negative_prompts)
-    scheduler.set_timesteps(steps, device=c.device)
+    generators = sampler.prepare(steps, seeds)  # set_timesteps(steps), one CPU generator per image
     t_start, timesteps = get_timesteps(scheduler, steps, strength)
-    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     init = im.sample_latents(c.vae, encoded, generators).to(c.dtype)
     latents, _ = im.noised_latents(scheduler, init, generators, timesteps[:1])
     return sampler.sample(latents, cond, uncond, list(guidance_scales), steps=steps, generators=generators,

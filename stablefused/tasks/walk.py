@@ -17,7 +17,6 @@ rendered through the one loop in chunks of ``batch_size`` and written as ``frame
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -88,17 +87,11 @@ def _number(cfg: Any, key: str, minimum: float, strict: bool, allow_none: bool =
 
 
 # --------------------------------------------------------------------------------------------- tensors
-def _initial_latents(sampler: Any, seeds: list[int], h: int, w: int, steps: int):
-    if "steps" in inspect.signature(sampler.initial_latents).parameters:
-        return sampler.initial_latents(seeds, h, w, steps=steps)
-    return sampler.initial_latents(seeds, h, w)
-
-
 def make_keys(run: Run, keyframes: list, h: int, w: int) -> Keys:
     """Each keyframe's noise (as text-to-image draws it, one generator per seed) and prompt embedding (one
     prompt at a time, so no frame depends on how many keyframes there are)."""
     sampler, steps = run.sampler, int(run.cfg.steps)
-    noise = torch.cat([_initial_latents(sampler, [k.seed], h, w, steps)[0] for k in keyframes])
+    noise = torch.cat([sampler.initial_latents([k.seed], h, w, steps=steps)[0] for k in keyframes])
     embeds: dict[str, torch.Tensor] = {}
     for k in keyframes:
         if k.prompt not in embeds:
@@ -118,7 +111,7 @@ def make_keys(run: Run, keyframes: list, h: int, w: int) -> Keys:
 def frame_generator(run: Run, seed: int, h: int, w: int) -> torch.Generator:
     """The scheduler's generator for a frame: its keyframe seed's, after drawing the initial noise (as in
     text-to-image), made afresh per frame."""
-    return _initial_latents(run.sampler, [seed], h, w, int(run.cfg.steps))[1][0]
+    return run.sampler.initial_latents([seed], h, w, steps=int(run.cfg.steps))[1][0]
 
 
 def render(run: Run, walker: Walker, frames: list[Frame], keys: Keys, uncond: torch.Tensor, steps: int,
@@ -141,6 +134,8 @@ def render(run: Run, walker: Walker, frames: list[Frame], keys: Keys, uncond: to
         kwargs["hooks"] += list(extra.pop("hooks", []))
         kwargs.update(extra)
     scales = [float(cfg.guidance_scales[0])] * len(frames)
+    # this chunk's steps and per-frame scheduler noise seeds (DPM-SDE's Brownian trees), as txt2img sets them
+    run.sampler.prepare(steps, [keys.seeds[walker.seed_keyframe(f, k)] for f in frames])
     return run.sampler.sample(latents, cond, uncond.expand(len(frames), -1, -1), scales, **kwargs)
 
 
