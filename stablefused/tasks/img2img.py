@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from numbers import Real
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -146,6 +146,65 @@ class Img2Img(Task):
         im.check_size(name, size, out, cfg.model, float(max_size))
         return out
 
+    # ---- shared with task=inpaint (a subclass): inputs, cells and the grid of a source-image task
+    @staticmethod
+    def save_input(run: Run, i: int, source: Any, image: Image.Image, height: int, width: int) -> None:
+        """Source ``i`` as the model sees it (fitted), listed in the manifest before any output."""
+        path = run.path("inputs", f"source_{i:02d}.png")
+        image.save(path)
+        run.add_artifact(path, "input", caption=source.description or source.spec, log_key=f"source_{i:02d}",
+                         init_image=source.spec, source=source.description, original_size=list(source.image.size),
+                         converted=source.converted, resize=run.cfg.resize, height=height, width=width)
+
+    @staticmethod
+    def rows(run: Run, sources: list) -> list[tuple[int, str, int]]:
+        """Grid rows: (source index, prompt, seed) for every source x prompt/seed row."""
+        return [(i, p, s) for i in range(len(sources)) for p, s in prompt_seed_rows(run.cfg)]
+
+    @staticmethod
+    def strength_cells(run: Run, rows: list, sources: list, height: int, width: int,
+                       **extra: Callable[[int], Any]) -> list[tuple[float, list[dict]]]:
+        """The cells of each strength (one strength per batch: it sets where the loop starts). Column 0 is the
+        source; ``extra``: record keys computed from the source index."""
+        cfg = run.cfg
+        strengths, scales = [float(s) for s in cfg.strengths], [float(g) for g in cfg.guidance_scales]
+        per_row = len(strengths) * len(scales)
+        run.total = len(rows) * per_row
+        out = []
+        for si, strength in enumerate(strengths):
+            cells = []
+            for r, (i, p, seed) in enumerate(rows):
+                for gi, g in enumerate(scales):
+                    col = si * len(scales) + gi
+                    cells.append(dict(index=r * per_row + col, row=r, col=1 + col, prompt=p, seed=seed,
+                                      guidance_scale=g, strength=strength, init_image=sources[i].spec,
+                                      source=sources[i].description, resize=cfg.resize, height=height,
+                                      width=width, **{k: f(i) for k, f in extra.items()}, source_index=i))
+            out.append((strength, cells))
+        return out
+
+    @staticmethod
+    def record(run: Run, cell: dict) -> dict:
+        return image_record(run, {k: v for k, v in cell.items() if k != "source_index"})
+
+    @staticmethod
+    def save_grid(run: Run, rows: list, sources: list, first: list[Image.Image], first_label: str,
+                  caption: str) -> None:
+        """Rows = source x prompt/seed; column 0 = ``first[source]``, then strength x guidance."""
+        cfg = run.cfg
+        strengths, scales = [float(s) for s in cfg.strengths], [float(g) for g in cfg.guidance_scales]
+        ncols = 1 + len(strengths) * len(scales)
+        cells: list[Image.Image | None] = [None] * (len(rows) * ncols)
+        for r, (i, _, _) in enumerate(rows):
+            cells[r * ncols] = first[i]
+        for img, rec in zip(run.images, run.records):
+            cells[rec["row"] * ncols + rec["col"]] = img
+        col_labels = [first_label] + [f"strength {s:g}" + (f"\nw={g:g}" if len(scales) > 1 else "")
+                                      for s in strengths for g in scales]
+        row_labels = [wrap(f"{sources[i].description or sources[i].spec.split('/')[-1]}\n-> {p}\nseed {s}")
+                      if len(sources) > 1 or sources[i].description else row_label(p, s) for i, p, s in rows]
+        run.save_grid(cells, len(rows), ncols, row_labels, col_labels, caption=caption)
+
     def run(self, run: Run) -> None:
         cfg = run.cfg
         sources = im.load(cfg.init_image)
@@ -154,29 +213,12 @@ class Img2Img(Task):
         if len({s.image.size for s in sources}) > 1:
             log.info("init_image: %d images of different sizes, all fitted to %dx%d (resize=%s)", len(sources),
                      width, height, cfg.resize)
-        for i, (s, img) in enumerate(zip(sources, fitted)):  # the inputs as the model sees them, listed first
-            path = run.path("inputs", f"source_{i:02d}.png")
-            img.save(path)
-            run.add_artifact(path, "input", caption=s.description or s.spec, log_key=f"source_{i:02d}",
-                             init_image=s.spec, source=s.description, original_size=list(s.image.size),
-                             converted=s.converted, resize=cfg.resize, height=height, width=width)
+        for i, (s, img) in enumerate(zip(sources, fitted)):
+            self.save_input(run, i, s, img, height, width)
         encoded = im.encode(run.components.vae, im.to_pixels(fitted, run.components.vae_scale_factor))
 
-        ps_rows = prompt_seed_rows(cfg)
-        strengths, scales = [float(s) for s in cfg.strengths], [float(g) for g in cfg.guidance_scales]
-        per_row = len(strengths) * len(scales)
-        rows = [(i, p, s) for i in range(len(sources)) for p, s in ps_rows]
-        run.total = len(rows) * per_row
-        for si, strength in enumerate(strengths):  # one strength per batch: it sets where the loop starts
-            cells = []
-            for r, (i, p, seed) in enumerate(rows):
-                for gi, g in enumerate(scales):
-                    col = si * len(scales) + gi
-                    cells.append(dict(index=r * per_row + col, row=r, col=1 + col, prompt=p, seed=seed,
-                                      guidance_scale=g, strength=strength, init_image=sources[i].spec,
-                                      source=sources[i].description, resize=cfg.resize, height=height,
-                                      width=width, source_index=i))
-
+        rows = self.rows(run, sources)
+        for strength, cells in self.strength_cells(run, rows, sources, height, width):
             def make(chunk: list[dict], strength=strength):
                 idx = [x["source_index"] for x in chunk]
                 return img2img(run.sampler, [fitted[k] for k in idx], [x["prompt"] for x in chunk],
@@ -185,21 +227,10 @@ class Img2Img(Task):
                                guidance=run.guidance, hooks=list(run.recorders.values()), samples=chunk,
                                eta=cfg.eta, progress=cfg.progress)
 
-            run.generate(cells, make, record=lambda c: image_record(run, {k: v for k, v in c.items()
-                                                                          if k != "source_index"}))
+            run.generate(cells, make, record=lambda c: self.record(run, c))
 
-        ncols = 1 + per_row
-        grid: list[Image.Image | None] = [None] * (len(rows) * ncols)
-        for r, (i, _, _) in enumerate(rows):
-            grid[r * ncols] = fitted[i]
-        for img, rec in zip(run.images, run.records):
-            grid[rec["row"] * ncols + rec["col"]] = img
-        col_labels = ["source"] + [f"strength {s:g}" + (f"\nw={g:g}" if len(scales) > 1 else "")
-                                   for s in strengths for g in scales]
-        row_labels = [wrap(f"{sources[i].description or sources[i].spec.split('/')[-1]}\n-> {p}\nseed {s}")
-                      if len(sources) > 1 or sources[i].description else row_label(p, s) for i, p, s in rows]
-        run.save_grid(grid, len(rows), ncols, row_labels, col_labels,
-                      caption=f"{cfg.name}: rows source x prompt/seed, columns source | strength x guidance")
+        self.save_grid(run, rows, sources, fitted, "source",
+                       f"{cfg.name}: rows source x prompt/seed, columns source | strength x guidance")
         log_samples_table(run, ("init_image", "prompt", "seed", "strength", "guidance_scale"))
         summarise_metrics(run, key="strength", label="strength", filename="metrics_by_strength")
         tradeoff(run)

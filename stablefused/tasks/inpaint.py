@@ -32,7 +32,7 @@ from stablefused import masks as mk
 from stablefused.errors import ConfigError
 from stablefused.hooks import BaseHook, LoopContext, StepState
 from stablefused.pipeline import Generation, Sampler
-from stablefused.runs import Run, image_record, log_samples_table, prompt_seed_rows, row_label, summarise_metrics, wrap
+from stablefused.runs import Run, log_samples_table, summarise_metrics
 from stablefused.tasks import register_task
 from stablefused.tasks.img2img import Img2Img, get_timesteps
 
@@ -200,11 +200,7 @@ class Inpaint(Img2Img):
                  "channels" if kind == 9 else "ordinary model: known region blended back at every step")
         boxes = [mk.box(m) for m in fmasks]
         for i, (s, img, m) in enumerate(zip(sources, fitted, fmasks)):  # inputs as the model sees them, first
-            path = run.path("inputs", f"source_{i:02d}.png")
-            img.save(path)
-            run.add_artifact(path, "input", caption=s.description or s.spec, log_key=f"source_{i:02d}",
-                             init_image=s.spec, source=s.description, original_size=list(s.image.size),
-                             converted=s.converted, resize=cfg.resize, height=height, width=width)
+            self.save_input(run, i, s, img, height, width)
             path = run.path("inputs", f"mask_{i:02d}.png")
             m.save(path)
             frac = mk.repaint_fraction(m)
@@ -223,22 +219,10 @@ class Inpaint(Img2Img):
             cond = mk.processor(f).preprocess(fmasks, height=height, width=width)
             masked_encoded = im.encode(vae, pixels * (cond < 0.5))
 
-        ps_rows = prompt_seed_rows(cfg)
-        strengths, scales = [float(s) for s in cfg.strengths], [float(g) for g in cfg.guidance_scales]
-        per_row = len(strengths) * len(scales)
-        rows = [(i, p, s) for i in range(len(sources)) for p, s in ps_rows]
-        run.total = len(rows) * per_row
-        for si, strength in enumerate(strengths):  # one strength per batch: it sets where the loop starts
-            cells = []
-            for r, (i, p, seed) in enumerate(rows):
-                for gi, g in enumerate(scales):
-                    col = si * len(scales) + gi
-                    cells.append(dict(index=r * per_row + col, row=r, col=1 + col, prompt=p, seed=seed,
-                                      guidance_scale=g, strength=strength, init_image=sources[i].spec,
-                                      source=sources[i].description, resize=cfg.resize, height=height,
-                                      width=width, mask=masks[i].spec, mask_blur=blur, mask_box=boxes[i],
-                                      paste_back=bool(cfg.paste_back), unet_channels=kind, source_index=i))
-
+        rows = self.rows(run, sources)
+        per_source = dict(mask=lambda i: masks[i].spec, mask_blur=lambda i: blur, mask_box=lambda i: boxes[i],
+                          paste_back=lambda i: bool(cfg.paste_back), unet_channels=lambda i: kind)
+        for strength, cells in self.strength_cells(run, rows, sources, height, width, **per_source):
             def make(chunk: list[dict], strength=strength):
                 idx = [x["source_index"] for x in chunk]
                 srcs, ms = [fitted[k] for k in idx], [fmasks[k] for k in idx]
@@ -254,20 +238,9 @@ class Inpaint(Img2Img):
                     x["outside_change"] = v  # a measured number: it goes into the records as a metric
                 return gen
 
-            run.generate(cells, make, record=lambda c: image_record(run, {k: v for k, v in c.items()
-                                                                          if k != "source_index"}))
+            run.generate(cells, make, record=lambda c: self.record(run, c))
 
-        ncols = 1 + per_row
-        grid: list[Image.Image | None] = [None] * (len(rows) * ncols)
-        for r, (i, _, _) in enumerate(rows):
-            grid[r * ncols] = mask_overlay(fitted[i], fmasks[i])
-        for img, rec in zip(run.images, run.records):
-            grid[rec["row"] * ncols + rec["col"]] = img
-        col_labels = ["source + mask"] + [f"strength {s:g}" + (f"\nw={g:g}" if len(scales) > 1 else "")
-                                          for s in strengths for g in scales]
-        row_labels = [wrap(f"{sources[i].description or sources[i].spec.split('/')[-1]}\n-> {p}\nseed {s}")
-                      if len(sources) > 1 or sources[i].description else row_label(p, s) for i, p, s in rows]
-        run.save_grid(grid, len(rows), ncols, row_labels, col_labels,
-                      caption=f"{cfg.name}: rows source x prompt/seed, columns source+mask | strength x guidance")
+        self.save_grid(run, rows, sources, [mask_overlay(f, m) for f, m in zip(fitted, fmasks)], "source + mask",
+                       f"{cfg.name}: rows source x prompt/seed, columns source+mask | strength x guidance")
         log_samples_table(run, ("init_image", "mask", "prompt", "seed", "strength", "guidance_scale"))
         summarise_metrics(run, key="strength", label="strength", filename="metrics_by_strength")
