@@ -22,18 +22,7 @@ from stablefused.pipeline import Sampler
 from stablefused.tasks.inpaint import inpaint
 from tests.conftest import compose_cfg
 
-PROMPTS = ["a red circle", "a small blue square on black"]
-NEG = ["green", "white background"]
-SEEDS = [3, 7]
-STEPS = 10
-
-
-def _sources(w=24, h=16):
-    rng = np.random.default_rng(0)
-    a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    b = np.zeros((h, w, 3), np.uint8)
-    b[4:12, 6:18] = (30, 60, 230)
-    return [Image.fromarray(a), Image.fromarray(b)]
+from tests.test_img2img import NEG, PROMPTS, SEEDS, STEPS, _sources  # noqa: E402  the same inputs as img2img's
 
 
 def _masks(w=24, h=16):
