@@ -11,13 +11,12 @@ difference between the two outputs is printed too (they are the same computation
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 
-from bench_loop import components, timed
+from bench_loop import components, model_args, timed
 from stablefused import images as im
 from stablefused.pipeline import Sampler
 from stablefused.tasks.img2img import img2img
@@ -27,14 +26,8 @@ SOURCES = ["shapes:a red circle on a black background", "shapes:a purple square 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="shapes")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=4)
+    ap = model_args(__doc__, batch=4, repeats=7)
     ap.add_argument("--strengths", type=float, nargs="+", default=[0.5, 1.0])
-    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

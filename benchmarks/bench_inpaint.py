@@ -12,14 +12,13 @@ Ratio = ours / diffusers (goal <= 1.00). The largest difference between the two 
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 import torch
 from diffusers import StableDiffusionInpaintPipeline
 
 from bench_img2img import SOURCES
-from bench_loop import components, timed
+from bench_loop import components, model_args, timed
 from stablefused import images as im
 from stablefused import masks as mk
 from stablefused.pipeline import Sampler
@@ -27,14 +26,8 @@ from stablefused.tasks.inpaint import inpaint
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="shapes")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=4)
+    ap = model_args(__doc__, batch=4, repeats=7)
     ap.add_argument("--strengths", type=float, nargs="+", default=[0.6, 1.0])
-    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -81,6 +81,18 @@ def sd15_random():
                       torch.float32)
 
 
+def model_args(doc: str, model: str = "shapes", batch: int = 4, repeats: int = 5) -> argparse.ArgumentParser:
+    """The options every benchmark takes: model, device, dtype, steps, batch, repeats."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=model)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    return ap
+
+
 def components(args):
     if args.model in ("tiny_random", "sd15_random"):
         comps = build_tiny_random() if args.model == "tiny_random" else sd15_random()

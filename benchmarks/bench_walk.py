@@ -12,7 +12,6 @@ is printed as a check that they compute the same walk.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ from diffusers import StableDiffusionPipeline
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loop import components  # noqa: E402
+from bench_loop import components, model_args  # noqa: E402
 
 from stablefused import registry  # noqa: E402
 from stablefused.guidance import Guidance  # noqa: E402
@@ -38,13 +37,7 @@ PROMPTS = ["a red circle on a black background", "a large yellow square on a bla
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="shapes")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = model_args(__doc__, batch=8, repeats=3)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
 
