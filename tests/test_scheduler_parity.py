@@ -12,17 +12,14 @@ next ones).
 
 import numpy as np
 import pytest
-import torch
-
-from tests.test_loop import reference as loop_reference
 import yaml
-from diffusers import StableDiffusionPipeline
 
 from stablefused import runs
 from stablefused.app import run
 from stablefused.models import build_tiny_random, load_components, save_components
 from stablefused.paths import config_dir
 from stablefused.pipeline import Sampler
+from tests.test_loop import reference as loop_reference
 from tests.conftest import compose_cfg
 
 SCHEDULERS = sorted(p.stem for p in (config_dir() / "scheduler").glob("*.yaml"))

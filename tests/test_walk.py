@@ -14,7 +14,7 @@ from PIL import Image
 from stablefused import registry
 from stablefused.app import run
 from stablefused.errors import ConfigError
-from stablefused.walkers import Frame, Keys, Walk, Walker, default_keyframes, lerp, slerp
+from stablefused.walkers import Keys, Walk, Walker, default_keyframes, lerp, slerp
 from tests.conftest import compose_cfg
 
 P1, P2, P3 = "a red circle", "a blue square on black", "a small green triangle"
