@@ -16,13 +16,20 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 
-from bench_loop import components, model_args, timed
+from bench_loop import components, model_args, reference_pipeline, timed
 from stablefused import images as im
 from stablefused.pipeline import Sampler
 from stablefused.tasks.img2img import img2img
 
 SOURCES = ["shapes:a red circle on a black background", "shapes:a purple square on a black background",
            "shapes:a small green triangle on a white background", "shapes:a yellow square on a white background"]
+
+
+def shape_sources(comps, batch: int) -> tuple[int, list]:
+    """The model's native size and ``batch`` sources drawn by the shapes renderer, fitted to it."""
+    size = comps.unet.config.sample_size * comps.vae_scale_factor
+    sources = [im.fit(s.image, "stretch", size, size) for s in im.load(SOURCES)]
+    return size, (sources * batch)[:batch]
 
 
 def main() -> None:
@@ -33,17 +40,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     comps = components(args)
-    size = comps.unet.config.sample_size * comps.vae_scale_factor
-    sources = [im.fit(s.image, "stretch", size, size) for s in im.load(SOURCES)]
-    sources = (sources * args.batch)[: args.batch]
+    size, sources = shape_sources(comps, args.batch)
     prompts = ["a blue triangle on a white background"] * args.batch
     seeds = list(range(args.batch))
     sampler = Sampler(comps, comps.make_scheduler("DDIMScheduler"))
-    pipe = StableDiffusionImg2ImgPipeline(
-        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
-        scheduler=comps.make_scheduler("DDIMScheduler"), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = reference_pipeline(StableDiffusionImg2ImgPipeline, comps)
 
     print(f"model {args.model}, {args.device} {args.dtype}, {torch.get_num_threads()} thread(s), {size}x{size}, "
           f"batch {args.batch}, {args.steps} DDIM steps, guidance 7.5, median of {args.repeats} (interleaved)")

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionInpaintPipeline
 
-from bench_img2img import SOURCES
-from bench_loop import components, model_args, timed
-from stablefused import images as im
+from bench_img2img import shape_sources
+from bench_loop import components, model_args, reference_pipeline, timed
 from stablefused import masks as mk
 from stablefused.pipeline import Sampler
 from stablefused.tasks.inpaint import inpaint
@@ -33,19 +32,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     comps = components(args)
-    size = comps.unet.config.sample_size * comps.vae_scale_factor
-    sources = [im.fit(s.image, "stretch", size, size) for s in im.load(SOURCES)]
-    sources = (sources * args.batch)[: args.batch]
+    size, sources = shape_sources(comps, args.batch)
     q = size // 4
     masks = [mk.draw([mk.parse_shape(f"rect:{q},{q},{3 * q},{3 * q}")], (size, size))] * args.batch
     prompts = ["a blue triangle on a white background"] * args.batch
     seeds = list(range(args.batch))
     sampler = Sampler(comps, comps.make_scheduler("DDIMScheduler"))
-    pipe = StableDiffusionInpaintPipeline(
-        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
-        scheduler=comps.make_scheduler("DDIMScheduler"), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = reference_pipeline(StableDiffusionInpaintPipeline, comps)
 
     print(f"model {args.model} ({comps.unet.config.in_channels}-channel UNet), {args.device} {args.dtype}, "
           f"{torch.get_num_threads()} thread(s), {size}x{size}, batch {args.batch}, {args.steps} DDIM steps, "

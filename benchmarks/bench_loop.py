@@ -93,6 +93,15 @@ def model_args(doc: str, model: str = "shapes", batch: int = 4, repeats: int = 5
     return ap
 
 
+def reference_pipeline(cls, comps):
+    """The diffusers pipeline ``cls`` on the same components, with its own fresh DDIM scheduler, quiet."""
+    pipe = cls(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
+               scheduler=comps.make_scheduler("DDIMScheduler"), safety_checker=None, feature_extractor=None,
+               requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def components(args):
     if args.model in ("tiny_random", "sd15_random"):
         comps = build_tiny_random() if args.model == "tiny_random" else sd15_random()
@@ -128,12 +137,7 @@ def main() -> None:
     seeds = list(range(args.batch))
     sched = comps.make_scheduler("DDIMScheduler")
     sampler = Sampler(comps, sched)
-    pipe = StableDiffusionPipeline(
-        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
-        scheduler=comps.make_scheduler("DDIMScheduler"), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = reference_pipeline(StableDiffusionPipeline, comps)
     always = Guidance(Guidance.default().schedule, AlwaysBatchedCFG())
 
     def ours():

@@ -24,7 +24,7 @@ from diffusers import StableDiffusionPipeline
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loop import components, model_args  # noqa: E402
+from bench_loop import components, model_args, reference_pipeline  # noqa: E402
 
 from stablefused import registry  # noqa: E402
 from stablefused.guidance import Guidance  # noqa: E402
@@ -50,12 +50,7 @@ def main() -> None:
     walker = registry.create("walkers", "interpolate", text="lerp")
     walk = Walk(default_keyframes(PROMPTS, [0, 1, 2, 3]), [0, 1, 2, 3], 12, True, 12.0)
     frames = walker.plan(walk, walk.keyframes)
-    pipe = StableDiffusionPipeline(
-        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
-        scheduler=comps.make_scheduler("DDIMScheduler"), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = reference_pipeline(StableDiffusionPipeline, comps)
     out = {}
 
     def ours():
