@@ -1,5 +1,5 @@
 """Issue 19's hostile-user list: 150+ bad inputs (none of them among the 98 in tests/test_validation.py), each
-run through the real CLI (``python -m stablefused ...``, one subprocess each, bundled shapes model, steps=1)
+run through the real CLI (``python -m stablefused ...``, one subprocess each, bundled shapes model, steps=4)
 and classified by what the user sees:
 
     clear       exits non-zero (or, for a warning case, runs) with one line per problem naming the setting
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = ["model=shapes", "steps=1", "seeds=[0]", "logger=none", "progress=false"]
+BASE = ["model=shapes", "steps=4", "seeds=[0]", "logger=none", "progress=false"]
 CLASSES = ["clear", "misleading", "multi-line", "traceback", "silent", "loss", "hang"]
 
 
