@@ -464,6 +464,8 @@ def run_case(case: Case, fx: Path, work: Path, python: str) -> tuple[str, str, f
     if run.exists():
         shutil.rmtree(run, ignore_errors=True)
     args = [a.replace("{fx}", str(fx)) for a in ((BASE if case.base else []) + case.args)]
+    if "-m" in args:  # Hydra's flags go before the overrides
+        args = ["-m"] + [a for a in args if a != "-m"]
     if not any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in args):
         args.append(f"hydra.run.dir={run}" if "-m" not in args else f"hydra.sweep.dir={run}")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true", "WANDB_MODE": "offline",
