@@ -9,9 +9,10 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import typing
 from numbers import Real
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -23,6 +24,7 @@ CORE_KEYS = {
     "name", "task", "prompts", "negative_prompt", "seeds", "combine", "guidance_scales", "steps", "height",
     "width", "batch_size", "eta", "device", "dtype", "progress", "plugin_dirs", "model", "scheduler",
     "guidance", "recorders", "visualizers", "metrics", "logger", "resume", "overwrite", "max_pixels", "xyz",
+    "threads",
 }
 MODEL_KEYS = {
     "name", "builtin", "bundled", "hub_id", "path", "config", "revision", "allow_pickle", "prediction_type",
@@ -79,7 +81,8 @@ def _list(cfg: Any, key: str, item_type: type | tuple, what: str, allow_none: bo
     if v is None and allow_none:
         return []
     if isinstance(v, (str, int, float)) and not isinstance(v, bool):
-        raise ConfigError(f"{key}={v!r}: must be a list of {what}, e.g. {key}=[{v}]")
+        fits = isinstance(v, item_type) and not isinstance(v, bool)
+        raise ConfigError(f"{key}={v!r}: must be a list of {what}" + (f", e.g. {key}=[{v}]" if fits else ""))
     if not isinstance(v, (list, ListConfig)):
         raise ConfigError(f"{key}={v!r}: must be a list of {what}")
     items = list(v)
@@ -92,17 +95,154 @@ def _list(cfg: Any, key: str, item_type: type | tuple, what: str, allow_none: bo
     return items
 
 
+# ------------------------------------------------------------------------------------------ declared types
+# Every top-level setting has a type: the one its default in conf/config.yaml or conf/task/<task>.yaml has
+# (7.5 -> a number, [0, 1] -> a list of integers, true -> true or false, "crop" -> a string), except where a
+# default cannot tell (null, or an integer default of a setting that takes any number): those are declared
+# here and by each task (``Task.types``), as plugins declare theirs with their constructors' type hints.
+# Values are checked generically with the plugins' checker (registry.type_problem), one line per setting.
+CORE_TYPES: dict[str, Any] = {
+    "prompts": Optional[list[str]], "height": Optional[int], "width": Optional[int], "eta": Real,
+    "name": str, "task": str, "threads": Optional[int],
+}
+LOGGER_TYPES: dict[str, Any] = {"project": str, "entity": Optional[str], "mode": Optional[str], "tags": list[str]}
+NOT_TYPED = {"model", "scheduler", "guidance", "recorders", "visualizers", "metrics", "logger", "xyz", "walker",
+             "defaults", "plugin_dirs"}  # groups have their own checks; plugin_dirs: a folder or a list of them
+
+
+def _hint_of(default: Any) -> Any:
+    """The type a default value declares (None for null and mappings: nothing to tell)."""
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return Real  # any number: finiteness and ranges are each setting's own check
+    if isinstance(default, str):
+        return str
+    if isinstance(default, (list, ListConfig)):
+        items = list(default)
+        if items and all(isinstance(x, str) for x in items):
+            return list[str]
+        if items and any(isinstance(x, float) for x in items):
+            return list[Real]
+        if items and all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+            return list[int]
+        return list
+    return None
+
+
+def declared_types(task: str | None) -> dict[str, Any]:
+    """Top-level setting -> type hint, for the core settings and those of ``task``."""
+    from stablefused.tasks import get_task
+
+    out: dict[str, Any] = {}
+    files = [config_dir() / "config.yaml"] + ([config_dir() / "task" / f"{task}.yaml"] if task else [])
+    for f in files:
+        if f.is_file():
+            for k, v in OmegaConf.to_container(OmegaConf.load(f), resolve=False).items():
+                if k not in NOT_TYPED and (hint := _hint_of(v)) is not None:
+                    out[k] = hint
+    out.update(CORE_TYPES)
+    if task:
+        try:
+            out.update(get_task(task).types)
+        except ConfigError:
+            pass
+    return out
+
+
+def type_problems(values: dict[str, Any], types: dict[str, Any], prefix: str = "") -> list[str]:
+    """One line per value that does not fit its declared type: ``<key>=<value>: must be <what>``."""
+    if OmegaConf.is_config(values):
+        try:  # a value written as ${other.setting} is checked as what it resolves to
+            values = OmegaConf.to_container(values, resolve=True)
+        except Exception:
+            values = OmegaConf.to_container(values, resolve=False)
+    out = []
+    for key, value in values.items():
+        hint = types.get(key)
+        if hint is None:
+            continue
+        what = registry.type_problem(value, hint)
+        if what is None:
+            continue
+        example = ""
+        item = next((a for a in typing.get_args(hint) if typing.get_origin(a) is list), hint)
+        if (typing.get_origin(item) is list and isinstance(value, (int, float, str)) and not isinstance(value, bool)
+                and registry.type_problem(value, typing.get_args(item)[0]) is None):
+            example = f", e.g. {prefix}{key}=[{value}]"
+        out.append(f"{prefix}{key}={_show_value(value)}: must be {what}{example}")
+    return out
+
+
+def _show_value(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_show_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_show_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _check_types(cfg: DictConfig, problems: list[str]) -> None:
+    task = cfg.get("task") if isinstance(cfg.get("task"), str) else None
+    problems += type_problems(cfg, declared_types(task))
+    if cfg.get("logger") is not None and OmegaConf.is_dict(cfg.logger) and cfg.logger.get("name") == "wandb":
+        problems += type_problems(cfg.logger, LOGGER_TYPES, "logger.")
+
+
+def _typed_key(line: str) -> str:
+    """The setting a problem line starts with (``steps=...``, ``seeds: ...``, ``logger.tags=...``)."""
+    import re
+
+    m = re.match(r"[\w.]+", line)
+    return m.group(0) if m else ""
+
+
+TEXT_KEYS = ("prompts", "negative_prompt", "model.example_prompts")  # literal text: never interpolated
+
+
+def literal_overrides(args: list[str]) -> list[str]:
+    """Command-line overrides with the prompts made literal text: a ``${`` in ``prompts=``/``negative_prompt=``
+    (also ``+``/``++`` and sweeps) is escaped for OmegaConf, so ``prompts=['${steps}']`` is those characters,
+    never the value of steps (nor an error for a key or variable that does not exist)."""
+    import re
+
+    out = []
+    for arg in args:
+        key = arg.split("=", 1)[0].lstrip("+")
+        if "=" in arg and key in TEXT_KEYS and "${" in arg:
+            k, v = arg.split("=", 1)
+            arg = k + "=" + re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", v)
+        out.append(arg)
+    return out
+
+
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError naming every problem found (one line each); cheap checks only (no model loads)."""
+    """Raise ConfigError naming every problem found (one line each); cheap checks only (no model loads).
+
+    The declared types are checked first; a later check that trips over a value of the wrong type (any
+    exception) adds nothing. A setting whose own check names it keeps that line (it says more: ranges,
+    examples), the others get the type's line."""
     problems: list[str] = []
+    typed: list[str] = []
+    _check_types(cfg, typed)
     for check in (_check_keys, _check_sampling, _check_size, _check_runtime, _check_model, _check_plugins,
-                  _check_task, _check_finite, _check_xyz):
+                  _check_task, _check_finite, _check_xyz, _check_logger):
         try:
             check(cfg, problems)
         except (ConfigError, registry.PluginError) as e:
             problems.append(str(e))
-    if problems:
-        raise ConfigError("\n".join(dict.fromkeys(line for p in problems for line in p.splitlines())))
+        except Exception:
+            if not typed:
+                raise
+    lines = [line for p in problems for line in p.splitlines()]
+    named = {_typed_key(x).split("[")[0] for x in lines}
+    lines = [x for x in typed if _typed_key(x) not in named] + lines  # a setting's own check says it better
+    if lines:
+        raise ConfigError("\n".join(dict.fromkeys(lines)))
 
 
 def _check_keys(cfg: DictConfig, problems: list[str]) -> None:
@@ -185,7 +325,8 @@ def _check_size(cfg: DictConfig, problems: list[str]) -> None:
             _int(cfg, key, mult, allow_none=True)
             v = cfg.get(key) or model.get(key)
             if v is None:
-                raise ConfigError(f"{key}: not set and model {model.name} has no default {key}")
+                raise ConfigError(f"{key}: not set and model {model.name} has no default {key} (model.{key} is "
+                                  f"null); set {key}=<pixels>")
             if v % mult:
                 lo, hi = v - v % mult, v - v % mult + mult
                 raise ConfigError(f"{key}={v}: must be a multiple of {mult} for model {model.name}; use {lo or hi} or {hi}")
@@ -205,14 +346,27 @@ def _check_size(cfg: DictConfig, problems: list[str]) -> None:
     except ConfigError as e:
         problems.append(str(e))
         return
+    from stablefused.tasks import get_task
+
+    try:
+        task = get_task(cfg.task)
+    except ConfigError:
+        return
+    if task.size_from_inputs and (cfg.get("height") is None or cfg.get("width") is None):
+        return  # the size comes from the input images: the task checks max_pixels against it
     if len(size) == 2 and isinstance(cfg.batch_size, int) and cfg.batch_size >= 1:
         per_batch = min(cfg.batch_size, _run_images(cfg) or cfg.batch_size)
-        total = size["height"] * size["width"] * per_batch
+        try:
+            frames = max(1, int(task.frames_per_output(cfg)))
+        except (TypeError, ValueError):
+            frames = 1
+        total = size["height"] * size["width"] * per_batch * frames
+        what = f"{per_batch} image(s)" if frames == 1 else f"{per_batch} video(s) of {frames} frames"
         if total > cfg.max_pixels:
             problems.append(
-                f"height={size['height']}, width={size['width']}: {per_batch} image(s) per batch of this size are "
+                f"height={size['height']}, width={size['width']}: {what} per batch of this size are "
                 f"{total:,} pixels, above max_pixels={cfg.max_pixels:,} (memory/time); use a smaller size or "
-                f"batch_size, or raise max_pixels")
+                f"batch_size" + (", fewer frames" if frames > 1 else "") + ", or raise max_pixels")
 
 
 def _rows(cfg: DictConfig) -> int | None:
@@ -250,6 +404,9 @@ def _check_runtime(cfg: DictConfig, problems: list[str]) -> None:
         (model.get("prediction_type") not in PREDICTION_TYPES,
          f"model.prediction_type={model.get('prediction_type')!r}: must be epsilon, v_prediction or sample"),
     ]
+    threads = cfg.get("threads")
+    if isinstance(threads, int) and not isinstance(threads, bool) and threads < 1:
+        checks.append((True, f"threads={threads}: must be >= 1 (or null: torch's default)"))
     for key in ("progress", "resume", "overwrite"):
         checks.append((not isinstance(cfg.get(key), bool), f"{key}={cfg.get(key)!r}: must be true or false"))
     if cfg.logger.name not in ("wandb", "none"):
@@ -326,8 +483,10 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
             sched_json = path / "scheduler" / "scheduler_config.json"
         elif where is None:  # a hub id
             if hub_files_missing(source, "model_index.json", revision=model.get("revision")):
-                problems.append(f"model={model.name}: {source} is not downloaded and the hub is offline "
-                                f"(HF_HUB_OFFLINE); run `hf download {source}` with network, or set "
+                from stablefused.models import hub_unavailable_reason
+
+                problems.append(f"model={model.name}: {source} is not downloaded and {hub_unavailable_reason()}; "
+                                f"run `hf download {source}` with network, or set "
                                 "model.path=<local diffusers folder or .safetensors file>")
                 return
             sched_json = _cached_hub_file(source, "scheduler/scheduler_config.json", model.get("revision"))
@@ -455,6 +614,44 @@ def _create_check(kind: str, name: str, params: Any, where: str, where_params: s
         raise ConfigError("\n".join(f"{where_params or where}.{p}" for p in e.problems)) from None
     except registry.PluginError as e:
         raise ConfigError(f"{where_params or where}: {e}") from None
+
+
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
+WANDB_PROJECT_BAD = "/\\#?%:"
+
+
+def _check_logger(cfg: DictConfig, problems: list[str]) -> None:
+    """``logger=wandb``: mode (and $WANDB_MODE), project, entity and tags as W&B accepts them, checked here
+    rather than by ``wandb.init`` after the model has loaded."""
+    import os
+
+    lg = cfg.get("logger")
+    if not OmegaConf.is_dict(lg) or lg.get("name") != "wandb":
+        return
+    mode = lg.get("mode")
+    if isinstance(mode, str) and mode not in WANDB_MODES:
+        problems.append(f"logger.mode={mode!r}: must be one of {', '.join(WANDB_MODES[:3])} (or null: $WANDB_MODE, "
+                        "else offline)")
+    env = os.environ.get("WANDB_MODE")
+    if mode is None and env and env not in WANDB_MODES:
+        problems.append(f"WANDB_MODE={env!r} (environment): must be one of {', '.join(WANDB_MODES[:3])}; unset it or "
+                        "set logger.mode=offline")
+    project = lg.get("project")
+    if isinstance(project, str):
+        if not project.strip():
+            problems.append("logger.project='': must name a W&B project, e.g. logger.project=stablefused")
+        elif any(c in project for c in WANDB_PROJECT_BAD) or len(project) > 128:
+            problems.append(f"logger.project={project!r}: W&B project names are at most 128 characters without any "
+                            f"of {' '.join(WANDB_PROJECT_BAD)}")
+    entity = lg.get("entity")
+    if isinstance(entity, str) and not entity.strip():
+        problems.append("logger.entity='': set a W&B user or team name, or null for your default entity")
+    tags = lg.get("tags")
+    if isinstance(tags, (list, ListConfig)):
+        for t in tags:
+            if isinstance(t, str) and not 0 < len(t) <= 64:
+                problems.append(f"logger.tags: tag {t[:20] + '...' if len(t) > 20 else t!r} has {len(t)} characters; "
+                                "W&B tags have 1 to 64")
 
 
 def _check_xyz(cfg: DictConfig, problems: list[str]) -> None:

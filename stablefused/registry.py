@@ -19,6 +19,7 @@ its constructor; config passes them through (``guidance.rule=apg +guidance.rule_
 from __future__ import annotations
 
 import difflib
+import numbers
 import importlib.util
 import inspect
 import sys
@@ -214,7 +215,7 @@ def param_problems(cls: Any, params: dict) -> list[str]:
         if key not in accepted:
             continue
         hint = hints.get(key)
-        what = None if hint is None else _type_problem(value, hint)
+        what = None if hint is None else type_problem(value, hint)
         if what is None and key in ranges:
             lo, hi = ranges[key]
             items = value if isinstance(value, (list, tuple)) else [value]
@@ -247,7 +248,7 @@ def _range_text(lo: Any, hi: Any) -> str:
     return f">= {lo:g}" if lo is not None else f"<= {hi:g}"
 
 
-def _type_problem(value: Any, hint: Any) -> str | None:
+def type_problem(value: Any, hint: Any) -> str | None:
     """None when ``value`` fits the type hint, else what it must be ("an integer", "one of a, b", ...)."""
     import math
     import types as _types
@@ -257,9 +258,9 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     if hint is Any or hint is inspect.Parameter.empty:
         return None
     if origin is typing.Annotated:
-        return _type_problem(value, args[0])
+        return type_problem(value, args[0])
     if origin in (typing.Union, _types.UnionType):
-        probs = [_type_problem(value, a) for a in args]
+        probs = [type_problem(value, a) for a in args]
         if any(p is None for p in probs):
             return None
         return " or ".join(dict.fromkeys(p for p in probs if p))
@@ -273,6 +274,8 @@ def _type_problem(value: Any, hint: Any) -> str | None:
         return None if ok else "one of " + ", ".join(map(str, args))
     if hint is bool:
         return None if isinstance(value, bool) else "true or false"
+    if hint is numbers.Real:  # any number (finiteness and range are checked by whoever declares it)
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
     if hint is int:
         return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
     if hint is float:
@@ -282,11 +285,11 @@ def _type_problem(value: Any, hint: Any) -> str | None:
         return None if isinstance(value, str) else "a string"
     if origin in (list, tuple, typing.Sequence) or hint in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            inner = _type_problem(None, args[0]) if args else None
+            inner = type_problem(None, args[0]) if args else None
             return "a list" + (f" (each {inner})" if inner else "")
         for x in value:
             if args and args[0] is not Ellipsis:
-                inner = _type_problem(x, args[0])
+                inner = type_problem(x, args[0])
                 if inner is not None:
                     return f"a list, each item {inner}"
         return None

@@ -47,6 +47,10 @@ class Task:
 
     name: str = ""
     output_type: str = "image"  # the manifest type of its one record per cell index (what resume keeps)
+    # Types of the task's own settings where the default in conf/task/<name>.yaml cannot tell (null, or an
+    # integer default of a setting that takes any number); the others take their default's type
+    # (stablefused.config.declared_types). E.g. ``types = {"story": str | None, "fps": numbers.Real}``.
+    types: dict[str, Any] = {}
 
     def validate(self, cfg: Any, problems: list[str]) -> None:
         """Append one line per bad setting of this task (name the key and the fix). No model is loaded."""
@@ -55,6 +59,14 @@ class Task:
         """Images the run will make, when the config alone tells (used to check sample indices and memory
         before loading); None when it depends on files or is unknown."""
         return None
+
+    # True when an unset height/width comes from the task's input images (img2img, inpaint): the task checks
+    # max_pixels itself against the size its inputs give (config checks the model's default size otherwise).
+    size_from_inputs: bool = False
+
+    def frames_per_output(self, cfg: Any) -> int:
+        """Images of height x width in one output (a video's frames): what max_pixels counts per batch item."""
+        return 1
 
     def run(self, run: Run) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import math
 from numbers import Real
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from stablefused import images as im
@@ -86,6 +87,8 @@ def _strength_problems(cfg: Any) -> list[str]:
     v = cfg.get("strengths")
     if isinstance(v, Real) and not isinstance(v, bool):
         return [f"strengths={v}: must be a list, e.g. strengths=[{v}]"]
+    if isinstance(v, (str, bool)) or OmegaConf.is_dict(v) or isinstance(v, dict):
+        return [f"strengths={v!r}: must be a list of numbers in (0, 1], e.g. strengths=[0.3,0.6,0.9]"]
     try:
         items = list(v)
     except TypeError:
@@ -108,6 +111,9 @@ def _strength_problems(cfg: Any) -> list[str]:
 class Img2Img(Task):
     """Image to image (SDEdit): rows = source image x prompt/seed, columns = source | strength x guidance."""
 
+    types = {"init_image": Union[str, list[str], None], "max_size": Real}
+    size_from_inputs = True
+
     def validate(self, cfg: Any, problems: list[str]) -> None:
         problems += _strength_problems(cfg)
         if cfg.get("resize") not in im.RESIZE_POLICIES:
@@ -128,7 +134,8 @@ class Img2Img(Task):
             return
         if max_size is not None and cfg.get("resize") in im.RESIZE_POLICIES:
             try:
-                self.output_size(cfg, found[0][0], found[0][1], max_size)
+                height, width = self.output_size(cfg, found[0][0], found[0][1], max_size)
+                problems += self.max_pixels_problems(cfg, found, height, width)
             except ConfigError as e:
                 problems.append(str(e))
         strengths = cfg.get("strengths")
@@ -136,6 +143,26 @@ class Img2Img(Task):
             problems.append(f"strengths={list(strengths)}: recorders keep one step axis per run, and each strength "
                             "runs a different number of steps; record one strength at a time (e.g. "
                             f"strengths=[{list(strengths)[-1]}]) or drop the recorders")
+
+    @staticmethod
+    def max_pixels_problems(cfg: Any, found: list, height: int, width: int) -> list[str]:
+        """``max_pixels`` against the size the run really makes (from the first source when height/width are
+        unset) times the images of one batch."""
+        limit, batch = cfg.get("max_pixels"), cfg.get("batch_size")
+        if not (isinstance(limit, int) and isinstance(batch, int) and batch >= 1) or isinstance(limit, bool):
+            return []
+        try:
+            prompts = len(list(cfg.prompts or cfg.model.example_prompts or [None]))
+            cells = len(found) * prompts * len(list(cfg.seeds)) * len(list(cfg.strengths)) * len(list(cfg.guidance_scales))
+        except TypeError:
+            cells = batch
+        per_batch = max(1, min(batch, cells))
+        total = height * width * per_batch
+        if total <= limit:
+            return []
+        return [f"max_pixels={limit:,}: {per_batch} output(s) per batch of {width}x{height} (the size "
+                f"{'init_image=' + found[0][0] + ' gives' if cfg.get('height') is None or cfg.get('width') is None else 'set'}) "
+                f"are {total:,} pixels; set a smaller height/width or batch_size, or raise max_pixels"]
 
     @staticmethod
     def output_size(cfg: Any, name: str, size: tuple[int, int], max_size: float) -> tuple[int, int]:

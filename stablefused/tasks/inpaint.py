@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from numbers import Real
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import torch
 from PIL import Image
@@ -153,6 +153,9 @@ def mask_overlay(source: Image.Image, mask: Image.Image) -> Image.Image:
 @register_task("inpaint")
 class Inpaint(Img2Img):
     """Inpainting: rows = source x prompt/seed, columns = source with its mask | strength x guidance."""
+
+    types = {**Img2Img.types, "mask_image": Union[str, list[str], None], "mask": Union[str, list, None],  # Hydra splits rect:4,2,14,12 into mixed items
+             "mask_blur": Real}
 
     def validate(self, cfg: Any, problems: list[str]) -> None:
         before = len(problems)

@@ -79,6 +79,9 @@ def write_video(run: Run, cell: dict, frames: np.ndarray) -> None:
 class Txt2Video(Task):
     """Text to video (video UNet models): rows = prompt/seed, columns = guidance scale; frames, MP4, strip."""
 
+    def frames_per_output(self, cfg: Any) -> int:
+        return cfg.frames if isinstance(cfg.get("frames"), int) and not isinstance(cfg.get("frames"), bool) else 1
+
     def validate(self, cfg: Any, problems: list[str]) -> None:
         for key in ("frames", "fps"):
             v = cfg.get(key)

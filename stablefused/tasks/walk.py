@@ -23,7 +23,7 @@ import math
 import subprocess
 from numbers import Real
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from stablefused.walkers import Frame, Keys, Walk, Walker, default_keyframes, de
 
 log = logging.getLogger(__name__)
 PACINGS = ("uniform", "even")
+MAX_WALK_FRAMES = 100_000  # frames of one walk (2.3 hours at 12 fps): beyond this a typo, not a plan
 PREVIEW_BUDGET = 8  # pacing=even: at most this many previews per frame of a segment
 PREVIEW_SIDE = 64  # ... compared at most this size (area-averaged)
 MIN_WIDTH = 1e-7  # ... and no finer than this fraction of a segment (float32 noise: ~1e-7 relative)
@@ -63,6 +64,8 @@ def make_walker(cfg: Any) -> Walker:
     name = params.pop("name", None)
     try:
         return registry.create("walkers", name, **params)
+    except registry.ParamError as e:  # each bad parameter named as the user writes it: walker.<param>=...
+        raise registry.PluginError("\n".join(f"walker.{p}" for p in e.problems)) from None
     except registry.PluginError as e:
         raise registry.PluginError(f"walker={name}: {e}") from None
 
@@ -320,9 +323,13 @@ def write_srt(path: Path, records: list[dict], fps: float) -> Path | None:
 class WalkTask(Task):
     """Latent walk: keyframes (prompt, seed) → frames along a walker's path → frames/*.png and walk.mp4."""
 
+    types = {"fps": Real, "story": Optional[str], "audio": Optional[str], "audio_start": Real,
+             "audio_duration": Optional[Real]}
+
     output_type = "frame"
 
     def validate(self, cfg: Any, problems: list[str]) -> None:
+        before = len(problems)
         if isinstance(cfg.frames, bool) or not isinstance(cfg.frames, int) or cfg.frames < 1:
             problems.append(f"frames={cfg.frames!r}: must be an integer >= 1 (frames from one keyframe to the next)")
         for key in ("loop", "gif"):
@@ -337,12 +344,15 @@ class WalkTask(Task):
         if len(cfg.guidance_scales) != 1:
             problems.append(f"guidance_scales={list(cfg.guidance_scales)}: a walk uses one guidance scale; give one, "
                             "e.g. guidance_scales=[7.5]")
+        if len(problems) > before:
+            return  # a number of the walk is wrong: the walker cannot plan it yet
         name = cfg.walker.get("name") if cfg.get("walker") else None
         for key, owner in (("story", "story"), ("audio", "audio")):
             if cfg.get(key) is not None and name != owner:
                 problems.append(f"{key}={cfg.get(key)}: only walker={owner} reads it; add walker={owner}")
             elif cfg.get(key) is not None and not resolve_file(cfg.get(key)).is_file():
-                problems.append(f"{key}={cfg.get(key)}: no such file")
+                found = resolve_file(cfg.get(key))
+                problems.append(f"{key}={cfg.get(key)}: " + ("is a folder; give a file" if found.is_dir() else "no such file"))
         try:
             walker = make_walker(cfg)
             walk = walk_settings(cfg)
@@ -356,6 +366,12 @@ class WalkTask(Task):
             problems.append(f"recorders: walker={name} makes its frames without the denoising loop (crops between "
                             "keyframes it paints itself): nothing to record; drop the recorders")
         walker.check_walk(walk, keyframes, problems)
+        if not walker.paces_itself and keyframes:
+            total = sum(walker.segment_frames(walk, keyframes)) + 1
+            if total > MAX_WALK_FRAMES:
+                src = f"story={cfg.story} at fps={cfg.fps:g}" if name == "story" else f"frames={cfg.frames}"
+                problems.append(f"{src}: {total:,} frames in all, more than {MAX_WALK_FRAMES:,} (hours of video, "
+                                "days of sampling); use fewer or shorter scenes, fewer frames or a lower fps")
 
     def run(self, run: Run) -> None:
         cfg = run.cfg
