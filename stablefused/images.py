@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from stablefused.errors import ConfigError
+from stablefused.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,46 @@ def _shapes_attrs(spec: str, key: str) -> dict[str, str]:
     return {"size": "large", "background": "black", **attrs}
 
 
+MAX_INPUT_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's decompression-bomb warning threshold
+READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning,
+               EOFError, IndexError, struct.error)
+
+
+def open_image(path: Path, key: str) -> Image.Image:
+    """The image in ``path`` decoded completely, as the run uses it: EXIF orientation applied (a photo shown
+    upright is upright here, and its width and height are the shown ones). The one reader of input files
+    (sources and masks), in validation and in the run, so both see the same pixels and size. A file that is
+    not an image, is truncated or corrupt, or claims more than ``MAX_INPUT_PIXELS`` (a decompression bomb) is
+    one ConfigError line naming ``key`` and the file."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_INPUT_PIXELS:
+                    raise ConfigError(f"{key}={path}: {w}x{h} pixels ({w * h / 1e6:.0f} Mpx) is more than an input "
+                                      f"image may have ({MAX_INPUT_PIXELS / 1e6:.0f} Mpx, decompression-bomb guard); "
+                                      "downscale it first")
+                im.load()
+                return ImageOps.exif_transpose(im)
+    except ConfigError:
+        raise
+    except READ_ERRORS as e:  # PIL: UnidentifiedImageError, truncated data, bad CRC, bombs
+        if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            raise ConfigError(f"{key}={path}: too many pixels for an input image (decompression-bomb guard: "
+                              f"{first_line(e, 100)}); downscale it first") from None
+        what = "empty file" if path.is_file() and path.stat().st_size == 0 else \
+            f"{type(e).__name__}: {first_line(e, 100)}" if str(e) else type(e).__name__
+        raise ConfigError(f"{key}={path}: cannot read it as an image ({what}); give a complete, valid PNG or JPEG "
+                          "file") from None
+
+
 def check(value: Any, key: str = "init_image") -> list[tuple[str, tuple[int, int]]]:
-    """Cheap check of an ``init_image`` value, before the model loads: every file exists and its header and
-    chunks are sound (PIL ``verify``). Returns ``(name, (width, height))`` per image; raises ConfigError."""
+    """Check of an ``init_image`` value, before the model loads: every file exists and decodes completely
+    (:func:`open_image`). Returns ``(name, (width, height))`` per image, EXIF orientation applied (as the
+    run sees it); raises ConfigError."""
     out = []
     specs = _specs(value)
     if not specs:
@@ -101,15 +139,7 @@ def check(value: Any, key: str = "init_image") -> list[tuple[str, tuple[int, int
             out.append((spec, (IMAGE_SIZE, IMAGE_SIZE)))
             continue
         for f in _files(spec, key):
-            try:
-                with Image.open(f) as im:
-                    size = im.size
-                    im.verify()
-            except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError, truncated, bad CRC
-                raise ConfigError(f"{key}={f}: cannot read it as an image ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:120] if str(e) else ''}); give a valid PNG or JPEG "
-                                  "file") from None
-            out.append((str(f), size))
+            out.append((str(f), open_image(f, key).size))
     return out
 
 
@@ -127,14 +157,7 @@ def load(value: Any, key: str = "init_image") -> list[InitImage]:
             out.append(InitImage(spec, img, description=spec[len(SHAPES_PREFIX):].strip()))
             continue
         for f in _files(spec, key):
-            try:
-                with Image.open(f) as im:
-                    im.load()
-                    img, note = to_rgb(ImageOps.exif_transpose(im))
-            except (OSError, SyntaxError, ValueError) as e:
-                raise ConfigError(f"{key}={f}: cannot decode the image ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:120] if str(e) else ''}); give a valid PNG or JPEG "
-                                  "file") from None
+            img, note = to_rgb(open_image(f, key))
             if note:
                 log.info("%s: converted %s", f, note)
             out.append(InitImage(str(f), img, converted=note))
@@ -209,6 +232,10 @@ def check_size(name: str, size: tuple[int, int], out: tuple[int, int], model: An
     """Refuse an output far larger than the model's native size (``max_size`` x its side, per side)."""
     nh, nw = int(model.height), int(model.width)
     oh, ow = out
+    if oh * 4 <= nh or ow * 4 <= nw:  # as config's height/width check: a quarter of the trained size is noise
+        raise ConfigError(
+            f"{key}={name}: a {size[0]}x{size[1]} image gives {ow}x{oh} outputs, far below model {model.name}'s "
+            f"{nw}x{nh} (a quarter or less per side: no recognisable images); set height={nh} width={nw} to resize it")
     if oh > max_size * nh or ow > max_size * nw:
         raise ConfigError(
             f"{key}={name}: a {size[0]}x{size[1]} image gives {ow}x{oh} outputs, far larger than model "

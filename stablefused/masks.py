@@ -18,12 +18,14 @@ where it is 0 are the source's exactly; the blur is the seam.
 from __future__ import annotations
 
 import logging
+import math
 import re
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageFilter
 
 from stablefused import images as im
 from stablefused.errors import ConfigError
@@ -40,6 +42,9 @@ class Mask:
     image: Image.Image | None  # 8-bit greyscale ("L") at its own size (files); None for shape specs
     converted: str | None = None
     shapes: list[tuple[str, list[float]]] | None = None  # shape specs: drawn at each source's size
+
+
+MAX_COORD = 1e6  # pixels: far beyond any source image, and where PIL's drawing still works
 
 
 def _specs(value: Any) -> list[str]:
@@ -60,6 +65,8 @@ def parse_shape(spec: str, key: str = "mask") -> tuple[str, list[float]]:
         raise ConfigError(f"{key}={spec!r}: not a mask shape; use rect:x0,y0,x1,y1 or circle:cx,cy,r (pixels of the "
                           "source image), or mask_image=<greyscale file, white = repaint>")
     nums = [float(x) for x in m.group(2).split(",")]
+    if not all(math.isfinite(x) and abs(x) <= MAX_COORD for x in nums):
+        raise ConfigError(f"{key}={spec!r}: coordinates must be finite numbers of pixels (|x| <= {MAX_COORD:g})")
     if len(nums) != SHAPES[kind]:
         raise ConfigError(f"{key}={spec!r}: {kind} takes {SHAPES[kind]} numbers "
                           f"({'x0,y0,x1,y1' if kind == 'rect' else 'cx,cy,r'}), got {len(nums)}")
@@ -109,12 +116,7 @@ def check(cfg: Any) -> list[tuple[str, Any]]:
     out = []
     for spec in im._specs(cfg.mask_image):
         for f in im._files(spec, "mask_image"):
-            try:
-                with Image.open(f) as m:
-                    m.verify()
-            except (OSError, SyntaxError, ValueError) as e:
-                raise ConfigError(f"mask_image={f}: cannot read it as an image ({type(e).__name__}); give a valid "
-                                  "PNG or JPEG mask (white = repaint)") from None
+            im.open_image(f, "mask_image")  # decodes completely: truncated, corrupt or bomb files fail here
             out.append((str(f), f))
     return out
 
@@ -126,9 +128,7 @@ def load(found: Sequence[tuple[str, Any]]) -> list[Mask]:
         if isinstance(what, list):
             out.append(Mask(name, None, shapes=what))
             continue
-        with Image.open(what) as m:
-            m.load()
-            grey, note = to_grey(ImageOps.exif_transpose(m))
+        grey, note = to_grey(im.open_image(Path(what), "mask_image"))
         if note:
             log.info("mask_image=%s: converted %s", what, note)
         out.append(Mask(name, grey, converted=note))

@@ -34,6 +34,65 @@ def percussive_envelope(path, start=0.0, duration=None, margin=1.0):
     return env, times, len(y) / sr
 
 
+SOUNDFILE_FORMATS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64")
+
+
+def _duration(librosa, path) -> float:
+    """Seconds of audio in ``path``, from its header (soundfile; libsndfile's C decoders print their notes on
+    the process's stderr, silenced here). Only formats libsndfile cannot read go to librosa's audioread
+    fallback, which may take many seconds to give up on a broken file."""
+    import os
+    import warnings
+
+    import soundfile
+
+    saved = os.dup(2)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        try:
+            info = soundfile.info(str(path))
+            return float(info.frames) / float(info.samplerate or 1)
+        except Exception:
+            if path.suffix.lower() in SOUNDFILE_FORMATS:
+                raise
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # librosa's audioread fallback warns before it fails
+        return float(librosa.get_duration(path=str(path)))
+
+
+def audio_problems(librosa, walk) -> list[str]:
+    """The audio file decodes (its header, cheaply) and the slice the walk uses lasts at least one frame."""
+    from pathlib import Path
+
+    path = Path(walk.audio)
+    if path.is_dir():
+        return [f"audio={walk.audio}: is a folder; give an audio file (wav, flac, ogg, mp3)"]
+    try:
+        total = _duration(librosa, path)
+    except Exception as e:  # soundfile / audioread: not audio, or a format neither can read
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        first = first.replace(f"Error opening {str(path)!r}: ", "")
+        return [f"audio={walk.audio}: cannot decode it as audio ({first or type(e).__name__}); give a wav, flac, "
+                "ogg or mp3 file"]
+    start = float(walk.audio_start)
+    if total <= 0:
+        return [f"audio={walk.audio}: holds no samples (0 s); give a file with sound"]
+    if start >= total:
+        return [f"audio_start={start:g}: past the end of audio={walk.audio} ({total:.3g} s); use audio_start < {total:.3g}"]
+    length = total - start if walk.audio_duration is None else min(float(walk.audio_duration), total - start)
+    if length * walk.fps < 2:
+        key = "audio_duration" if walk.audio_duration is not None and walk.audio_duration < total - start else "audio"
+        value = walk.audio_duration if key == "audio_duration" else walk.audio
+        return [f"{key}={value}: {length:.3g} s of audio is less than two frames at fps={walk.fps:g} "
+                f"({2 / walk.fps:.3g} s; a walk needs a first and a last frame); use a longer slice or a higher fps"]
+    return []
+
+
 @register("walkers", "audio")
 class Audio(Walker):
     """Paced by an audio file's beats (percussive envelope, librosa); the MP4 lasts as long as the audio and carries it.
@@ -56,9 +115,13 @@ class Audio(Walker):
         if not walk.audio:
             problems.append("audio: not set; walker=audio needs audio=path/to/song.wav")
         try:
-            load_librosa()
+            librosa = load_librosa()
         except PluginError as e:
             problems.append(str(e))
+            return
+        if walk.audio:
+            problems += audio_problems(librosa, walk)
+
 
     def speeds(self, env: np.ndarray, times: np.ndarray, fps: float, steps: int) -> np.ndarray:
         """The walk's speed from frame n to n + 1: the envelope's peak within that step (a click never falls

@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 from stablefused.registry import PluginError, register
@@ -8,7 +9,20 @@ def read_story(path: str | Path) -> list[tuple[float, str, str]]:
     """Scenes of a story file: one per line, ``seconds | prompt | caption`` (caption optional; blank lines
     and lines starting with # skipped). A bad line raises ValueError naming the line and the fix."""
     scenes = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"story={path}: is a folder; give a text file of scenes 'seconds | prompt | caption'")
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (Notepad)
+        data = data[3:]
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"story={path}: line {n} is not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                             f"{e.start + 1}); save the file as UTF-8") from None
+        if "\x00" in line:
+            raise ValueError(f"story={path}: line {n} holds NUL bytes: not a text file; give a text file of scenes")
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         parts = [p.strip() for p in line.split("|")]
@@ -18,8 +32,8 @@ def read_story(path: str | Path) -> list[tuple[float, str, str]]:
             seconds = float(parts[0])
         except ValueError:
             raise ValueError(f"story={path}: line {n}: seconds {parts[0]!r} is not a number") from None
-        if not seconds > 0:
-            raise ValueError(f"story={path}: line {n}: seconds must be > 0")
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"story={path}: line {n}: seconds={parts[0]} must be a finite number > 0")
         if not parts[1]:
             raise ValueError(f"story={path}: line {n}: empty prompt")
         scenes.append((seconds, parts[1], parts[2] if len(parts) == 3 else ""))
@@ -52,6 +66,14 @@ class Story(Walker):
             raise ValueError(f"seeds: {len(seeds)} seeds for the {len(scenes)} scenes of story={walk.story}; give "
                              "one seed, or one per scene")
         return [Keyframe(p, s, caption=c, seconds=t) for (t, p, c), s in zip(scenes, seeds)]
+
+    def check_walk(self, walk, keyframes, problems):
+        super().check_walk(walk, keyframes, problems)
+        for i, k in enumerate(keyframes[: self.segments(walk, keyframes)], 1):
+            if k.seconds * walk.fps < 0.5:  # it would still get one frame: the video would not last the story
+                problems.append(f"story={walk.story}: scene {i} ({k.prompt[:40]!r}) lasts {k.seconds:g} s, less than "
+                                f"one frame at fps={walk.fps:g} ({1 / walk.fps:g} s); lengthen it or raise fps")
+                break
 
     def segment_frames(self, walk, keyframes):
         return [max(1, round(k.seconds * walk.fps)) for k in keyframes[: self.segments(walk, keyframes)]]
