@@ -16,14 +16,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from stablefused import signals
-from stablefused.config import validate
+from stablefused.config import literal_overrides, validate
 from stablefused.errors import USER_ERRORS, PluginError
 from stablefused.guidance import Guidance
-from stablefused.logger import make_logger
+from stablefused.logger import make_logger, resolve_mode
 from stablefused.models import load_components
 from stablefused.outputs import Manifest
 from stablefused.paths import config_dir
 from stablefused.pipeline import Sampler
+from stablefused.preflight import DISK_ERRNOS, apply_threads, disk_full_line
 from stablefused.runs import Run, make_plugins, open_run_dir
 from stablefused.sweeps import JobStatus, finished, missing_launcher
 from stablefused.tasks import get_task
@@ -35,24 +36,37 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Run:
     """One StableFused run into ``run_dir``. Plugins, scheduler and logger are created fresh here, so
     nothing of one sweep job leaks into the next; only the loaded model modules are shared."""
     start = time.perf_counter()
-    validate(cfg)
-    task = get_task(cfg.task)
-    done = open_run_dir(cfg, run_dir)  # refuses another config's outputs; keeps this config's (resume)
-    # Plugins first: one that cannot start (e.g. a metric without its weights) fails before the model loads.
-    plugins = {kind: make_plugins(cfg, kind) for kind in ("recorders", "metrics", "visualizers")}
-    guidance = Guidance.from_config(cfg.guidance)
-    components = load_components(cfg.model, cfg.device, cfg.dtype)
-    scheduler = components.make_scheduler(cfg.scheduler.get("cls"), **(cfg.scheduler.get("overrides") or {}))
-    logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir,
-                         name=f"{cfg.name}/{run_dir.name}", group=group, job_type=cfg.name)
+    with signals.installed():  # an interrupt from here on (model load included) is one line, 130/143
+        try:
+            validate(cfg)
+            apply_threads(cfg.get("threads"))
+            if cfg.logger.name == "wandb" and (note := resolve_mode(cfg.logger)[1]):
+                log.warning("%s", note)
+            task = get_task(cfg.task)
+            done = open_run_dir(cfg, run_dir)  # refuses another config's outputs; keeps this config's (resume)
+            # Plugins first: one that cannot start (e.g. a metric without its weights) fails before the model loads.
+            plugins = {kind: make_plugins(cfg, kind) for kind in ("recorders", "metrics", "visualizers")}
+            guidance = Guidance.from_config(cfg.guidance)
+            components = load_components(cfg.model, cfg.device, cfg.dtype)
+            scheduler = components.make_scheduler(cfg.scheduler.get("cls"), **(cfg.scheduler.get("overrides") or {}))
+            logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir,
+                                 name=f"{cfg.name}/{run_dir.name}", group=group, job_type=cfg.name)
+        except signals.Interrupted as e:
+            log.error("interrupted (%s) while starting (checks, model load), before any new image; run dir %s",
+                      e, run_dir)
+            raise
+        return _run(cfg, run_dir, task, done, plugins, guidance, components, scheduler, logger, start)
+
+
+def _run(cfg: DictConfig, run_dir: Path, task: Any, done: dict, plugins: dict, guidance: Guidance, components: Any,
+         scheduler: Any, logger: Any, start: float) -> Run:
     r = Run(
         cfg=cfg, run_dir=run_dir, components=components, sampler=Sampler(components, scheduler),
         guidance=guidance, logger=logger, manifest=Manifest(run_dir / "manifest.jsonl"), done=done, **plugins,
     )
     ok = False
     try:
-        with signals.installed():
-            _run_task(task, r)
+        _run_task(task, r)  # under run()'s signal handlers
         r.manifest.append(run_record(r, time.perf_counter() - start))
         ok = not r.failures
     except signals.Interrupted as e:
@@ -106,12 +120,23 @@ def hydra_main(cfg: DictConfig) -> dict:
         log.info("%s is complete (status.json ok, same config, every file there): skipped; overwrite=true "
                  "makes it again", run_dir)
         return done
-    status = JobStatus(run_dir, job=hc.job.get("num"), overrides=list(hc.overrides.task), group=group)
+    status = JobStatus(run_dir, job=hc.job.get("num"), overrides=OmegaConf.to_container(hc.overrides.task, resolve=False), group=group)
     try:
         return status.ok(run(cfg, run_dir, group=group))
     except signals.Interrupted as e:
         status.failed(e)
         sys.exit(e.exit_code)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        msg = disk_full_line(e, run_dir)  # a full disk midway: one line, what was kept
+        log.error("%s%s", f"job {hc.job.num} failed: " if multirun else "", msg)
+        try:
+            status.failed(e)
+        except OSError:
+            pass
+        if not multirun:
+            sys.exit(2)
     except USER_ERRORS as e:
         log.error("%s%s", f"job {hc.job.num} failed: " if multirun else "", e)
         status.failed(e)
@@ -139,12 +164,22 @@ def override_problems(args: list[str]) -> list[str]:
 
     if any(a.split("=")[0] in ("-cn", "-cp", "-cd", "--config-name", "--config-path", "--config-dir") for a in args):
         return []  # another primary config: nothing here applies
+    from stablefused.config import declared_types, task_keys, type_problems
+
     conf = config_dir()
     groups = {p.name for p in conf.iterdir() if p.is_dir()}
     keys = set(OmegaConf.load(conf / "config.yaml").keys()) - {"defaults"}
     for f in [*(conf / "task").glob("*.yaml"), *(conf / "experiment").glob("*.yaml")]:  # both @package _global_
         keys |= set(OmegaConf.load(f).keys()) - {"defaults"}
     known = keys | groups | {"hydra"}
+    tasks = sorted(p.stem for p in (conf / "task").glob("*.yaml"))
+    owned = {t: task_keys(t) for t in tasks}
+    core = set(OmegaConf.load(conf / "config.yaml").keys()) - {"defaults"}
+    chosen = selected_tasks(args)
+    typed = declared_types(chosen[0] if len(chosen) == 1 else None)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
     out = []
     for arg in args:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:
@@ -153,6 +188,21 @@ def override_problems(args: list[str]) -> list[str]:
         if "@" in key or key.startswith("hydra"):
             continue
         top = key.split(".")[0].split("/")[0]
+        owners = [t for t in tasks if top in owned[t]]
+        if top not in core and owners and chosen and not any(top in owned[t] for t in chosen):
+            # a task's own setting under another task: name the task that has it (Hydra would say "use +key")
+            which = " or ".join(f"task={t}" for t in owners)
+            out.append(f"{top}: a setting of {which}, not of task={','.join(chosen)}; add {which}")
+            continue
+        if "{" in value and top in typed and "." not in key:
+            # a mapping where a setting takes a value or a list: Hydra cannot merge it ("Error merging override")
+            try:
+                parsed = parser.parse_override(arg).value()
+            except Exception:
+                parsed = None
+            if isinstance(parsed, dict):
+                out += type_problems({top: parsed}, typed)
+                continue
         if top not in known:
             close = difflib.get_close_matches(top, sorted(known - {"hydra"}), n=1)
             hint = f" Did you mean {close[0]}?" if close else " (add it with +key=value if it is a new key)"
@@ -167,6 +217,46 @@ def override_problems(args: list[str]) -> list[str]:
                     hint = f" Closest: {', '.join(close)}." if close else f" Options: {', '.join(options)}."
                     out.append(f"{key}={n}: no such {key} option (conf/{key}/{n}.yaml).{hint}")
     return out
+
+
+def model_key_overrides(args: list[str]) -> list[str]:
+    """``model.<key>=v`` for a key every model may have (config.MODEL_KEYS) that the selected model's file does
+    not list: added (``++``), as Hydra would only say "Could not override" with "+key" advice; the value is
+    then checked like any other (model.seed=abc: must be an integer)."""
+    from stablefused.config import MODEL_KEYS
+
+    out = []
+    for arg in args:
+        key = arg.split("=", 1)[0]
+        if "=" in arg and key.startswith("model.") and key.count(".") == 1 and key[6:] in MODEL_KEYS:
+            arg = "++" + arg
+        out.append(arg)
+    return out
+
+
+def selected_tasks(args: list[str]) -> list[str]:
+    """The task(s) a command line selects: ``task=a[,b]``, else the experiment's (its ``override /task``),
+    else the primary config's (txt2img). Empty when it cannot tell (e.g. ``task=choice(...)``)."""
+    from omegaconf import OmegaConf
+
+    conf = config_dir()
+    task = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in ("task", "+task", "++task")), None)
+    if task is None:
+        exp = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0] == "experiment"), None)
+        for name in (exp or "").split(","):
+            f = conf / "experiment" / f"{name.strip()}.yaml"
+            if f.is_file():
+                for entry in OmegaConf.load(f).get("defaults") or []:
+                    if OmegaConf.is_dict(entry):
+                        for k, v in entry.items():
+                            if str(k).removeprefix("override ").strip("/") == "task":
+                                task = (task + "," if task else "") + str(v)
+    if task is None:
+        defaults = OmegaConf.load(conf / "config.yaml").get("defaults") or []
+        task = next((str(e["task"]) for e in defaults if OmegaConf.is_dict(e) and "task" in e), "txt2img")
+    if "(" in task:
+        return []
+    return [t.strip() for t in task.strip("[]").split(",") if t.strip()]
 
 
 def main() -> None:
@@ -188,4 +278,7 @@ def main() -> None:
             print(f"error: {p}", file=sys.stderr)
         sys.exit(2)
     torch.set_grad_enabled(False)
+    logging.raiseExceptions = False  # a log file on a full disk must not print a traceback per log line
+    sys.argv[1:] = literal_overrides(sys.argv[1:])  # prompts are text: a ${...} in one is never interpolated
+    sys.argv[1:] = model_key_overrides(sys.argv[1:])
     hydra_main()

@@ -43,7 +43,7 @@ class WandbLogger(NullLogger):
         import wandb
 
         self.wandb = wandb
-        mode = cfg.get("mode") or os.environ.get("WANDB_MODE") or "offline"
+        mode, _ = resolve_mode(cfg)
         self.run = wandb.init(
             project=cfg.get("project") or "stablefused", entity=cfg.get("entity"), dir=str(run_dir),
             name=name, group=group, job_type=job_type, config=config, tags=list(cfg.get("tags") or []),
@@ -110,6 +110,33 @@ def _is_image(v: Any) -> bool:
     from PIL import Image
 
     return isinstance(v, Image.Image) or (isinstance(v, np.ndarray) and v.dtype == np.uint8 and v.ndim == 3)
+
+
+def has_credentials() -> bool:
+    """A W&B API key is at hand: ``WANDB_API_KEY``, or ``wandb login``'s entry in ~/.netrc (or $NETRC) for the
+    W&B host. Nothing is contacted."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY", "").strip():
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
+
+
+def resolve_mode(cfg: Any) -> tuple[str, str | None]:
+    """The W&B mode a run uses, and a one-line note when it is not the one asked for: ``logger.mode``, else
+    ``$WANDB_MODE``, else offline; an online mode without credentials stays offline (said in the note)."""
+    asked = cfg.get("mode") or os.environ.get("WANDB_MODE") or "offline"
+    where = "logger.mode" if cfg.get("mode") else "WANDB_MODE"
+    if asked in ("online", "run", "shared") and not has_credentials():
+        return "offline", (f"{where}={asked}: no W&B credentials (WANDB_API_KEY or `wandb login`); logging offline "
+                           "instead (upload later with `wandb sync <run dir>/wandb/offline-run-*`)")
+    return asked, None
 
 
 def make_logger(cfg: Any, config: dict, run_dir: Path, name: str, group: str | None, job_type: str) -> NullLogger:

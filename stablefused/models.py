@@ -5,6 +5,8 @@ source, dtype and device) so a sweep loads each model once.
 
 from __future__ import annotations
 
+import functools
+
 import copy
 import logging
 from dataclasses import dataclass, field
@@ -76,12 +78,11 @@ def hub_offline() -> bool:
 
 
 def hub_files_missing(repo_or_dir: str, filename: str, revision: str | None = None, local_only: bool = False) -> bool:
-    """True when ``repo_or_dir`` is a hub id whose ``filename`` is not in the local cache and the hub may not be
-    contacted (offline, or ``local_only``): loading it would fail. Cheap (no network, nothing loaded); a local
-    folder, a cached file or an online hub are not "missing" (a download may still fail later)."""
+    """True when ``repo_or_dir`` is a hub id whose ``filename`` is not in the local cache and the hub cannot
+    be used: HF_HUB_OFFLINE, ``local_only``, or (asked once per process, in seconds) the hub does not answer.
+    Loading it would fail, after minutes of huggingface_hub's retries. A local folder, a cached file or a
+    reachable hub are not "missing" (a download may still fail later)."""
     if Path(str(repo_or_dir)).expanduser().exists():
-        return False
-    if not (hub_offline() or local_only):
         return False
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -89,7 +90,23 @@ def hub_files_missing(repo_or_dir: str, filename: str, revision: str | None = No
         found = try_to_load_from_cache(str(repo_or_dir), filename, revision=revision)
     except Exception:  # not a valid repo id: let the loader say what is wrong
         return False
-    return not isinstance(found, str)
+    if isinstance(found, str):
+        return False
+    return hub_offline() or local_only or not hub_reachable_once()
+
+
+def hub_unavailable_reason() -> str:
+    """Why the hub cannot be used, for messages: HF_HUB_OFFLINE, or the endpoint does not answer."""
+    if hub_offline():
+        return "the hub is offline (HF_HUB_OFFLINE is set)"
+    return f"the hub ({hub_endpoint()}) cannot be reached"
+
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable_once() -> bool:
+    """:func:`hub_reachable` of the configured endpoint, asked once per process (every hub check of a run,
+    the model's and each metric's, shares the answer)."""
+    return hub_reachable(hub_endpoint())
 
 
 def safetensors_problem(path: Path) -> str | None:
@@ -253,7 +270,7 @@ def _load_from(source: str, model_cfg: Any) -> Components:
             raise ModelLoadError(f"model={name}: {source!r} is not in the local Hugging Face cache and "
                                  f"HF_HUB_OFFLINE is set. {how}") from e
         endpoint = hub_endpoint()
-        if not hub_reachable(endpoint):
+        if not hub_reachable_once():
             raise ModelLoadError(f"model={name}: {source!r} is not in the local Hugging Face cache and the hub "
                                  f"({endpoint}) cannot be reached. {how}") from e
         try:

@@ -184,7 +184,7 @@ class Run:
 # ------------------------------------------------------------------------------------------- run dir
 RUN_FILE = "run.json"
 # Settings that change neither the images nor their records: a rerun that differs only in these continues.
-NOT_OUTPUT = ("progress", "logger", "batch_size", "resume", "overwrite", "hydra", "xyz")
+NOT_OUTPUT = ("progress", "logger", "batch_size", "resume", "overwrite", "hydra", "xyz", "threads")
 
 
 def fingerprint(cfg: DictConfig) -> dict:
