@@ -35,3 +35,20 @@ def test_readme_install_says_how_to_get_cpu_torch():
     assert "--index-url https://download.pytorch.org/whl/cpu" in setup
     assert "torch==" not in setup  # no pin to one machine's local wheel
     assert "GPU" in setup  # and a GPU user keeps their own build
+
+
+def test_readme_setup_makes_and_activates_a_venv_first(tmp_path):
+    """The set-up block's first line, run as written, leaves the shell in a fresh virtual environment, and
+    every pip install comes after it (nothing goes into the system Python)."""
+
+    import subprocess
+
+    setup = README.read_text().split("## Set up and run", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", setup, re.S).group(1).splitlines()
+    first = block[0].split("  #")[0].strip()
+    assert "venv" in first and "activate" in first, block[0]
+    assert all("pip install" not in line for line in block[:1]) and any("pip install" in x for x in block[1:])
+    out = subprocess.run(["bash", "-c", f"{first} && python -c 'import sys; print(sys.prefix)'"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).resolve() == (tmp_path / ".venv").resolve()
