@@ -247,7 +247,8 @@ def cases() -> list[Case]:
     for key, val in [("mask_blur", "abc"), ("mask_blur", "[4]"), ("paste_back", "maybe"), ("mask", "5"),
                      ("mask", "{a:1}"), ("mask", "[rect:1,2]"), ("mask", "[rect:a,b,c,d]"), ("mask", "[circle:nan,1,2]"),
                      ("mask", "[rect:0,0,1e400,5]"), ("mask_image", "[]")]:
-        add(C(f"type:inpaint {key}={val}", "6", [*INP, f"{key}={val}"], [key.split("_")[0] if key == "mask_image" else key]))
+        args = [a for a in INP if not a.startswith("mask=")] if key == "mask_image" else INP  # mask= would be used
+        add(C(f"type:inpaint {key}={val}", "6", [*args, f"{key}={val}"], [key.split("_")[0] if key == "mask_image" else key]))
     WALK = ["task=walk", "prompts=[a red circle on a black background,a blue square]", "seeds=[0,1]", "frames=2"]
     for key, val in [("frames", "abc"), ("frames", "[3]"), ("fps", "abc"), ("fps", "[12]"), ("loop", "2"),
                      ("gif", "yes"), ("pacing", "5"), ("audio_start", "abc"), ("audio_duration", "[1]"),
