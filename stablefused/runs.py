@@ -34,6 +34,7 @@ from stablefused.logger import NullLogger
 from stablefused.models import Components
 from stablefused.outputs import Manifest, grid, save_png, strict_json, to_uint8
 from stablefused.pipeline import Generation, Sampler
+from stablefused.records import save_parts
 from stablefused.samplers import sampler_label
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,18 @@ class Run:
     # False: images are written and scored but neither kept in ``images`` nor logged one by one to W&B (long
     # walks: memory stays flat; the task logs its video instead)
     keep_images: bool = True
+
+    def __post_init__(self) -> None:
+        from stablefused.records import restore_parts
+
+        # a resumed run: the recorders get back the step records of the images it keeps; images whose records
+        # are not all on disk are made again (same pixels), so records and visualizers come out whole
+        again = restore_parts(self, set(self.done))
+        if again:
+            log.info("resuming: %d kept image(s) lack their step records; making them again", len(again))
+            for i in again:
+                self.done.pop(i, None)
+            forget(self.run_dir, again)
 
     def path(self, *parts: str) -> Path:
         p = self.run_dir.joinpath(*parts)
@@ -124,6 +137,7 @@ class Run:
         with signals.critical():
             for img, rec in zip(pil, records):
                 save_png(img, self.run_dir / rec["path"], rec)
+            save_parts(self)  # the batch's step records, before its manifest lines (a resume trusts those)
             self.score(pil, records)
             for img, rec in zip(pil, records):
                 self.manifest.append(rec)
@@ -264,6 +278,15 @@ def _keep_images(run_dir: Path, output_type: str = "image") -> dict[int, dict]:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     tmp.replace(manifest)
     return done
+
+
+def forget(run_dir: Path, indices: set[int]) -> None:
+    """Drop the output records (and their parts) of ``indices`` from the manifest: they are made again."""
+    manifest = run_dir / "manifest.jsonl"
+    kept = [r for r in read_records(manifest) if not ("index" in r and int(r["index"]) in indices)]
+    tmp = manifest.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(manifest)
 
 
 def read_records(manifest: Path) -> list[dict]:

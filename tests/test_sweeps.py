@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stablefused import report
@@ -190,7 +191,8 @@ def test_report_logged_to_wandb_in_the_sweeps_group(basic, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- resume
-RESUME = ["steps=4", "batch_size=2", "prompts=[a red circle]", "seeds=[" + ",".join(map(str, range(24))) + "]"]
+RESUME = ["steps=4", "batch_size=2", "prompts=[a red circle]", "seeds=[" + ",".join(map(str, range(24))) + "]",
+          "recorders=[x0]", "visualizers=[denoise_video]", "visualizers.denoise_video.panels=[x0]"]  # step records and a video must survive the kill too
 
 
 def images_per_index(job_dir: Path) -> dict[int, int]:
@@ -237,9 +239,17 @@ def test_killed_sweep_resumes_to_the_same_pngs(tmp_path):
     ours, theirs = pngs(d), pngs(ref)
     assert sorted(ours) == sorted(theirs) and len(ours) == 72
     assert all(ours[k] == theirs[k] for k in theirs)  # every PNG byte-identical with the uninterrupted sweep
-    for name in ("grid.png", "report_grid.png"):
+    for name in ("grid.png", "report_grid.png", "records.json"):
         for a in sorted(ref.glob(f"**/{name}")):
             assert (d / a.relative_to(ref)).read_bytes() == a.read_bytes(), a
+    from safetensors.torch import load_file
+
+    from tests.test_visualizers import frames_of
+
+    for job in "012":  # the step records and the video of the killed job equal the uninterrupted one's
+        a, b = (load_file(str(x / job / "records.safetensors")) for x in (ref, d))
+        assert sorted(a) == ["x0"] == sorted(b) and a["x0"].shape[0] == 24 and bool((a["x0"] == b["x0"]).all())
+        assert np.array_equal(frames_of(ref / job / "denoise.mp4"), frames_of(d / job / "denoise.mp4"))
     for job in "012":
         assert images_per_index(d / job) == {i: 1 for i in range(24)}  # no duplicate manifest lines
         runs = [json.loads(x) for x in (d / job / "manifest.jsonl").read_text().splitlines()
