@@ -202,10 +202,52 @@ NOT_OUTPUT = ("progress", "logger", "batch_size", "resume", "overwrite", "hydra"
 
 
 def fingerprint(cfg: DictConfig) -> dict:
+    """What a run's outputs depend on: its settings (less :data:`NOT_OUTPUT`) and the content of its input
+    files (``inputs``: per setting, file -> sha256), so a changed source file is a changed run."""
     from omegaconf import OmegaConf
 
     plain = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in plain.items() if k not in NOT_OUTPUT}
+    fp = {k: v for k, v in plain.items() if k not in NOT_OUTPUT}
+    inputs = input_digests(cfg)
+    if inputs:
+        fp["inputs"] = inputs
+    return fp
+
+
+def input_digests(cfg: DictConfig) -> dict[str, dict[str, str]]:
+    """Per input-file setting of the task (``Task.input_settings``): {file: sha256 of its bytes} ("missing"
+    for a file that is not there; validation names it)."""
+    import hashlib
+
+    from stablefused.errors import ConfigError
+    from stablefused.tasks import get_task
+
+    try:
+        task = get_task(cfg.task)
+    except ConfigError:
+        return {}
+    out = {}
+    for key in task.input_settings:
+        files = {}
+        for f in task.input_files(cfg, key):
+            try:
+                h = hashlib.sha256()
+                with open(f, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+                files[str(f)] = h.hexdigest()
+            except OSError:
+                files[str(f)] = "missing"
+        if files:
+            out[key] = files
+    return out
+
+
+def _changed_inputs(old: dict, new: dict) -> list[str]:
+    """``key=file`` for every input file whose content (or presence) differs between two fingerprints."""
+    a, b = old.get("inputs") or {}, new.get("inputs") or {}
+    return [f"{k}={f}" for k in sorted(set(a) | set(b)) for f in sorted(set(a.get(k, {})) | set(b.get(k, {})))
+            if a.get(k, {}).get(f) != b.get(k, {}).get(f)]
 
 
 def open_run_dir(cfg: DictConfig, run_dir: Path) -> dict[int, dict]:
@@ -225,7 +267,14 @@ def open_run_dir(cfg: DictConfig, run_dir: Path) -> dict[int, dict]:
         if cfg.overwrite:
             _remove_outputs(run_dir)
         elif previous is None or previous.get("config") != fp:
-            diff = _differences(previous.get("config", {}) if previous else {}, fp)
+            old = previous.get("config", {}) if previous else {}
+            changed = _changed_inputs(old, fp) if previous else []
+            if changed and {k: v for k, v in old.items() if k != "inputs"} == \
+                    {k: v for k, v in fp.items() if k != "inputs"}:
+                raise ConfigError(f"hydra.run.dir={run_dir}: holds outputs made from another version of "
+                                  f"{', '.join(changed)} (its content changed since); use a new run dir, or "
+                                  "overwrite=true to make them again from the file as it is now")
+            diff = _differences(old, fp)
             what = f"another config ({', '.join(diff[:3])}{', ...' if len(diff) > 3 else ''})" if previous else \
                 "outputs of an unknown run"
             raise ConfigError(f"hydra.run.dir={run_dir}: holds {what}; use a new run dir, or overwrite=true to "

@@ -68,3 +68,66 @@ def torch_equal(x, y) -> bool:
     import torch
 
     return x.dtype == y.dtype and x.shape == y.shape and bool(torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0)))
+
+
+# ------------------------------------------------------------------------------------------- point 1: inputs
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stablefused", *BASE, *args], capture_output=True, text=True,
+                          env=ENV, timeout=300)
+
+
+def shape_png(path: Path, color: str = "red") -> Path:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (16, 16), "black")
+    ImageDraw.Draw(img).ellipse([3, 3, 12, 12], fill=color)
+    img.save(path)
+    return path
+
+
+def input_case(tmp_path: Path, kind: str) -> tuple[list[str], Path, callable]:
+    """(overrides, the input file, a function that changes its content) for each input-file setting."""
+    if kind == "init_image":
+        f = shape_png(tmp_path / "src.png")
+        return (["task=img2img", f"init_image={f}", "strengths=[0.5]", "steps=2", "seeds=[0]",
+                 "prompts=[a blue square]"], f, lambda: shape_png(f, "green"))
+    if kind == "mask_image":
+        from PIL import Image
+
+        src, f = shape_png(tmp_path / "src.png"), tmp_path / "mask.png"
+        Image.new("L", (16, 16), 255).save(f)
+        return (["task=inpaint", f"init_image={src}", f"mask_image={f}", "steps=2", "seeds=[0]",
+                 "prompts=[a blue square]"], f, lambda: Image.new("L", (16, 16), 128).save(f))
+    f = tmp_path / "story.txt"
+    f.write_text("1 | a red circle | one\n1 | a blue square | two\n")
+    return (["task=walk", "walker=story", f"story={f}", "fps=2", "steps=2"], f,
+            lambda: f.write_text("1 | a red circle | one\n1 | a green triangle | two\n"))
+
+
+@pytest.mark.parametrize("kind", ["init_image", "mask_image", "story"])
+def test_changed_input_file_is_a_changed_run(tmp_path, kind):
+    from stablefused.errors import ConfigError
+
+    overrides, f, change = input_case(tmp_path, kind)
+    d = tmp_path / "run"
+    run(compose_cfg(*overrides), d)
+    before = {p: p.read_bytes() for p in d.rglob("*.png")}
+    run(compose_cfg(*overrides), d)  # same content: resumed (nothing to do), not refused
+    change()
+    with pytest.raises(ConfigError) as e:
+        run(compose_cfg(*overrides), d)
+    msg = str(e.value)
+    assert "\n" not in msg and f"{kind}={f}" in msg and "changed" in msg, msg
+    assert {p: p.read_bytes() for p in d.rglob("*.png")} == before  # nothing mixed in
+
+
+def test_changed_input_file_is_not_complete_skipped_on_the_command_line(tmp_path):
+    overrides, f, change = input_case(tmp_path, "init_image")
+    d = tmp_path / "run"
+    res = cli(*overrides, f"hydra.run.dir={d}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    change()
+    res = cli(*overrides, f"hydra.run.dir={d}")
+    err = [x for x in (res.stdout + res.stderr).splitlines() if "ERROR" in x or "error" in x]
+    assert res.returncode == 2 and "is complete" not in res.stdout + res.stderr
+    assert len(err) == 1 and f"init_image={f}" in err[0], res.stderr[-2000:]

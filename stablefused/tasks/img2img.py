@@ -108,6 +108,8 @@ def _strength_problems(cfg: Any) -> list[str]:
 class Img2Img(Task):
     """Image to image (SDEdit): rows = source image x prompt/seed, columns = source | strength x guidance."""
 
+    input_settings = ("init_image",)
+
     def validate(self, cfg: Any, problems: list[str]) -> None:
         problems += _strength_problems(cfg)
         if cfg.get("resize") not in im.RESIZE_POLICIES:

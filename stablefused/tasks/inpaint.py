@@ -154,6 +154,8 @@ def mask_overlay(source: Image.Image, mask: Image.Image) -> Image.Image:
 class Inpaint(Img2Img):
     """Inpainting: rows = source x prompt/seed, columns = source with its mask | strength x guidance."""
 
+    input_settings = ("init_image", "mask_image")
+
     def validate(self, cfg: Any, problems: list[str]) -> None:
         before = len(problems)
         super().validate(cfg, problems)  # init_image, strengths, resize, max_size, recorders

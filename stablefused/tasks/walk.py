@@ -321,6 +321,11 @@ class WalkTask(Task):
     """Latent walk: keyframes (prompt, seed) → frames along a walker's path → frames/*.png and walk.mp4."""
 
     output_type = "frame"
+    input_settings = ("story", "audio")
+
+    def input_files(self, cfg: Any, key: str) -> list:
+        path = resolve_file(cfg.get(key))  # relative paths: the working directory, then the shipped conf/
+        return [path] if path is not None else []
 
     def validate(self, cfg: Any, problems: list[str]) -> None:
         if isinstance(cfg.frames, bool) or not isinstance(cfg.frames, int) or cfg.frames < 1:
