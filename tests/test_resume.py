@@ -131,3 +131,118 @@ def test_changed_input_file_is_not_complete_skipped_on_the_command_line(tmp_path
     err = [x for x in (res.stdout + res.stderr).splitlines() if "ERROR" in x or "error" in x]
     assert res.returncode == 2 and "is complete" not in res.stdout + res.stderr
     assert len(err) == 1 and f"init_image={f}" in err[0], res.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------- point 2: overwrite
+SMALL = ["prompts=[a red circle]", "seeds=[0,1]", "guidance_scales=[0,5]", "steps=2"]
+
+
+def files_of(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_empties_a_folder_it_did_not_write(tmp_path):
+    """A user's folder that happens to hold a manifest.jsonl, images/ and run.json of its own: overwrite=true
+    refuses in one line and removes nothing, whatever the files are called."""
+    from stablefused.errors import ConfigError
+
+    d = tmp_path / "mine"
+    (d / "images").mkdir(parents=True)
+    (d / "images" / "0000_r0_c0_s0.png").write_bytes(b"my holiday photo")
+    (d / "photo.jpg").write_bytes(b"another photo")
+    (d / "manifest.jsonl").write_text('{"type": "image", "index": 0, "path": "images/0000_r0_c0_s0.png"}\n'
+                                      '{"type": "file", "path": "photo.jpg"}\n')
+    (d / "run.json").write_text('{"config": {"my": "settings"}}')
+    before = files_of(d)
+    with pytest.raises(ConfigError) as e:
+        run(compose_cfg(*SMALL, "overwrite=true"), d)
+    assert "\n" not in str(e.value) and "overwrite=true" in str(e.value) and str(d) in str(e.value)
+    assert files_of(d) == before
+
+
+def test_overwrite_removes_only_what_the_previous_run_wrote(tmp_path):
+    d = tmp_path / "run"
+    run(compose_cfg(*SMALL, "recorders=[x0]"), d)
+    (d / "notes.txt").write_text("my notes about this run")  # the user's own files in a run dir
+    (d / "images" / "keep_me.png").write_bytes(b"not made by stablefused")
+    run(compose_cfg(*SMALL[:2], "guidance_scales=[1,5]", SMALL[3], "overwrite=true"), d)
+    assert (d / "notes.txt").read_text() == "my notes about this run"
+    assert (d / "images" / "keep_me.png").read_bytes() == b"not made by stablefused"
+    assert not (d / "records.safetensors").exists() and not (d / "records.parts").exists()
+    assert len(list((d / "images").glob("0*.png"))) == 4
+
+
+# ------------------------------------------------------------------------------------------- point 3: one owner
+def test_a_second_live_run_into_the_same_dir_is_refused(tmp_path):
+    d = tmp_path / "run"
+    slow = ["prompts=[a red circle]", "seeds=[" + ",".join(map(str, range(400))) + "]", "steps=30", "batch_size=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "stablefused", *BASE, *slow, f"hydra.run.dir={d}"], env=ENV,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (d / "manifest.jsonl").is_file() or \
+                '"type": "image"' not in (d / "manifest.jsonl").read_text():
+            time.sleep(0.05)
+        res = cli(*slow, f"hydra.run.dir={d}")
+        lines = [x for x in (res.stdout + res.stderr).splitlines() if "ERROR" in x]
+        assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert str(d) in lines[0] and f"pid {proc.pid}" in lines[0], lines
+        assert proc.poll() is None  # the owner runs on
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # killed: its lock is stale (same host, dead pid): the next run takes it over
+    from stablefused.runs import RunLock
+
+    assert (d / RunLock.NAME).is_file()
+
+    lock = RunLock(d)
+    lock.acquire()  # a dead owner's lock is taken over, not an error
+    lock.release()
+    assert not (d / RunLock.NAME).exists()
+
+
+def test_lock_of_a_requeued_cluster_job_is_taken_over(tmp_path, monkeypatch):
+    """A SLURM job requeued on another host: same SLURM_JOB_ID, so the old lock is its own."""
+    import json as _json
+
+    from stablefused.runs import RunLock
+
+    (tmp_path / RunLock.NAME).write_text(_json.dumps({"pid": 1, "host": "some-other-node", "started": "x",
+                                                      "slurm_job_id": "4242"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    lock.release()
+    monkeypatch.setenv("SLURM_JOB_ID", "9999")  # another job's live lock on another host: refused
+    (tmp_path / RunLock.NAME).write_text(_json.dumps({"pid": 1, "host": "some-other-node", "started": "x",
+                                                      "slurm_job_id": "4242"}))
+    from stablefused.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="some-other-node"):
+        RunLock(tmp_path).acquire()
+
+
+# ------------------------------------------------------------------------------------------- point 4: decodes
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_resume_makes_again_an_output_that_does_not_decode(tmp_path, damage):
+    d = tmp_path / "run"
+    run(compose_cfg(*SMALL), d)
+    before = files_of(d / "images")
+    name = sorted(before)[1]
+    png = d / "images" / name
+    png.write_bytes(png.read_bytes()[: len(before[name]) // 2] if damage == "truncated" else b"")
+    again = run(compose_cfg(*SMALL), d)
+    assert len(again.done) == 3  # the damaged one was made again, not kept
+    assert files_of(d / "images") == before
+
+
+def test_resumed_walk_makes_again_a_damaged_frame(tmp_path):
+    overrides, _, _ = input_case(tmp_path, "story")
+    d = tmp_path / "run"
+    run(compose_cfg(*overrides), d)
+    before = files_of(d / "frames")
+    (d / "frames" / sorted(before)[1]).write_bytes(before[sorted(before)[1]][:40])
+    again = run(compose_cfg(*overrides), d)
+    assert len(again.done) == len(before) - 1
+    assert files_of(d / "frames") == before
