@@ -304,3 +304,23 @@ def test_xyz_axis_typo_is_one_line(tmp_path):
     assert res.returncode == 1
     errors = [x for x in (res.stdout + res.stderr).splitlines() if "ERROR" in x and "job 0" in x]
     assert errors and errors[0].endswith("xyz.y=schedular: no such setting; did you mean scheduler?")
+
+
+# ------------------------------------------------------------------------------------------- every task's outputs
+def test_report_of_a_sweep_of_walks_counts_frames_and_videos(tmp_path):
+    """A walk's outputs are frames and a video, not images: the report counts them, averages the metrics over
+    the frames and shows frames in the report grid (there is no grid.png)."""
+    res = sweep(tmp_path, "task=walk", "prompts=[a red circle,a blue square]", "frames=2,3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(tmp_path / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["frames"] for r in rows] == ["2", "3"]  # the swept setting
+    assert [r["frame_pngs"] for r in rows] == ["3", "4"] and [r["videos"] for r in rows] == ["1", "1"]
+    assert all(r["shapes_adherence/mean"] not in ("", None) for r in rows)  # scored frames, averaged
+    assert "position" not in rows[0] and "time" not in rows[0]  # a frame's place in the walk is not a metric
+    assert (tmp_path / "report_grid.png").is_file()
+    md = (tmp_path / "report.md").read_text()
+    assert "| frame_pngs | videos |" in md and "report_grid.png" in md
+    res = subprocess.run([sys.executable, "-m", "stablefused", "report", str(tmp_path)], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert res.returncode == 0 and "2/2 jobs ok" in res.stdout, res.stderr[-2000:]
