@@ -25,7 +25,7 @@ from stablefused.outputs import Manifest
 from stablefused.paths import config_dir
 from stablefused.pipeline import Sampler
 from stablefused.preflight import DISK_ERRNOS, apply_threads, disk_full_line
-from stablefused.runs import Run, make_plugins, open_run_dir
+from stablefused.runs import Run, RunLock, make_plugins, open_run_dir
 from stablefused.sweeps import JobStatus, finished, missing_launcher
 from stablefused.tasks import get_task
 
@@ -35,6 +35,11 @@ log = logging.getLogger("stablefused")
 def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Run:
     """One StableFused run into ``run_dir``. Plugins, scheduler and logger are created fresh here, so
     nothing of one sweep job leaks into the next; only the loaded model modules are shared."""
+    with RunLock(run_dir):  # one owner per run dir (re-entrant: the command line holds it already)
+        return _start(cfg, run_dir, group)
+
+
+def _start(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Run:
     start = time.perf_counter()
     with signals.installed():  # an interrupt from here on (model load included) is one line, 130/143
         try:
@@ -116,6 +121,21 @@ def hydra_main(cfg: DictConfig) -> dict:
     if multirun:
         group = f"{cfg.name}-{Path(hc.sweep.dir).name}"
         log.info("sweep job %s", hc.job.get("num"))
+    lock = RunLock(run_dir)
+    try:  # before anything reads or writes the dir: another live run may own it
+        lock.acquire()
+    except USER_ERRORS as e:
+        log.error("%s%s", f"job {hc.job.num} failed: " if multirun else "", e)
+        if not multirun:
+            sys.exit(2)
+        return {"status": "failed", "reason": str(e)}  # the owner's status.json is left alone
+    try:
+        return _job(cfg, run_dir, hc, multirun, group)
+    finally:
+        lock.release()
+
+
+def _job(cfg: DictConfig, run_dir: Path, hc: Any, multirun: bool, group: str | None) -> dict:
     if (done := finished(cfg, run_dir)) is not None:
         log.info("%s is complete (status.json ok, same config, every file there): skipped; overwrite=true "
                  "makes it again", run_dir)

@@ -180,6 +180,114 @@ def recorder_name(obj: Any) -> str:
     return getattr(obj, "plugin_name", type(obj).__name__)
 
 
+# ---------------------------------------------------------------------------------------------- resume
+# Records survive an interrupt as the images do: after each batch, every recorder's new chunks are written to
+# ``records.parts/<recorder>/<first sample index>.safetensors`` (with the batch's PNGs, before its manifest
+# lines). A resumed run reads back the parts of the images it keeps, so its records (and the visualizers made
+# from them) equal an uninterrupted run's. A recorder takes part by keeping ``_chunks``: a list of tuples
+# ``(global sample indices, payload...)``, each payload a tensor or a dict of tensors, and naming in
+# ``RESUME_STATE`` the attributes (dotted paths, JSON values) that describe its recording (steps, layers).
+PARTS_DIR = "records.parts"
+
+
+def _resumable(recorder: Any) -> bool:
+    return isinstance(getattr(recorder, "_chunks", None), list)
+
+
+def _get(obj: Any, path: str) -> Any:
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+    return obj
+
+
+def _set(obj: Any, path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    for name in parents:
+        obj = getattr(obj, name)
+    setattr(obj, last, value)
+
+
+def save_parts(run: Any) -> list[Path]:
+    """Write the chunks each recorder added since the last call (see :data:`PARTS_DIR`); atomic per file."""
+    from safetensors.torch import save_file
+
+    written = []
+    for name, recorder in run.recorders.items():
+        if not _resumable(recorder):
+            continue
+        start = recorder.__dict__.get("_parts_saved", 0)
+        state = {k: _get(recorder, k) for k in getattr(recorder, "RESUME_STATE", ())}
+        for indices, *payload in recorder._chunks[start:]:
+            tensors, layout = {}, []
+            for k, item in enumerate(payload):
+                if isinstance(item, dict):
+                    layout.append(list(item))
+                    tensors.update({f"{k}.{key}": t.contiguous() for key, t in item.items()})
+                else:
+                    layout.append(None)
+                    tensors[str(k)] = item.contiguous()
+            path = run.run_dir / PARTS_DIR / name / f"{min(indices):06d}.safetensors"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            save_file(tensors, str(tmp), metadata={"indices": json.dumps([int(i) for i in indices]),
+                                                   "layout": json.dumps(layout), "state": json.dumps(state)})
+            tmp.replace(path)
+            written.append(path)
+        recorder._parts_saved = len(recorder._chunks)
+    return written
+
+
+def _read_part(path: Path) -> tuple[list[int], tuple, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        indices, layout, state = (json.loads(meta[k]) for k in ("indices", "layout", "state"))
+        payload = tuple({key: f.get_tensor(f"{k}.{key}") for key in keys} if keys is not None else f.get_tensor(str(k))
+                        for k, keys in enumerate(layout))
+    return [int(i) for i in indices], payload, state
+
+
+def restore_parts(run: Any, kept: set[int]) -> set[int]:
+    """Give each recorder back the chunks of the kept samples (``kept``: indices whose image a resumed run
+    keeps) and delete every other part. Returns the kept indices that must be made again because a recorder
+    wanted them but has no readable part for them (a run dir from before parts existed, a part cut short by a
+    kill, a part that also holds an image that is made again)."""
+    root = Path(run.run_dir) / PARTS_DIR
+    recorders = {n: r for n, r in run.recorders.items() if _resumable(r)}
+    parts: dict[str, list] = {}
+    for name in recorders:
+        parts[name] = []
+        for path in sorted((root / name).glob("*.safetensors")) if (root / name).is_dir() else []:
+            try:
+                parts[name].append((path, *_read_part(path)))
+            except Exception:  # cut short or unreadable: its images are made again
+                path.unlink()
+    good = set(kept)
+    while True:  # a part is used whole or not at all: drop images until every used part is all kept images
+        missing = set()
+        for name, recorder in recorders.items():
+            covered = {i for _, idx, _, _ in parts[name] if set(idx) <= good for i in idx}
+            wanted = getattr(recorder, "samples", None)
+            missing |= {i for i in good if (wanted is None or i in wanted) and i not in covered}
+        if not missing:
+            break
+        good -= missing
+    for name, recorder in recorders.items():
+        for path, indices, payload, state in parts[name]:
+            if not set(indices) <= good:
+                path.unlink()
+                continue
+            recorder._chunks.append((indices, *payload))
+            for key, value in state.items():
+                if _get(recorder, key) in (None, []) and value not in (None, []):
+                    _set(recorder, key, value)
+        recorder._parts_saved = len(recorder._chunks)
+    for path in root.glob("*/*.tmp") if root.is_dir() else []:
+        path.unlink()
+    return set(kept) - good
+
+
 # ---------------------------------------------------------------------------------------------- recording
 class StepTracker:
     """Groups loop iterations (UNet calls) into scheduler steps (see the module doc), and picks samples.
@@ -260,6 +368,7 @@ class SelectedSteps(BaseHook):
     (``samples``: global indices across the batches of a run), one entry per step or per call (``per``)."""
 
     ranges = {"every": (1, None), "samples": (0, None), "steps": (0, None)}  # checked at config validation
+    RESUME_STATE = ("_steps", "tracker.start_step")  # what a resumed run needs besides the chunks
 
     def __init__(self, every: int = 1, samples: list[int] | int | None = None, per: Literal["step", "call"] = "step"):
         self.every = _check_every(every)

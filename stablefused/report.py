@@ -3,12 +3,13 @@ automatically at the end of every ``-m`` run, see :class:`stablefused.sweeps.Swe
 
 Writes into the sweep dir:
 
-- ``summary.csv``: one row per job: its swept values and overrides, status (+ reason), images, wall time,
+- ``summary.csv``: one row per job: its swept values and overrides, status (+ reason), images, frame PNGs and
+  videos it wrote, wall time,
   UNet rows and model calls (from the manifest's final ``run`` record; a resumed job counts only the work of
   its last run, not what a killed run had done before), and the mean of every numeric metric over the job's
   images
 - ``report_grid.png``: one row per job, labelled with its swept overrides; cells are the job's images (or
-  its ``grid.png`` when a job has more than ``max_cells`` images)
+  its ``grid.png`` when a job has more than ``max_cells`` images; a walk: ``max_cells`` evenly spaced frames)
 - ``plots/<metric>_vs_<key>.png``: each metric's mean against each swept key with at least two numeric
   values (one line per combination of the other swept keys)
 - ``xyz_<z>.png`` (``experiment=xyz``): one grid per z value, rows/columns the y/x values (:func:`xyz_grids`)
@@ -46,10 +47,12 @@ class Job:
     reason: str | None = None
     wall_s: float | None = None
     images: int = 0
+    frame_pngs: int = 0  # frame PNGs (walks, videos)
+    videos: int = 0  # MP4/GIF files (a walk's video, a text-to-video run's videos)
     unet_rows: int | None = None
     model_calls: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    image_paths: list[Path] = field(default_factory=list)
+    image_paths: list[Path] = field(default_factory=list)  # the task's outputs: images, or a walk's frames
     image_records: list[dict] = field(default_factory=list)  # same order as image_paths
     label: str = ""
 
@@ -102,15 +105,22 @@ def _load_job(job_dir: Path) -> Job:
     if job.status == "not finished" and not job.reason:
         job.reason = "no final status.json: the job was killed or is still running"
     recs = _read_jsonl(job_dir / "manifest.jsonl")
-    # one record per image path: the last one wins (a resumed run may write an image's record again)
-    images = list({r.get("path", i): r for i, r in enumerate(recs) if r.get("type") == "image"}.values())
-    job.images = len(images)
-    job.image_records = [r for r in images if "path" in r]
+
+    def unique(kind: str) -> list[dict]:  # one record per path: the last wins (a resumed run may write it again)
+        return list({r.get("path", i): r for i, r in enumerate(recs) if r.get("type") == kind}.values())
+
+    images, frames = unique("image"), unique("frame")
+    job.images, job.frame_pngs = len(images), len(frames)
+    job.videos = len(unique("video"))
+    # the task's outputs (one per cell index; what its metrics score): images, or a walk's frames
+    outputs = unique(_output_type(job_dir, images, frames))
+    job.image_records = [r for r in outputs if "path" in r]
     job.image_paths = [job_dir / r["path"] for r in job.image_records]
     sums: dict[str, list[float]] = {}
-    for r in images:
+    skip = _param_keys()
+    for r in outputs:
         for k, v in r.items():
-            if k not in PARAM_KEYS and (x := _num(v)) is not None:
+            if k not in skip and (x := _num(v)) is not None:
                 sums.setdefault(k, []).append(x)
     job.metrics = {k: sum(v) / len(v) for k, v in sums.items()}
     # UNet rows and model calls: the manifest's final run record, else the job's status, else the manifest's
@@ -129,6 +139,25 @@ def _load_job(job_dir: Path) -> Job:
             v = summary.get(key)
         setattr(job, key, v)
     return job
+
+
+def _output_type(job_dir: Path, images: list[dict], frames: list[dict]) -> str:
+    """The manifest type of the job's outputs: its task's ``output_type`` (from .hydra/config.yaml), else
+    image when it wrote images."""
+    cfg = job_dir / ".hydra" / "config.yaml"
+    try:
+        from stablefused.tasks import get_task
+
+        return get_task((yaml.safe_load(cfg.read_text()) or {}).get("task", "txt2img")).output_type
+    except Exception:  # no config, or a task this install does not have
+        return "image" if images or not frames else "frame"
+
+
+def _param_keys() -> set[str]:
+    """Record keys that describe an output rather than measure it (the runs' own list, and these)."""
+    from stablefused.runs import RECORD_KEYS
+
+    return PARAM_KEYS | RECORD_KEYS
 
 
 def _job_order(d: Path) -> tuple:
@@ -188,13 +217,14 @@ def _fmt(v: Any) -> str:
 def summary_rows(jobs: list[Job]) -> tuple[list[str], list[list[Any]]]:
     swept = swept_keys(jobs)
     metrics = _metric_names(jobs)
-    header = ["job", *swept, "status", "images", "wall_s", "unet_rows", "model_calls", *metrics, "reason",
-              "overrides"]
+    header = ["job", *swept, "status", "images", "frame_pngs", "videos", "wall_s", "unet_rows", "model_calls",
+              *metrics, "reason", "overrides"]
     rows = []
     for j in jobs:
         vals = j.values()
-        rows.append([j.name, *[vals.get(k, "") for k in swept], j.status, j.images, j.wall_s, j.unet_rows,
-                     j.model_calls, *[j.metrics.get(m) for m in metrics], j.reason or "", " ".join(j.overrides)])
+        rows.append([j.name, *[vals.get(k, "") for k in swept], j.status, j.images, j.frame_pngs, j.videos, j.wall_s,
+                     j.unet_rows, j.model_calls, *[j.metrics.get(m) for m in metrics], j.reason or "",
+                     " ".join(j.overrides)])
     return header, rows
 
 
@@ -209,11 +239,14 @@ def report_grid(jobs: list[Job], max_cells: int = 16):
     per_image = all(len(j.image_paths) <= max_cells for j in jobs)
     rows = []
     for j in jobs:
-        if per_image:
-            rows.append([Image.open(p).convert("RGB") for p in j.image_paths if p.is_file()])
+        g = j.dir / "grid.png"
+        if per_image or not g.is_file():  # no grid (a walk): evenly spaced outputs (frames), at most max_cells
+            paths = j.image_paths
+            if len(paths) > max_cells:
+                paths = [paths[round(k * (len(paths) - 1) / (max_cells - 1))] for k in range(max_cells)]
+            rows.append([Image.open(p).convert("RGB") for p in paths if p.is_file()])
         else:
-            g = j.dir / "grid.png"
-            rows.append([Image.open(g).convert("RGB")] if g.is_file() else [])
+            rows.append([Image.open(g).convert("RGB")])
     cols = max(1, max(len(r) for r in rows))
     cells = [r[c] if c < len(r) else None for r in rows for c in range(cols)]
     labels = [f"#{j.name} {j.label}" + ("" if j.status == "ok" else f"\n({j.status})") for j in jobs]

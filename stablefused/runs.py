@@ -34,6 +34,7 @@ from stablefused.logger import NullLogger
 from stablefused.models import Components
 from stablefused.outputs import Manifest, grid, save_png, strict_json, to_uint8
 from stablefused.pipeline import Generation, Sampler
+from stablefused.records import save_parts
 from stablefused.samplers import sampler_label
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,18 @@ class Run:
     # False: images are written and scored but neither kept in ``images`` nor logged one by one to W&B (long
     # walks: memory stays flat; the task logs its video instead)
     keep_images: bool = True
+
+    def __post_init__(self) -> None:
+        from stablefused.records import restore_parts
+
+        # a resumed run: the recorders get back the step records of the images it keeps; images whose records
+        # are not all on disk are made again (same pixels), so records and visualizers come out whole
+        again = restore_parts(self, set(self.done))
+        if again:
+            log.info("resuming: %d kept image(s) lack their step records; making them again", len(again))
+            for i in again:
+                self.done.pop(i, None)
+            forget(self.run_dir, again)
 
     def path(self, *parts: str) -> Path:
         p = self.run_dir.joinpath(*parts)
@@ -124,6 +137,7 @@ class Run:
         with signals.critical():
             for img, rec in zip(pil, records):
                 save_png(img, self.run_dir / rec["path"], rec)
+            save_parts(self)  # the batch's step records, before its manifest lines (a resume trusts those)
             self.score(pil, records)
             for img, rec in zip(pil, records):
                 self.manifest.append(rec)
@@ -188,10 +202,52 @@ NOT_OUTPUT = ("progress", "logger", "batch_size", "resume", "overwrite", "hydra"
 
 
 def fingerprint(cfg: DictConfig) -> dict:
+    """What a run's outputs depend on: its settings (less :data:`NOT_OUTPUT`) and the content of its input
+    files (``inputs``: per setting, file -> sha256), so a changed source file is a changed run."""
     from omegaconf import OmegaConf
 
     plain = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in plain.items() if k not in NOT_OUTPUT}
+    fp = {k: v for k, v in plain.items() if k not in NOT_OUTPUT}
+    inputs = input_digests(cfg)
+    if inputs:
+        fp["inputs"] = inputs
+    return fp
+
+
+def input_digests(cfg: DictConfig) -> dict[str, dict[str, str]]:
+    """Per input-file setting of the task (``Task.input_settings``): {file: sha256 of its bytes} ("missing"
+    for a file that is not there; validation names it)."""
+    import hashlib
+
+    from stablefused.errors import ConfigError
+    from stablefused.tasks import get_task
+
+    try:
+        task = get_task(cfg.task)
+    except ConfigError:
+        return {}
+    out = {}
+    for key in task.input_settings:
+        files = {}
+        for f in task.input_files(cfg, key):
+            try:
+                h = hashlib.sha256()
+                with open(f, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+                files[str(f)] = h.hexdigest()
+            except OSError:
+                files[str(f)] = "missing"
+        if files:
+            out[key] = files
+    return out
+
+
+def _changed_inputs(old: dict, new: dict) -> list[str]:
+    """``key=file`` for every input file whose content (or presence) differs between two fingerprints."""
+    a, b = old.get("inputs") or {}, new.get("inputs") or {}
+    return [f"{k}={f}" for k in sorted(set(a) | set(b)) for f in sorted(set(a.get(k, {})) | set(b.get(k, {})))
+            if a.get(k, {}).get(f) != b.get(k, {}).get(f)]
 
 
 def open_run_dir(cfg: DictConfig, run_dir: Path) -> dict[int, dict]:
@@ -204,14 +260,24 @@ def open_run_dir(cfg: DictConfig, run_dir: Path) -> dict[int, dict]:
 
     manifest, meta = run_dir / "manifest.jsonl", run_dir / RUN_FILE
     fp = fingerprint(cfg)
-    previous = json.loads(meta.read_text()) if meta.is_file() else None
+    previous = _read_run_file(meta)
     has_outputs = manifest.is_file() and manifest.stat().st_size > 0
     done: dict[int, dict] = {}
     if has_outputs:  # a run.json without outputs is a start that failed early: nothing to keep
+        if cfg.overwrite and not _owned(previous):
+            raise ConfigError(f"overwrite=true: {run_dir} holds files StableFused did not write (no run.json of "
+                              "its own), so nothing there is removed; use a new run dir (hydra.run.dir=...)")
         if cfg.overwrite:
             _remove_outputs(run_dir)
         elif previous is None or previous.get("config") != fp:
-            diff = _differences(previous.get("config", {}) if previous else {}, fp)
+            old = previous.get("config", {}) if previous else {}
+            changed = _changed_inputs(old, fp) if previous else []
+            if changed and {k: v for k, v in old.items() if k != "inputs"} == \
+                    {k: v for k, v in fp.items() if k != "inputs"}:
+                raise ConfigError(f"hydra.run.dir={run_dir}: holds outputs made from another version of "
+                                  f"{', '.join(changed)} (its content changed since); use a new run dir, or "
+                                  "overwrite=true to make them again from the file as it is now")
+            diff = _differences(old, fp)
             what = f"another config ({', '.join(diff[:3])}{', ...' if len(diff) > 3 else ''})" if previous else \
                 "outputs of an unknown run"
             raise ConfigError(f"hydra.run.dir={run_dir}: holds {what}; use a new run dir, or overwrite=true to "
@@ -224,8 +290,131 @@ def open_run_dir(cfg: DictConfig, run_dir: Path) -> dict[int, dict]:
 
             done = _keep_images(run_dir, get_task(cfg.task).output_type)
     run_dir.mkdir(parents=True, exist_ok=True)
-    meta.write_text(strict_json({"config": fp}))
+    tmp = meta.with_name(meta.name + ".tmp")
+    tmp.write_text(strict_json({"written_by": OWNER, "config": fp}))
+    tmp.replace(meta)
     return done
+
+
+class RunLock:
+    """One owner per run dir: ``run.lock`` holds the owner's pid, host, process start time and cluster job id.
+    A second run into a dir a live run holds is refused in one line. A lock left by a killed run does not
+    block: it is taken over when its owner is on this host and its process is gone (or the pid now belongs to
+    a later process), or when it was taken by this same cluster job (``SLURM_JOB_ID``: a requeued job, maybe
+    on another node). Re-entrant within a process (the command line and :func:`stablefused.app.run` both
+    take it)."""
+
+    NAME = "run.lock"
+    _held: dict[str, int] = {}  # lock path -> depth, in this process
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / self.NAME
+
+    @staticmethod
+    def _proc_start(pid: int) -> str | None:
+        try:  # field 22 of /proc/<pid>/stat: start time in clock ticks since boot (Linux)
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            return None
+
+    def _me(self) -> dict:
+        import os
+        import socket
+        import time
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "proc_start": self._proc_start(os.getpid()),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+
+    def _stale(self, owner: dict) -> bool:
+        import os
+        import socket
+
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and owner.get("slurm_job_id") == job:
+            return True  # this job, requeued: the earlier attempt is gone
+        if owner.get("host") != socket.gethostname():
+            return False  # another machine: cannot tell, so it is live
+        pid = owner.get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        start = owner.get("proc_start")
+        return start is not None and self._proc_start(pid) not in (None, start)  # pid reused by another process
+
+    def acquire(self) -> "RunLock":
+        import os
+
+        from stablefused.errors import ConfigError
+
+        key = str(self.path.resolve())
+        if self._held.get(key):
+            self._held[key] += 1
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = json.dumps(self._me())
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    owner = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    owner = {}  # empty or cut short: its writer died before finishing it
+                if not isinstance(owner, dict) or not owner or self._stale(owner):
+                    log.warning("run dir %s: taking over the lock of a run that is gone (%s)", self.path.parent,
+                                _owner_text(owner) if isinstance(owner, dict) and owner else "unreadable lock")
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise ConfigError(f"hydra.run.dir={self.path.parent}: in use by a live run ({_owner_text(owner)}); "
+                                  f"wait for it to end or use another run dir (if that run is gone, delete "
+                                  f"{self.path})") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self._held[key] = 1
+            return self
+
+    def release(self) -> None:
+        key = str(self.path.resolve())
+        depth = self._held.get(key, 0)
+        if depth > 1:
+            self._held[key] = depth - 1
+            return
+        if depth == 1:
+            del self._held[key]
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _owner_text(owner: dict) -> str:
+    job = f", SLURM job {owner['slurm_job_id']}" if owner.get("slurm_job_id") else ""
+    return f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}{job}"
+
+
+# run.json's mark: the dir's outputs were written by StableFused (overwrite=true removes nothing without it)
+OWNER = "stablefused"
+
+
+def _read_run_file(meta: Path) -> dict | None:
+    """run.json as a dict, or None (absent, unreadable or not JSON: nobody's run as far as we can tell)."""
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _owned(previous: dict | None) -> bool:
+    return bool(previous) and previous.get("written_by") == OWNER and isinstance(previous.get("config"), dict)
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -259,11 +448,44 @@ def _keep_images(run_dir: Path, output_type: str = "image") -> dict[int, dict]:
                 done[int(rec["index"])] = rec
             elif rec.get("type") in PART_TYPES:
                 parts[int(rec["index"])][rec["path"]] = rec
+    broken = {i for i in done if not all(decodes(run_dir / r["path"]) for r in (done[i], *parts[i].values()))}
+    if broken:
+        log.warning("resuming: %d kept output(s) do not decode (cut short?) and are made again: %s", len(broken),
+                    ", ".join(done[i]["path"] for i in sorted(broken)[:5]) + (", ..." if len(broken) > 5 else ""))
+        for i in broken:
+            del done[i]
     kept = [r for i in sorted(done) for r in (*parts[i].values(), done[i])]
     tmp = manifest.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     tmp.replace(manifest)
     return done
+
+
+def decodes(path: Path) -> bool:
+    """Whether an output file really decodes: an image fully (a truncated or empty PNG fails), a video by
+    reading it through to the end with ffmpeg; other files: not empty."""
+    try:
+        if path.stat().st_size == 0:
+            return False
+        if path.suffix.lower() in (".mp4", ".webm", ".mov", ".mkv"):
+            import imageio_ffmpeg
+
+            return imageio_ffmpeg.count_frames_and_secs(str(path))[0] > 0
+        if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"):
+            with Image.open(path) as img:
+                img.load()
+        return True
+    except Exception:
+        return False
+
+
+def forget(run_dir: Path, indices: set[int]) -> None:
+    """Drop the output records (and their parts) of ``indices`` from the manifest: they are made again."""
+    manifest = run_dir / "manifest.jsonl"
+    kept = [r for r in read_records(manifest) if not ("index" in r and int(r["index"]) in indices)]
+    tmp = manifest.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(manifest)
 
 
 def read_records(manifest: Path) -> list[dict]:
@@ -280,8 +502,8 @@ def read_records(manifest: Path) -> list[dict]:
 def is_complete(cfg: DictConfig, run_dir: Path) -> bool:
     """Whether ``run_dir`` holds this config's finished run: same ``run.json`` config, the manifest's final
     ``run`` record written, and every file the manifest lists on disk (a rerun would have nothing to do)."""
-    meta = run_dir / RUN_FILE
-    if not meta.is_file() or json.loads(meta.read_text()).get("config") != fingerprint(cfg):
+    previous = _read_run_file(run_dir / RUN_FILE)
+    if previous is None or previous.get("config") != fingerprint(cfg):
         return False
     recs = read_records(run_dir / "manifest.jsonl")
     return bool(recs) and recs[-1].get("type") == "run" and all(
@@ -289,14 +511,23 @@ def is_complete(cfg: DictConfig, run_dir: Path) -> bool:
 
 
 def _remove_outputs(run_dir: Path) -> None:
-    """``overwrite=true``: remove the files the previous run listed, its manifest and run.json."""
+    """``overwrite=true`` on a dir StableFused wrote (run.json marked, see :func:`open_run_dir`): remove the
+    files its manifest lists (inside the dir), the step-record parts, the manifest and run.json, and the
+    folders those leave empty. Nothing else: a file the user put there stays."""
+    from stablefused.records import PARTS_DIR
+
+    root = run_dir.resolve()
     manifest = run_dir / "manifest.jsonl"
-    if manifest.is_file():
-        for rec in Manifest(manifest).records():
-            p = rec.get("path")
-            if p and (run_dir / p).is_file() and (run_dir / p).resolve().is_relative_to(run_dir.resolve()):
-                (run_dir / p).unlink()
-        manifest.unlink()
+    paths = [run_dir / r["path"] for r in read_records(manifest) if isinstance(r.get("path"), str)]
+    paths += sorted((run_dir / PARTS_DIR).glob("*/*.safetensors"))
+    for p in paths:
+        if p.is_file() and not p.is_symlink() and p.resolve().is_relative_to(root):
+            p.unlink()
+    for p in {q.parent for q in paths}:  # the folders that held them, when now empty (images/, frames/, ...)
+        while p.resolve() != root and p.resolve().is_relative_to(root) and p.is_dir() and not any(p.iterdir()):
+            p.rmdir()
+            p = p.parent
+    manifest.unlink(missing_ok=True)
     (run_dir / RUN_FILE).unlink(missing_ok=True)
     log.warning("overwrite=true: removed the previous outputs in %s", run_dir)
 

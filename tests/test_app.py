@@ -230,3 +230,20 @@ def test_help_lists_experiments_tasks_and_subcommands():
                  "python -m stablefused plugins", "python -m stablefused report", "stablefused -sc install=bash"):
         assert text in out, text
     assert "powered by Hydra" not in out
+
+
+@pytest.mark.parametrize("task", ["txt2img", "img2img", "inpaint", "guidance_grid", "walk", "txt2video"])
+def test_run_without_an_experiment_goes_to_runs_of_its_task(task):
+    """`python -m stablefused task=<task>` writes runs/<task>/<timestamp>/ (an experiment names its own)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from stablefused.paths import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[f"task={task}"], return_hydra_config=True)
+        exp = compose("config", overrides=[f"task={task}", "experiment=negative_guidance"])
+    assert cfg.name == task
+    assert OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"].startswith(f"runs/{task}/")
+    assert OmegaConf.select(cfg, "hydra.sweep.dir").startswith(f"runs/{task}/multirun/")
+    assert exp.name == "negative_guidance"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stablefused import report
@@ -190,7 +191,8 @@ def test_report_logged_to_wandb_in_the_sweeps_group(basic, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- resume
-RESUME = ["steps=4", "batch_size=2", "prompts=[a red circle]", "seeds=[" + ",".join(map(str, range(24))) + "]"]
+RESUME = ["steps=4", "batch_size=2", "prompts=[a red circle]", "seeds=[" + ",".join(map(str, range(24))) + "]",
+          "recorders=[x0]", "visualizers=[denoise_video]", "visualizers.denoise_video.panels=[x0]"]  # step records and a video must survive the kill too
 
 
 def images_per_index(job_dir: Path) -> dict[int, int]:
@@ -237,9 +239,17 @@ def test_killed_sweep_resumes_to_the_same_pngs(tmp_path):
     ours, theirs = pngs(d), pngs(ref)
     assert sorted(ours) == sorted(theirs) and len(ours) == 72
     assert all(ours[k] == theirs[k] for k in theirs)  # every PNG byte-identical with the uninterrupted sweep
-    for name in ("grid.png", "report_grid.png"):
+    for name in ("grid.png", "report_grid.png", "records.json"):
         for a in sorted(ref.glob(f"**/{name}")):
             assert (d / a.relative_to(ref)).read_bytes() == a.read_bytes(), a
+    from safetensors.torch import load_file
+
+    from tests.test_visualizers import frames_of
+
+    for job in "012":  # the step records and the video of the killed job equal the uninterrupted one's
+        a, b = (load_file(str(x / job / "records.safetensors")) for x in (ref, d))
+        assert sorted(a) == ["x0"] == sorted(b) and a["x0"].shape[0] == 24 and bool((a["x0"] == b["x0"]).all())
+        assert np.array_equal(frames_of(ref / job / "denoise.mp4"), frames_of(d / job / "denoise.mp4"))
     for job in "012":
         assert images_per_index(d / job) == {i: 1 for i in range(24)}  # no duplicate manifest lines
         runs = [json.loads(x) for x in (d / job / "manifest.jsonl").read_text().splitlines()
@@ -294,3 +304,23 @@ def test_xyz_axis_typo_is_one_line(tmp_path):
     assert res.returncode == 1
     errors = [x for x in (res.stdout + res.stderr).splitlines() if "ERROR" in x and "job 0" in x]
     assert errors and errors[0].endswith("xyz.y=schedular: no such setting; did you mean scheduler?")
+
+
+# ------------------------------------------------------------------------------------------- every task's outputs
+def test_report_of_a_sweep_of_walks_counts_frames_and_videos(tmp_path):
+    """A walk's outputs are frames and a video, not images: the report counts them, averages the metrics over
+    the frames and shows frames in the report grid (there is no grid.png)."""
+    res = sweep(tmp_path, "task=walk", "prompts=[a red circle,a blue square]", "frames=2,3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(tmp_path / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["frames"] for r in rows] == ["2", "3"]  # the swept setting
+    assert [r["frame_pngs"] for r in rows] == ["3", "4"] and [r["videos"] for r in rows] == ["1", "1"]
+    assert all(r["shapes_adherence/mean"] not in ("", None) for r in rows)  # scored frames, averaged
+    assert "position" not in rows[0] and "time" not in rows[0]  # a frame's place in the walk is not a metric
+    assert (tmp_path / "report_grid.png").is_file()
+    md = (tmp_path / "report.md").read_text()
+    assert "| frame_pngs | videos |" in md and "report_grid.png" in md
+    res = subprocess.run([sys.executable, "-m", "stablefused", "report", str(tmp_path)], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert res.returncode == 0 and "2/2 jobs ok" in res.stdout, res.stderr[-2000:]

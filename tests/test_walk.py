@@ -252,6 +252,35 @@ def test_story_walk_captions_srt_and_sample_story(tmp_path):
     assert len([x for x in text.splitlines() if x.strip() and not x.startswith("#")]) >= 3
 
 
+@pytest.mark.parametrize("loop", [False, True], ids=["open", "loop"])
+def test_story_caption_is_on_screen_exactly_while_its_scene_is(tmp_path, loop):
+    """Each frame's caption is the scene whose keyframe dominates the picture (the larger prompt weight), each
+    scene is on screen for its seconds (the last one too), and the walk lasts the story's total."""
+    story = tmp_path / "story.txt"
+    seconds = [1, 0.5, 1.5, 1]
+    story.write_text("".join(f"{t} | prompt {i} | caption {i}\n" for i, t in enumerate(seconds)))
+    walker = registry.create("walkers", "story")
+    walk = Walk(keyframes=[], seeds=[0], frames=3, loop=loop, fps=4.0, story=str(story))
+    keyframes = walker.keyframes(walk)
+    frames = walker.plan(walk, keyframes)
+    assert [f.index for f in frames] == list(range(len(frames)))
+    assert len(frames) == sum(seconds) * 4  # the video lasts the story's total
+    shown = []
+    for f in frames:
+        ids, weights = walker.prompt_weights(f, len(keyframes))
+        assert max(weights) > 0.5 or len(ids) == 1  # never a tie: one scene is on screen
+        main = ids[int(np.argmax(weights))]
+        assert f.meta["caption"] == keyframes[main].caption, (f, ids, weights)
+        assert f.time == f.index / 4.0
+        shown.append(main)
+    assert [shown.count(i) for i in range(4)] == [t * 4 for t in seconds]  # each scene lasts its seconds
+    assert shown == sorted(shown)  # scene after scene
+    for i in range(4):  # every scene's own picture is a frame (its keyframe, weight 1)
+        assert any(walker.prompt_weights(f, 4) == ([i], [1.0]) for f in frames), i
+    if not loop:  # an open walk starts on the first scene's picture and ends on the last one's
+        assert walker.prompt_weights(frames[0], 4) == ([0], [1.0]) and walker.prompt_weights(frames[-1], 4) == ([3], [1.0])
+
+
 # ------------------------------------------------------------------------------------------- audio
 def click_track(path, seconds=3.0, clicks=(0.55, 1.55, 2.55), sr=16000):
     pytest.importorskip("librosa")  # the `audio` extra

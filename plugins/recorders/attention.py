@@ -46,6 +46,7 @@ class Attention(BaseHook):
     """
 
     ranges = {"every": (1, None), "steps": (0, None), "samples": (0, None)}
+    RESUME_STATE = ("used_layers", "tracker.start_step")  # with the chunks: what a resumed run needs
 
     def __init__(self, layers: list[str] | str | None = None, every: int = 1, steps: list[int] | None = None,
                  samples: list[int] | int | None = None, dtype: Literal["float16", "bfloat16", "float32"] | None = "float32"):

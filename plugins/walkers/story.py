@@ -2,7 +2,7 @@ import math
 from pathlib import Path
 
 from stablefused.registry import PluginError, register
-from stablefused.walkers import Keyframe, Walker
+from stablefused.walkers import Frame, Keyframe, Walker
 
 
 def read_story(path: str | Path) -> list[tuple[float, str, str]]:
@@ -46,7 +46,14 @@ def read_story(path: str | Path) -> list[tuple[float, str, str]]:
 class Story(Walker):
     """Scenes from a story file ('seconds | prompt | caption' per line); captions burned in and in walk.srt.
 
-    ``story=path``: each scene's seconds (at fps) lead to the next scene."""
+    ``story=path``: scene i is on screen for its seconds (at fps), the last one too, so the walk lasts the
+    story's total. A scene is "on screen" while its keyframe dominates the picture (prompt weight > 0.5), and
+    its caption is shown exactly then: each transition to the next scene crosses half way where the next
+    scene's time starts. A scene's own picture (its keyframe) is its middle frame; an open walk starts on the
+    first scene's picture and ends on the last one's. The story sets the pacing (``pacing=even`` does not
+    apply)."""
+
+    paces_itself = True
 
     def __init__(self, text: str = "slerp", easing: str = "cosine", caption_size: float = 0.06):
         super().__init__(text=text, easing=easing)
@@ -69,18 +76,48 @@ class Story(Walker):
 
     def check_walk(self, walk, keyframes, problems):
         super().check_walk(walk, keyframes, problems)
-        for i, k in enumerate(keyframes[: self.segments(walk, keyframes)], 1):
+        for i, k in enumerate(keyframes, 1):  # every scene, the last one too, lasts its seconds
             if k.seconds * walk.fps < 0.5:  # it would still get one frame: the video would not last the story
                 problems.append(f"story={walk.story}: scene {i} ({k.prompt[:40]!r}) lasts {k.seconds:g} s, less than "
                                 f"one frame at fps={walk.fps:g} ({1 / walk.fps:g} s); lengthen it or raise fps")
                 break
 
     def segment_frames(self, walk, keyframes):
-        return [max(1, round(k.seconds * walk.fps)) for k in keyframes[: self.segments(walk, keyframes)]]
+        starts = self.scene_starts(walk, keyframes)
+        return [b - a for a, b in zip(starts, starts[1:])]
+
+    @staticmethod
+    def scene_starts(walk, keyframes) -> list[int]:
+        """First frame of each scene, and the frame count last: round(cumulative seconds x fps), each scene at
+        least one frame."""
+        starts, t = [0], 0.0
+        for k in keyframes:
+            t += k.seconds
+            starts.append(max(starts[-1] + 1, round(t * walk.fps)))
+        return starts
 
     def plan(self, walk, keyframes):
-        frames = super().plan(walk, keyframes)
-        for f in frames:
-            k = keyframes[f.segment if f.position < 1 else (f.segment + 1) % len(keyframes)]
-            f.meta["caption"] = k.caption
+        starts = self.scene_starts(walk, keyframes)
+        n, k = starts[-1], len(keyframes)
+        loop = walk.loop or self.closed
+        # the frame of each scene's own picture: the middle of its frames (an open walk's ends: first and last)
+        at = [a + (b - a) // 2 for a, b in zip(starts, starts[1:])]
+        if not loop:
+            at[0], at[-1] = 0, n - 1
+        frames = []
+        for j in range(n):
+            scene = max(i for i in range(k) if starts[i] <= j)
+            if j >= at[scene] or (not loop and scene == 0):
+                s, x = scene, j  # from this scene's picture towards the next
+            else:
+                s, x = (scene - 1) % k, j + (n if scene == 0 else 0)  # arriving from the previous scene
+            if not loop and s == k - 1:  # an open walk's last frame: the end of the last segment
+                frames.append(Frame(j, k - 2, 1.0) if k > 1 else Frame(j, 0, 0.0))
+            else:
+                a, b = at[s], at[s + 1] if s + 1 < k else at[0] + n
+                half = starts[s + 1] - 0.5  # where the picture is half one scene, half the next
+                u = 0.5 * (x - a) / (half - a) if x < half else 0.5 + 0.5 * (x - half) / (b - half)
+                frames.append(Frame(j, s, float(u)))
+            frames[-1].time = j / float(walk.fps)
+            frames[-1].meta["caption"] = keyframes[scene].caption
         return frames

@@ -52,6 +52,24 @@ class Task:
     # (stablefused.config.declared_types). E.g. ``types = {"story": str | None, "fps": numbers.Real}``.
     types: dict[str, Any] = {}
 
+    # settings naming input files (a file, a folder of them, or a list): their content is part of the run's
+    # identity (stablefused.runs.fingerprint), so a rerun after a file changed is not taken for the same run
+    input_settings: tuple[str, ...] = ()
+
+    def input_files(self, cfg: Any, key: str) -> list:
+        """The files setting ``key`` names (paths; not-yet-existing ones included), for the run's identity."""
+        from pathlib import Path
+
+        from stablefused.images import SHAPES_PREFIX, _specs
+
+        out = []
+        for spec in _specs(cfg.get(key)) if cfg.get(key) not in (None, "", []) else []:
+            if spec.startswith(SHAPES_PREFIX):
+                continue  # drawn from its description, which is in the config
+            p = Path(spec).expanduser()
+            out += sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+        return out
+
     def validate(self, cfg: Any, problems: list[str]) -> None:
         """Append one line per bad setting of this task (name the key and the fix). No model is loaded."""
 

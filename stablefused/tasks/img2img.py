@@ -113,6 +113,7 @@ class Img2Img(Task):
 
     types = {"init_image": Union[str, list[str], None], "max_size": Real}
     size_from_inputs = True
+    input_settings = ("init_image",)
 
     def validate(self, cfg: Any, problems: list[str]) -> None:
         problems += _strength_problems(cfg)

@@ -156,6 +156,7 @@ class Inpaint(Img2Img):
 
     types = {**Img2Img.types, "mask_image": Union[str, list[str], None], "mask": Union[str, list, None],  # Hydra splits rect:4,2,14,12 into mixed items
              "mask_blur": Real}
+    input_settings = ("init_image", "mask_image")
 
     def validate(self, cfg: Any, problems: list[str]) -> None:
         before = len(problems)

@@ -327,6 +327,11 @@ class WalkTask(Task):
              "audio_duration": Optional[Real]}
 
     output_type = "frame"
+    input_settings = ("story", "audio")
+
+    def input_files(self, cfg: Any, key: str) -> list:
+        path = resolve_file(cfg.get(key))  # relative paths: the working directory, then the shipped conf/
+        return [path] if path is not None else []
 
     def validate(self, cfg: Any, problems: list[str]) -> None:
         before = len(problems)
@@ -366,7 +371,7 @@ class WalkTask(Task):
             problems.append(f"recorders: walker={name} makes its frames without the denoising loop (crops between "
                             "keyframes it paints itself): nothing to record; drop the recorders")
         walker.check_walk(walk, keyframes, problems)
-        if not walker.paces_itself and keyframes:
+        if keyframes:  # a bound, also for walkers that pace themselves (story: its scenes' frames)
             total = sum(walker.segment_frames(walk, keyframes)) + 1
             if total > MAX_WALK_FRAMES:
                 src = f"story={cfg.story} at fps={cfg.fps:g}" if name == "story" else f"frames={cfg.frames}"
