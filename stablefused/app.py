@@ -26,20 +26,25 @@ from stablefused.paths import config_dir
 from stablefused.pipeline import Sampler
 from stablefused.preflight import DISK_ERRNOS, apply_threads, disk_full_line
 from stablefused.runs import Run, RunLock, make_plugins, open_run_dir
-from stablefused.sweeps import JobStatus, finished, missing_launcher
+from stablefused.sweeps import STATUS, JobStatus, finished, missing_launcher, read_status
 from stablefused.tasks import get_task
 
 log = logging.getLogger("stablefused")
 
 
-def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Run:
+def run(cfg: DictConfig, run_dir: Path, group: str | None = None, given: dict[str, Any] | None = None) -> Run:
     """One StableFused run into ``run_dir``. Plugins, scheduler and logger are created fresh here, so
-    nothing of one sweep job leaks into the next; only the loaded model modules are shared."""
-    with RunLock(run_dir):  # one owner per run dir (re-entrant: the command line holds it already)
-        return _start(cfg, run_dir, group)
+    nothing of one sweep job leaks into the next; only the loaded model modules are shared.
+
+    ``given`` (the Python API, :func:`stablefused.api.run`): plugin objects the caller built, used instead of
+    building them from ``cfg``: ``{"recorders": {name: obj}, "metrics": ..., "visualizers": ...,
+    "guidance": Guidance}``. ``cfg`` still names them (with their parameters), so validation, the run dir's
+    config and the records are the same as for the CLI."""
+    with RunLock(run_dir):  # one owner per run dir (re-entrant: run_job holds it already)
+        return _start(cfg, run_dir, group, given or {})
 
 
-def _start(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Run:
+def _start(cfg: DictConfig, run_dir: Path, group: str | None, given: dict[str, Any]) -> Run:
     start = time.perf_counter()
     with signals.installed():  # an interrupt from here on (model load included) is one line, 130/143
         try:
@@ -50,8 +55,8 @@ def _start(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Run:
             task = get_task(cfg.task)
             done = open_run_dir(cfg, run_dir)  # refuses another config's outputs; keeps this config's (resume)
             # Plugins first: one that cannot start (e.g. a metric without its weights) fails before the model loads.
-            plugins = {kind: make_plugins(cfg, kind) for kind in ("recorders", "metrics", "visualizers")}
-            guidance = Guidance.from_config(cfg.guidance)
+            plugins = {kind: make_plugins(cfg, kind, given.get(kind)) for kind in ("recorders", "metrics", "visualizers")}
+            guidance = given.get("guidance") or Guidance.from_config(cfg.guidance)
             components = load_components(cfg.model, cfg.device, cfg.dtype)
             scheduler = components.make_scheduler(cfg.scheduler.get("cls"), **(cfg.scheduler.get("overrides") or {}))
             logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir,
@@ -112,6 +117,32 @@ def run_record(r: Run, wall_s: float) -> dict:
             "images": len(r.records), "kept": len(r.done), "wall_s": round(wall_s, 3)}
 
 
+def run_job(cfg: DictConfig, run_dir: Path, *, job: Any = None, overrides: list[str] | None = None,
+            group: str | None = None, traceback: bool = False,
+            given: dict[str, Any] | None = None) -> tuple[dict, Run | None]:
+    """One job as ``python -m stablefused`` runs it, for the CLI and :func:`stablefused.api.run` alike: the run
+    dir's lock first (another live run owning it is refused in one line and its ``status.json`` left alone); a
+    run dir that already holds this config's finished run is skipped (``(status, None)``); otherwise
+    ``status.json`` says ``running``, then :func:`run`, then ``ok`` (``(status, run)``). An exception is
+    written to ``status.json`` (its traceback too when ``traceback`` and it is not a user error) and raised."""
+    with RunLock(run_dir):  # before anything reads or writes the dir
+        if (done := finished(cfg, run_dir)) is not None:
+            log.info("%s is complete (status.json ok, same config, every file there): skipped; overwrite=true "
+                     "makes it again", run_dir)
+            return done, None
+        status = JobStatus(run_dir, job=job, overrides=overrides, group=group)
+        try:
+            r = run(cfg, run_dir, group=group, given=given)
+        except Exception as e:
+            user = isinstance(e, (signals.Interrupted, *USER_ERRORS))
+            try:
+                status.failed(e, with_traceback=traceback and not user)
+            except OSError:  # a full disk: the failure is still raised and reported
+                pass
+            raise
+        return status.ok(r), r
+
+
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
@@ -121,55 +152,29 @@ def hydra_main(cfg: DictConfig) -> dict:
     if multirun:
         group = f"{cfg.name}-{Path(hc.sweep.dir).name}"
         log.info("sweep job %s", hc.job.get("num"))
-    lock = RunLock(run_dir)
-    try:  # before anything reads or writes the dir: another live run may own it
-        lock.acquire()
-    except USER_ERRORS as e:
-        log.error("%s%s", f"job {hc.job.num} failed: " if multirun else "", e)
-        if not multirun:
-            sys.exit(2)
-        return {"status": "failed", "reason": str(e)}  # the owner's status.json is left alone
+    failed = f"job {hc.job.num} failed: " if multirun else ""
     try:
-        return _job(cfg, run_dir, hc, multirun, group)
-    finally:
-        lock.release()
-
-
-def _job(cfg: DictConfig, run_dir: Path, hc: Any, multirun: bool, group: str | None) -> dict:
-    if (done := finished(cfg, run_dir)) is not None:
-        log.info("%s is complete (status.json ok, same config, every file there): skipped; overwrite=true "
-                 "makes it again", run_dir)
-        return done
-    status = JobStatus(run_dir, job=hc.job.get("num"), overrides=OmegaConf.to_container(hc.overrides.task, resolve=False), group=group)
-    try:
-        return status.ok(run(cfg, run_dir, group=group))
+        return run_job(cfg, run_dir, job=hc.job.get("num"),
+                       overrides=OmegaConf.to_container(hc.overrides.task, resolve=False), group=group,
+                       traceback=multirun)[0]
     except signals.Interrupted as e:
-        status.failed(e)
         sys.exit(e.exit_code)
-    except OSError as e:
-        if e.errno not in DISK_ERRNOS:
-            raise
-        msg = disk_full_line(e, run_dir)  # a full disk midway: one line, what was kept
-        log.error("%s%s", f"job {hc.job.num} failed: " if multirun else "", msg)
-        try:
-            status.failed(e)
-        except OSError:
-            pass
-        if not multirun:
-            sys.exit(2)
     except USER_ERRORS as e:
-        log.error("%s%s", f"job {hc.job.num} failed: " if multirun else "", e)
-        status.failed(e)
+        log.error("%s%s", failed, e)
         if not multirun:
             sys.exit(2)
+        return {"status": "failed", "reason": str(e)}  # (a lock refused: the owner's status.json is its own)
     except Exception as e:
-        # A sweep runs every job: a failure is logged (one line), kept in status.json with its traceback,
-        # and reported by the SweepReport callback, which makes the sweep exit non-zero.
-        status.failed(e, with_traceback=multirun)
-        if not multirun:
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:  # a full disk midway: one line, what was kept
+            log.error("%s%s", failed, disk_full_line(e, run_dir))
+            if not multirun:
+                sys.exit(2)
+        elif not multirun:
             raise
-        log.error("job %s failed: %s: %s (traceback in %s)", hc.job.num, type(e).__name__, e, status.path)
-    return status.data
+        else:  # a sweep runs every job: the failure is logged (one line), kept in status.json with its
+            # traceback, and reported by the SweepReport callback, which makes the sweep exit non-zero
+            log.error("%sjob %s: %s (traceback in %s)", failed, type(e).__name__, e, run_dir / STATUS)
+    return read_status(run_dir) if (run_dir / STATUS).is_file() else {"status": "failed"}
 
 
 def override_problems(args: list[str]) -> list[str]:

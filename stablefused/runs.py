@@ -532,8 +532,12 @@ def _remove_outputs(run_dir: Path) -> None:
     log.warning("overwrite=true: removed the previous outputs in %s", run_dir)
 
 
-def make_plugins(cfg: DictConfig, kind: str) -> dict[str, Any]:
-    return {name: registry.create(kind, name, **params) for name, params in registry.selected(cfg, kind, warn=True).items()}
+def make_plugins(cfg: DictConfig, kind: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The plugins of ``kind`` that ``cfg`` selects, in its order; those in ``given`` (by name, objects the
+    Python API was handed) are used as they are instead of being built from their parameters."""
+    given = given or {}
+    return {name: given[name] if name in given else registry.create(kind, name, **params)
+            for name, params in registry.selected(cfg, kind, warn=True).items()}
 
 
 # ------------------------------------------------------------------------------------------- cells

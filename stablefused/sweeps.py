@@ -86,6 +86,14 @@ class JobStatus:
         return self._finish("failed", reason=reason, **extra)
 
 
+def read_status(run_dir: Path) -> dict:
+    """A job dir's ``status.json`` ({} when there is none or it cannot be read)."""
+    try:
+        return json.loads((Path(run_dir) / STATUS).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def finished(cfg: Any, run_dir: Path) -> dict | None:
     """``resume=true`` (not ``overwrite``): the status of a job that already finished in ``run_dir`` (status
     ``ok`` and a complete run dir, :func:`stablefused.runs.is_complete`), so a rerun of the sweep skips it
