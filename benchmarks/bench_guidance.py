@@ -22,7 +22,7 @@ import torch
 from stablefused.guidance import Guidance
 from stablefused.models import load_components
 from stablefused.pipeline import Sampler
-from stablefused.sampling import denoise
+from stablefused.sampling import Request, denoise
 
 VARIANTS = [
     ("constant", {}, "cfg", {}),
@@ -61,7 +61,7 @@ def main() -> None:
         mcfg = {"name": args.model, "path": args.model}
     comps = load_components(mcfg, "auto", "float32")
     sampler = Sampler(comps)
-    size = int(comps.unet.config.sample_size * comps.vae_scale_factor)
+    size = comps.family.default_size
     prompts = ["a red circle on a black background", "a blue square on a white background"]
     prompts = [prompts[i % 2] for i in range(args.batch)]
     scales = [args.scales[i % len(args.scales)] for i in range(args.batch)]
@@ -76,9 +76,10 @@ def main() -> None:
         g = Guidance.from_config({"schedule": sched, "params": params, "rule": rule, "rule_params": rparams})
         times = []
         for _ in range(args.repeats):
+            sampler.prepare(args.steps, list(range(args.batch)))
             t0 = time.perf_counter()
-            _, ctx = denoise(comps.unet, sampler.scheduler, latents.clone(), cond, uncond, scales,
-                             num_steps=args.steps, guidance=g, progress=False)
+            _, ctx = denoise(sampler.family, sampler.scheduler, Request(latents.clone(), cond, uncond, scales, args.steps),
+                             guidance=g, progress=False)
             times.append(time.perf_counter() - t0)
         rows, full = ctx.stats["unet_rows"], 2 * args.batch * len(ctx.timesteps)
         label = lambda n, p: n + (f"({', '.join(f'{k}={v}' for k, v in p.items())})" if p else "")

@@ -25,7 +25,7 @@ from diffusers import StableDiffusionPipeline
 from stablefused.guidance import Guidance, GuidanceRule, per_sample
 from stablefused.models import build_tiny_random, load_components
 from stablefused.pipeline import Sampler
-from stablefused.sampling import denoise
+from stablefused.sampling import Request, denoise
 
 
 class AlwaysBatchedCFG(GuidanceRule):
@@ -62,7 +62,7 @@ def sd15_random():
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from stablefused.models import TINY_WORDS, Components, _scheduler_dict
+    from stablefused.models import TINY_WORDS, _scheduler_dict, sd_components
     from stablefused.text import build_word_tokenizer
 
     torch.manual_seed(0)
@@ -77,8 +77,7 @@ def sd15_random():
                                         bos_token_id=0, eos_token_id=1, pad_token_id=1))
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
-    return Components("sd15_random", tok, text, unet, vae, _scheduler_dict(sched), torch.device("cpu"),
-                      torch.float32)
+    return sd_components("sd15_random", tok, text, unet, vae, _scheduler_dict(sched))
 
 
 def model_args(doc: str, model: str = "shapes", batch: int = 4, repeats: int = 5) -> argparse.ArgumentParser:
@@ -154,8 +153,12 @@ def main() -> None:
     latents, _ = sampler.initial_latents(seeds, size, size, steps=args.steps)
 
     def loop(w, guidance=None):
-        return lambda: denoise(comps.unet, sched, latents, cond, uncond, [w] * len(prompts), num_steps=args.steps,
-                               guidance=guidance, progress=False)
+        def run():
+            sampler.prepare(args.steps, seeds)
+            denoise(sampler.family, sched, Request(latents, cond, uncond, [w] * len(prompts), args.steps),
+                    guidance=guidance, progress=False)
+
+        return run
 
     t = timed({"ours": ours, "pipe": theirs, "w0": loop(0.0), "w0_full": loop(0.0, always), "w1": loop(1.0),
                "w1_full": loop(1.0, always)}, args.repeats)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     from stablefused.paths import config_dir
     from stablefused.pipeline import Sampler
     from stablefused.preview import linear_preview
-    from stablefused.sampling import denoise
+    from stablefused.sampling import Request, denoise
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         mcfg = compose("config", overrides=[f"model={args.model}"]).model
@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
         latents, gens = sampler.initial_latents(list(range(args.batch)), h, w, steps=args.steps)
         sync()
         t0 = time.perf_counter()
-        out, _ = denoise(comps.unet, sampler.scheduler, latents, cond, uncond, [7.5] * args.batch,
-                         num_steps=args.steps, hooks=hooks, generators=gens, progress=False)
+        out, _ = denoise(sampler.family, sampler.scheduler,
+                         Request(latents, cond, uncond, [7.5] * args.batch, args.steps, generators=gens), hooks=hooks,
+                         progress=False)
         sync()
         return time.perf_counter() - t0, out
 

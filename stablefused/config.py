@@ -448,8 +448,12 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
     bad = [k for k, t in kinds.items() if model.get(k) is not None and (not isinstance(model.get(k), t) or
                                                                          (t is int and isinstance(model.get(k), bool)))]
     problems += [f"model.{k}={model.get(k)!r}: must be {_A[kinds[k]]}" for k in bad]
-    if model.get("builtin") not in (None, "tiny_random"):
-        problems.append(f"model.builtin={model.builtin!r}: the only model built in code is tiny_random")
+    if model.get("builtin") is not None and not bad:
+        from stablefused.models import builtin_models
+
+        if model.builtin not in builtin_models():
+            problems.append(f"model.builtin={model.builtin!r}: not a model built in code; those are "
+                            f"{', '.join(sorted(builtin_models()))}")
     if not isinstance(cfg.get("name"), str) or not cfg.get("name"):
         problems.append(f"name={cfg.get('name')!r}: must be a non-empty string (the run dir is runs/<name>/...)")
     if not isinstance(cfg.scheduler.get("name"), (str, type(None))):
@@ -465,7 +469,7 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
         problems.append(str(e))
         return
     sched_json = None
-    if source == "builtin:tiny_random":
+    if source.startswith("builtin:"):
         train_steps = TINY_RANDOM_TRAIN_STEPS
     else:
         path = Path(source)

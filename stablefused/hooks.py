@@ -37,7 +37,7 @@ class StepInfo:
     sigma_min: float  # sigma of the last iteration of a full schedule
 
     model_input: torch.Tensor | None = None  # what the UNet saw: the scheduler-scaled x_t
-    prediction_type: str = "epsilon"  # the model's parameterisation: epsilon, v_prediction or sample
+    prediction_type: str = "epsilon"  # the model's parameterisation: epsilon, v_prediction, sample or flow
 
     def to_x0(self, pred: torch.Tensor) -> torch.Tensor:
         """x̂0 from a prediction (ε, v or x0) at this step."""
@@ -57,7 +57,11 @@ class StepInfo:
 
 def x0_coefficients(sigma: float, prediction_type: str) -> tuple[float, float]:
     """(A, B) with x̂0 = A·x_in − B·prediction, where x_in = sqrt(ᾱ)·x0 + sqrt(1−ᾱ)·ε is the UNet's input and
-    ᾱ = 1 / (1 + σ²). ε-prediction: (1/√ᾱ, √(1−ᾱ)/√ᾱ); v-prediction: (√ᾱ, √(1−ᾱ)); sample: (0, −1)."""
+    ᾱ = 1 / (1 + σ²). ε-prediction: (1/√ᾱ, √(1−ᾱ)/√ᾱ); v-prediction: (√ᾱ, √(1−ᾱ)); sample: (0, −1).
+    Flow matching (SD3, Flux): x_in = (1−s)·x0 + s·ε with s = σ/(1+σ), the network predicts v = ε − x0,
+    so x̂0 = x_in − s·v: (1, s)."""
+    if prediction_type == "flow":
+        return 1.0, (1.0 if math.isinf(sigma) else sigma / (1.0 + sigma))
     alpha_bar = 1.0 / (1.0 + sigma * sigma)
     a, s = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
     if prediction_type == "epsilon":
@@ -92,14 +96,24 @@ class LoopContext:
     """What a run is: given to ``before_loop`` and ``after_loop``."""
 
     latents: torch.Tensor  # initial latents (already scaled by the scheduler's init_noise_sigma)
-    cond_embeds: torch.Tensor
-    uncond_embeds: torch.Tensor
+    cond: Any  # stablefused.families.Conditioning, one row per sample
+    uncond: Any
     base_scales: torch.Tensor  # (B,) guidance scale per sample before any schedule
     timesteps: torch.Tensor
     scheduler: Any
-    unet: Any
+    family: Any  # stablefused.families.Family: the model family (its network, encoders, latent layout)
     samples: list[dict] = field(default_factory=list)  # per-sample metadata (prompt, seed, ...)
     stats: dict = field(default_factory=dict)  # filled by the loop: unet_rows, model_calls
+
+    @property
+    def network(self) -> Any:
+        """The denoising network (UNet or transformer)."""
+        return self.family.network
+
+    @property
+    def cond_embeds(self) -> torch.Tensor:
+        """The conditional text sequence (B, L, D)."""
+        return self.cond.embeds
 
 
 class Hook(Protocol):

@@ -15,7 +15,8 @@
 
   A first image whose output would exceed ``max_size`` times the model's native side is refused.
 * :func:`to_pixels`: PIL → tensor in [-1, 1] with diffusers' ``VaeImageProcessor.preprocess``.
-* :func:`encode` / :func:`sample_latents`: ``retrieve_latents(vae.encode(image), generator) * scaling_factor``
+* :func:`encode`: the VAE's output per image; ``Family.image_latents`` draws ``retrieve_latents(..., generator)``
+  from it, scaled as the family's pipeline scales it
   per image with its own generator, as ``StableDiffusionImg2ImgPipeline.prepare_latents`` does (the
   deterministic encoder pass is kept per image, so a source used by many cells is encoded once).
 * :func:`noised_latents`: the noise drawn from the same generators after the VAE sample, then
@@ -253,22 +254,12 @@ def to_pixels(images: Sequence[Image.Image], vae_scale_factor: int):
 
 def encode(vae: Any, pixels) -> list[Any]:
     """The VAE encoder's output per image (batch of one each, as the pipeline encodes with a generator list);
-    sample latents from them with :func:`sample_latents`."""
+    sample latents from them with ``Family.image_latents``."""
     import torch
 
     with torch.no_grad():
         pixels = pixels.to(device=vae.device, dtype=vae.dtype)
         return [vae.encode(pixels[i : i + 1]) for i in range(len(pixels))]
-
-
-def sample_latents(vae: Any, encoded: Sequence[Any], generators: Sequence[Any]):
-    """``retrieve_latents(encoded[i], generators[i])`` for every image, times the VAE's scaling factor: the
-    first draw from each image's generator, as ``StableDiffusionImg2ImgPipeline.prepare_latents``."""
-    import torch
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
-
-    latents = torch.cat([retrieve_latents(e, generator=g) for e, g in zip(encoded, generators)])
-    return vae.config.scaling_factor * latents
 
 
 def noised_latents(scheduler: Any, init_latents, generators: Sequence[Any], timestep):
@@ -279,4 +270,12 @@ def noised_latents(scheduler: Any, init_latents, generators: Sequence[Any], time
     noise = randn_tensor(init_latents.shape, generator=list(generators), device=init_latents.device,
                          dtype=init_latents.dtype)
     t = timestep.reshape(-1)[:1].repeat(init_latents.shape[0])
-    return scheduler.add_noise(init_latents, noise, t), noise
+    return add_noise(scheduler, init_latents, noise, t), noise
+
+
+def add_noise(scheduler: Any, x0, noise, t):
+    """``x0`` noised to timestep(s) ``t``: ``scale_noise`` for flow-matching schedulers (SD3, Flux: their
+    img2img/inpaint pipelines call it), ``add_noise`` for the others."""
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(x0, t.reshape(-1)[:1], noise)
+    return scheduler.add_noise(x0, noise, t)

@@ -9,7 +9,7 @@ import functools
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +21,47 @@ from stablefused.paths import bundled_models_dir
 log = logging.getLogger(__name__)
 
 
+def _module(name: str) -> property:
+    return property(lambda self: self.modules.get(name), lambda self, value: self.modules.__setitem__(name, value),
+                    doc=f"The {name} module (None if this model has none).")
+
+
 @dataclass
 class Components:
+    """A loaded model: its modules under diffusers' component names (``tokenizer``, ``text_encoder``,
+    ``unet`` or ``transformer``, ``vae``, ``tokenizer_2``, ...), its scheduler config and its family
+    (:mod:`stablefused.families`), which knows how to use them."""
+
     name: str
-    tokenizer: Any
-    text_encoder: Any
-    unet: Any
-    vae: Any
+    modules: dict[str, Any]
     scheduler_config: dict
     device: torch.device
     dtype: torch.dtype
     source: str = ""
     info: dict = field(default_factory=dict)
+    family_name: str | None = None  # None: read from the network (stablefused.families.family_of_network)
+
+    tokenizer = _module("tokenizer")
+    text_encoder = _module("text_encoder")
+    unet = _module("unet")
+    transformer = _module("transformer")
+    vae = _module("vae")
+
+    @property
+    def network(self) -> Any:
+        """The denoising network: the UNet, or the transformer (SD3, Flux)."""
+        return self.modules["unet"] if self.modules.get("unet") is not None else self.modules["transformer"]
+
+    @property
+    def family(self) -> Any:
+        """The model family's adapter (:mod:`stablefused.families`) over these components."""
+        from stablefused.families import family_class, family_of_network
+
+        return family_class(self.family_name or family_of_network(self.network))(self)
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.family.vae_scale_factor
 
     def make_scheduler(self, cls_name: str | None = None, **overrides: Any) -> Any:
         """A fresh scheduler from the model's own scheduler config, of class ``cls_name`` (default: the
@@ -49,6 +74,13 @@ class Components:
         except AttributeError:
             raise ModelLoadError(f"scheduler.cls: diffusers has no scheduler class {cls_name!r}") from None
         return cls.from_config(self.scheduler_config, **overrides)
+
+
+def sd_components(name: str, tokenizer: Any, text_encoder: Any, unet: Any, vae: Any, scheduler_config: dict,
+                  **kw: Any) -> Components:
+    """Components of a UNet model with one text encoder (SD 1.x/2.x, or UNet3D video), on the CPU in float32."""
+    modules = dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae)
+    return Components(name, modules, scheduler_config, torch.device("cpu"), torch.float32, **kw)
 
 
 _CACHE: dict[tuple, Components] = {}
@@ -165,24 +197,25 @@ def load_components(model_cfg: Any, device: str = "auto", dtype: str = "float32"
     source = model_source(model_cfg)
     key = (source, model_cfg.get("prediction_type"), bool(model_cfg.get("allow_pickle")), str(dev), str(dt))
     if key not in _CACHE:
-        if source == "builtin:tiny_random":
-            comps = build_tiny_random(seed=int(model_cfg.get("seed", 0)))
+        if source.startswith("builtin:"):
+            comps = builtin_models()[source.removeprefix("builtin:")](seed=int(model_cfg.get("seed", 0)))
         else:
             comps = _load_from(source, model_cfg)
         if model_cfg.get("prediction_type"):
             comps.scheduler_config["prediction_type"] = model_cfg["prediction_type"]
         comps.name = model_cfg["name"]
         comps.source = source
-        for m in (comps.text_encoder, comps.unet, comps.vae):
-            m.to(device=dev).eval().requires_grad_(False)
-            if m.dtype != dt:
-                m.to(dtype=dt)
+        for m in comps.modules.values():
+            if isinstance(m, torch.nn.Module):
+                m.to(device=dev).eval().requires_grad_(False)
+                if m.dtype != dt:
+                    m.to(dtype=dt)
         comps.device, comps.dtype = dev, dt
         log.info("Loaded model %s from %s (%s, %s)", comps.name, source, dev, dt)
         _CACHE[key] = comps
     comps = _CACHE[key]
     # Each run gets its own copy of the scheduler config; the modules are shared (read-only).
-    return Components(**{**comps.__dict__, "scheduler_config": copy.deepcopy(comps.scheduler_config)})
+    return replace(comps, scheduler_config=copy.deepcopy(comps.scheduler_config))
 
 
 def model_source(model_cfg: Any) -> str:
@@ -197,7 +230,7 @@ def model_source(model_cfg: Any) -> str:
     raise ModelLoadError(f"model {model_cfg.get('name')!r}: set model.path, model.hub_id or model.bundled")
 
 
-UNET_CLASSES = ("UNet2DConditionModel", "UNet3DConditionModel")  # image and video (TextToVideoSDPipeline) UNets
+NETWORK_CLASSES = ("UNet2DConditionModel", "UNet3DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
 
 
 def _load_from(source: str, model_cfg: Any) -> Components:
@@ -232,8 +265,7 @@ def _load_from(source: str, model_cfg: Any) -> Components:
                 f"{first_line(e)}). Set model.config=<local diffusers folder or hub id> with "
                 "the matching configs, or use a diffusers folder."
             ) from e
-        return Components(name, pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae,
-                          _scheduler_dict(pipe.scheduler), torch.device("cpu"), torch.float32)
+        return sd_components(name, pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, _scheduler_dict(pipe.scheduler))
 
     is_local = path.is_dir()
     if not is_local and (source.startswith(("/", ".", "~")) or model_cfg.get("path")):
@@ -241,26 +273,13 @@ def _load_from(source: str, model_cfg: Any) -> Components:
     revision = model_cfg.get("revision")
     kw = dict(use_safetensors=None if allow_pickle else True, revision=revision)
 
-    def load(local_only: bool) -> tuple:
-        from diffusers import DDIMScheduler
-
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision,
-                                                  local_files_only=local_only)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", local_files_only=local_only, **kw)
-        unet_cls = UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision,
-                                                    local_files_only=local_only).get("_class_name")
-        if unet_cls not in UNET_CLASSES:
-            raise ModelLoadError(f"model={name}: its unet is a {unet_cls}; StableFused runs {' and '.join(UNET_CLASSES)}")
-        unet = getattr(diffusers, unet_cls).from_pretrained(source, subfolder="unet", local_files_only=local_only, **kw)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", local_files_only=local_only, **kw)
-        scheduler_config = dict(DDIMScheduler.load_config(source, subfolder="scheduler", revision=revision,
-                                                          local_files_only=local_only))
-        return tokenizer, text_encoder, unet, vae, scheduler_config
+    def load(local_only: bool) -> Components:
+        return _load_folder(source, name, revision, local_only, kw)
 
     how = (f"Download it with `hf download {source}` on a machine with network (and accept its licence if it "
            f"is gated), or set model.path=<local diffusers folder or .safetensors file>.")
     try:  # a local folder, or a hub id already in the local cache: no network at all
-        parts = load(local_only=True)
+        comps = load(local_only=True)
     except LOAD_ERRORS as e:
         if is_local:
             raise ModelLoadError(f"model.path={source}: not a loadable diffusers folder ({(first_line(e) or type(e).__name__)})") from e
@@ -274,13 +293,53 @@ def _load_from(source: str, model_cfg: Any) -> Components:
             raise ModelLoadError(f"model={name}: {source!r} is not in the local Hugging Face cache and the hub "
                                  f"({endpoint}) cannot be reached. {how}") from e
         try:
-            parts = load(local_only=False)
+            comps = load(local_only=False)
         except LOAD_ERRORS as e2:
             raise ModelLoadError(f"model={name}: cannot load {source!r} from the Hugging Face hub (not found, "
                                  f"gated or incomplete: {(first_line(e2) or type(e2).__name__)}). {how}") from e2
-    tokenizer, text_encoder, unet, vae, scheduler_config = parts
-    return Components(name, tokenizer, text_encoder, unet, vae, scheduler_config,
-                      torch.device("cpu"), torch.float32)
+    return comps
+
+
+def _load_folder(source: str, name: str, revision: str | None, local_only: bool, kw: dict) -> Components:
+    """A diffusers folder or hub id: its family from ``model_index.json`` (the pipeline class; a folder without
+    one is read as SD), then each component the family uses with the class ``model_index.json`` names, as
+    ``DiffusionPipeline.from_pretrained`` does (safety checker and feature extractor are not loaded)."""
+    import importlib
+
+    import diffusers
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from stablefused.families import family_class, family_for_pipeline
+
+    common = dict(revision=revision, local_files_only=local_only)
+    try:
+        index = dict(DiffusionPipeline.load_config(source, **common))
+    except LOAD_ERRORS:
+        if not Path(source).is_dir():
+            raise
+        index = {"_class_name": "StableDiffusionPipeline"}  # an SD folder written without model_index.json
+    network_spec = index.get("unet") or index.get("transformer") or [None, None]
+    family = family_class(family_for_pipeline(index.get("_class_name"), network_spec[1]))
+    modules: dict[str, Any] = {}
+    for part in family.components + family.optional:
+        lib, cls_name = (index.get(part) or [None, None]) if part in index else _DEFAULT_CLASSES.get(part, (None, None))
+        if cls_name is None:
+            if part in family.optional:
+                modules[part] = None
+                continue
+            raise ModelLoadError(f"model={name}: its model_index.json has no {part}, which a {family.name} model needs")
+        if part in ("unet", "transformer") and lib == "diffusers" and cls_name not in NETWORK_CLASSES:
+            raise ModelLoadError(f"model={name}: its {part} is a {cls_name}; StableFused runs {', '.join(NETWORK_CLASSES)}")
+        cls = getattr(diffusers if lib == "diffusers" else importlib.import_module(lib), cls_name)
+        extra = {} if part.startswith("tokenizer") else kw
+        modules[part] = cls.from_pretrained(source, subfolder=part, **{**common, **extra})
+    scheduler_config = dict(DDIMScheduler.load_config(source, subfolder="scheduler", **common))  # any class reads it
+    return Components(name, modules, scheduler_config, torch.device("cpu"), torch.float32, family_name=family.name)
+
+
+# an SD folder without model_index.json: the classes SD's index names
+_DEFAULT_CLASSES = {"tokenizer": ("transformers", "CLIPTokenizer"), "text_encoder": ("transformers", "CLIPTextModel"),
+                    "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL")}
 
 
 LOAD_ERRORS = (OSError, ValueError, EnvironmentError)
@@ -315,6 +374,15 @@ def hub_reachable(endpoint: str, timeout: float = HUB_TIMEOUT_S) -> bool:
     return True
 
 
+def builtin_models() -> dict[str, Any]:
+    """Models built in code with random weights (tests and plumbing): name → ``builder(seed=0)``. Each
+    family file may add its tiny model (``BUILTIN_MODELS["tiny_sdxl"] = build_tiny``)."""
+    from stablefused.families import family_names
+
+    family_names()  # imports every family file, which registers its tiny model
+    return BUILTIN_MODELS
+
+
 TINY_WORDS = "a an the red green blue yellow white black circle square triangle small large on of photo cat dog".split()
 
 
@@ -345,32 +413,37 @@ def build_tiny_random(seed: int = 0, prediction_type: str = "epsilon", cross_att
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
     )
-    return Components("tiny_random", tokenizer, text_encoder, unet, vae, _scheduler_dict(scheduler),
-                      torch.device("cpu"), torch.float32, source="builtin:tiny_random")
+    return sd_components("tiny_random", tokenizer, text_encoder, unet, vae, _scheduler_dict(scheduler),
+                         source="builtin:tiny_random")
+
+
+BUILTIN_MODELS: dict[str, Any] = {"tiny_random": build_tiny_random}
 
 
 def save_components(comps: Components, folder: str | Path) -> Path:
-    """Write components as a diffusers folder (``model_index.json`` + subfolders, safetensors)."""
+    """Write components as a diffusers folder (``model_index.json`` + subfolders, safetensors) that the
+    family's reference pipeline loads too."""
+    import json
+
     import diffusers
 
     folder = Path(folder)
-    comps.tokenizer.save_pretrained(folder / "tokenizer")
-    comps.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    comps.unet.save_pretrained(folder / "unet", safe_serialization=True)
-    comps.vae.save_pretrained(folder / "vae", safe_serialization=True)
+    index: dict[str, Any] = {"_class_name": comps.family.reference, "_diffusers_version": diffusers.__version__}
+    if comps.family.name == "sd":
+        index.update(feature_extractor=[None, None], safety_checker=[None, None], requires_safety_checker=False,
+                     image_encoder=[None, None])
+    for part, module in comps.modules.items():
+        if module is None:
+            index[part] = [None, None]
+            continue
+        if isinstance(module, torch.nn.Module):
+            module.save_pretrained(folder / part, safe_serialization=True)
+        else:
+            module.save_pretrained(folder / part)
+        lib = "diffusers" if type(module).__module__.startswith("diffusers") else "transformers"
+        index[part] = [lib, type(module).__name__]
     sched = getattr(diffusers, comps.scheduler_config["_class_name"]).from_config(comps.scheduler_config)
     sched.save_pretrained(folder / "scheduler")
-    import json
-
-    video = type(comps.unet).__name__ == "UNet3DConditionModel"
-    sd_only = {} if video else {"feature_extractor": [None, None], "safety_checker": [None, None],
-                                "requires_safety_checker": False, "image_encoder": [None, None]}
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "TextToVideoSDPipeline" if video else "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__, **sd_only,
-        "scheduler": ["diffusers", comps.scheduler_config["_class_name"]],
-        "text_encoder": ["transformers", type(comps.text_encoder).__name__],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", type(comps.unet).__name__], "vae": ["diffusers", type(comps.vae).__name__],
-    }, indent=2))
+    index["scheduler"] = ["diffusers", comps.scheduler_config["_class_name"]]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder

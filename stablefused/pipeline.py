@@ -1,7 +1,9 @@
-"""Text-to-image on top of the one loop: encode prompts → initial latents → :func:`denoise` → decode.
+"""Text-to-image on top of the one loop: encode prompts → initial latents → :func:`denoise` → decode, for any
+model family (:mod:`stablefused.families`), like a diffusers pipeline.
 
-Other tasks reuse these pieces (``encode``, ``initial_latents``, ``decode``) and call the same
-:func:`stablefused.sampling.denoise` with their own latents, embeddings or extra channels.
+Other tasks reuse these pieces (``encode``, ``prepare``, ``initial_latents``, ``decode``), fill a
+:class:`~stablefused.sampling.Request` with their own latents, conditioning or extra channels, and end in
+:meth:`Sampler.sample`.
 """
 
 from __future__ import annotations
@@ -13,18 +15,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from stablefused.errors import NonFiniteError
+from stablefused.families import Conditioning
 from stablefused.guidance import Guidance
 from stablefused.hooks import LoopContext
 from stablefused.models import Components
-from stablefused.sampling import denoise
+from stablefused.sampling import Request, denoise
 from stablefused.text import known_words, unknown_words
-
-log = logging.getLogger(__name__)
-
-
-FRAMES_PER_DECODE = 8  # video frames per VAE call: a whole batch of videos at once would not fit in memory
-
 
 log = logging.getLogger("stablefused")
 _WARNED_LONG: set[tuple[str, int]] = set()  # (prompt, window): each too-long prompt is warned about once
@@ -46,13 +42,13 @@ def warn_truncated(tokenizer: Any, prompts: Sequence[str]) -> None:
 @dataclass
 class Generation:
     images: np.ndarray  # (B, H, W, 3) float32 in [0, 1]; video: (B, F, H, W, 3)
-    latents: torch.Tensor  # final latents
+    latents: torch.Tensor  # final latents, spatial (B, C, H, W) whatever the family's scheduler layout
     context: LoopContext
 
 
 class Sampler:
     def __init__(self, components: Components, scheduler: Any | None = None):
-        self.c = components
+        self.c, self.family = components, components.family
         self.scheduler = scheduler if scheduler is not None else components.make_scheduler()
         self._known_words: set[str] | None | bool = False  # False: not looked up yet
         self._checked_prompts: set[str] = set()
@@ -61,7 +57,7 @@ class Sampler:
         """Once per prompt, warn about words a word-level tokenizer (the bundled ``shapes`` model,
         ``tiny_random``) does not know: the model silently ignores them."""
         if self._known_words is False:
-            self._known_words = known_words(self.c.tokenizer)
+            self._known_words = known_words(self.family.tokenizer)
         if self._known_words is None:
             return
         for p in dict.fromkeys(prompts):
@@ -74,25 +70,27 @@ class Sampler:
                             "s" if len(unknown) > 1 else "", ", ".join(repr(w) for w in unknown), p)
 
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings (B, L, D), as diffusers' ``encode_prompt`` computes them (no clip skip). Words the
-        model does not know are named once per prompt (:meth:`warn_unknown_words`)."""
+    def encode(self, prompts: Sequence[str], negative: bool = False) -> Conditioning:
+        """Prompts → the family's conditioning (one row per prompt), as the family's pipeline encodes them.
+        ``negative``: negative prompts (SDXL zeroes empty ones where its config says so). Words the model does
+        not know are named once per prompt (:meth:`warn_unknown_words`)."""
         self.warn_unknown_words(prompts)
-        tok = self.c.tokenizer
-        warn_truncated(tok, prompts)
-        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.c.device)
-        return self.c.text_encoder(ids)[0].to(self.c.dtype)
+        warn_truncated(self.family.tokenizer, prompts)
+        return self.family.encode(list(prompts), negative=negative)
 
-    def prepare(self, steps: int, seeds: Sequence[int]) -> list[torch.Generator]:
-        """Set the scheduler to this batch's ``steps`` and return one CPU generator per image. Every task
-        calls this before it draws noise or reads the scheduler's timesteps/σ.
+    def prepare(self, steps: int, seeds: Sequence[int], *, start_step: int = 0, height: int | None = None,
+                width: int | None = None) -> list[torch.Generator]:
+        """Set the scheduler for this batch and return one CPU generator per image: the one owner of
+        scheduler state. Every task calls this before it draws noise or reads the scheduler's timesteps/σ.
 
-        σ-schedulers (Euler, LMS, Heun, KDPM2, …) derive ``init_noise_sigma`` from the timesteps, so the
-        scheduler is set to them first, as diffusers' pipeline does (``retrieve_timesteps`` before
-        ``prepare_latents``). Read before that, a fresh scheduler gives σ of the full training schedule and one
-        left from an earlier call that call's σ."""
-        self.scheduler.set_timesteps(steps, device=self.c.device)
+        The family sets the timesteps (``steps``; Flux shifts them by the image size, so give ``height`` and
+        ``width``), then the begin index for runs that skip the first ``start_step`` steps (image-to-image).
+        σ-schedulers (Euler, LMS, Heun, KDPM2, …) derive ``init_noise_sigma`` from the timesteps, so they are
+        set first, as diffusers' pipeline does (``retrieve_timesteps`` before ``prepare_latents``)."""
+        default = self.family.default_size
+        self.family.set_timesteps(self.scheduler, steps, height or default, width or default)
+        if start_step and hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(start_step * self.scheduler.order)
         if hasattr(self.scheduler, "noise_sampler_seed") and self.scheduler.config.get("noise_sampler_seed") is None:
             # DPMSolverSDEScheduler ignores `generator`: its noise is a Brownian tree seeded by
             # noise_sampler_seed, random when unset and one tree for the whole batch when an int. One tree
@@ -102,38 +100,16 @@ class Sampler:
 
     def initial_latents(self, seeds: Sequence[int], height: int, width: int, frames: int | None = None, *,
                         steps: int) -> tuple[torch.Tensor, list[torch.Generator]]:
-        """Noise per image from its own CPU generator: an image depends on its seed only (not on the
-        device, the batch size or its neighbours). The generators are returned for the scheduler's noise."""
-        from diffusers.utils.torch_utils import randn_tensor  # here: importing diffusers costs ~1.5 s
-
-        generators = self.prepare(steps, seeds)
-        f = self.c.vae_scale_factor
-        shape = (len(seeds), self.c.vae.config.latent_channels)  # not the UNet's: an inpainting UNet takes 9
-        shape += (frames,) if frames else ()
-        shape += (height // f, width // f)
-        latents = randn_tensor(shape, generator=generators, device=self.c.device, dtype=self.c.dtype)
+        """Noise per image from its own CPU generator, times ``init_noise_sigma``: an image depends on its seed
+        only (not on the device, the batch size or its neighbours). The generators are returned for the
+        scheduler's noise."""
+        generators = self.prepare(steps, seeds, height=height, width=width)
+        latents = self.family.noise(generators, height, width, frames)
         return latents * self.scheduler.init_noise_sigma, generators
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
-        """Latents → float images (B, H, W, 3) in [0, 1], in batches of ``batch_size``. Video latents
-        (B, C, F, H, W) → frames (B, F, H, W, 3), decoded as images (as ``TextToVideoSDPipeline.decode_latents``)
-        in batches of ``batch_size`` frames (default :data:`FRAMES_PER_DECODE`)."""
-        if latents.ndim == 5:
-            b, c, f, h, w = latents.shape
-            frames = self.decode(latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w),
-                                 batch_size or FRAMES_PER_DECODE)
-            return frames.reshape(b, f, *frames.shape[1:])
-        vae = self.c.vae
-        out = []
-        n = batch_size or len(latents)
-        for chunk in latents.split(n):
-            img = vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-            if not bool(torch.isfinite(img).all()):  # would be written as a black image
-                raise NonFiniteError(f"decode: the VAE returned NaN/inf ({vae.dtype}); likely float16 overflow in the "
-                                     "VAE, try dtype=float32 or bfloat16")
-            out.append((img / 2 + 0.5).clamp(0, 1).float().permute(0, 2, 3, 1).cpu().numpy())
-        return np.concatenate(out)
+        """Spatial latents (B, C, H, W) → float images (B, H, W, 3) in [0, 1] (video: (B, F, H, W, 3))."""
+        return self.family.decode(latents, batch_size)
 
     @torch.no_grad()
     def txt2img(
@@ -146,10 +122,12 @@ class Sampler:
         steps: int = 20,
         height: int | None = None,
         width: int | None = None,
-        **sample_kw: Any,
+        eta: float = 0.0,
+        samples: list[dict] | None = None,
+        **loop_kw: Any,
     ) -> Generation:
-        """Text to image: prompts → embeddings, seeds → noise, then :meth:`sample` (``sample_kw``: guidance,
-        hooks, samples, eta, progress)."""
+        """Text to image: prompts → conditioning, seeds → noise, then :meth:`sample` (``loop_kw``: guidance,
+        hooks, progress)."""
         n = len(prompts)
         if isinstance(negative_prompts, str):
             negative_prompts = [negative_prompts] * n
@@ -157,42 +135,22 @@ class Sampler:
             guidance_scales = [float(guidance_scales)] * n
         if not (len(seeds) == len(negative_prompts) == len(guidance_scales) == n):
             raise ValueError("prompts, seeds, negative_prompts and guidance_scales must have the same length")
-        default = self.c.unet.config.sample_size * self.c.vae_scale_factor
-        height, width = height or default, width or default
-        cond, uncond = self.encode(prompts), self.encode(negative_prompts)
+        height, width = height or self.family.default_size, width or self.family.default_size
+        cond, uncond = self.encode(prompts), self.encode(negative_prompts, negative=True)
         latents, generators = self.initial_latents(seeds, height, width, steps=steps)
-        return self.sample(latents, cond, uncond, guidance_scales, steps=steps, generators=generators, **sample_kw)
+        return self.sample(Request(latents, cond, uncond, list(guidance_scales), steps, generators=generators,
+                                   samples=samples, eta=eta), **loop_kw)
 
     @torch.no_grad()
-    def sample(
-        self,
-        latents: torch.Tensor,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
-        guidance_scales: Sequence[float],
-        *,
-        steps: int,
-        generators: list[torch.Generator] | None = None,
-        start_step: int = 0,
-        extra_channels: torch.Tensor | None = None,
-        guidance: Guidance | None = None,
-        hooks: Sequence[Any] = (),
-        samples: list[dict] | None = None,
-        eta: float = 0.0,
-        progress: bool = True,
-    ) -> Generation:
-        """Prepared latents and embeddings → :func:`denoise` → decoded images. Every task ends here."""
-        need = int(self.c.unet.config.in_channels)
-        have = latents.shape[1] + (0 if extra_channels is None else extra_channels.shape[1])
-        if need != have:  # e.g. an inpainting model (latents + mask + masked image) under task=txt2img
+    def sample(self, request: Request, *, guidance: Guidance | None = None, hooks: Sequence[Any] = (),
+               progress: bool = True) -> Generation:
+        """A prepared request → :func:`denoise` → decoded images. Every task ends here."""
+        problem = self.family.input_problem(request.latents, request.extra_channels)
+        if problem:  # e.g. an inpainting model (latents + mask + masked image) under task=txt2img
             from stablefused.errors import ConfigError
 
-            hint = " (an inpainting model: use task=inpaint)" if need == 2 * latents.shape[1] + 1 else ""
-            raise ConfigError(f"model={self.c.name}: its UNet takes {need} input channels, this task gives it "
-                              f"{have}{hint}")
-        latents, ctx = denoise(
-            self.c.unet, self.scheduler, latents, cond, uncond, guidance_scales, num_steps=steps,
-            guidance=guidance, hooks=hooks, generators=generators, start_step=start_step,
-            extra_channels=extra_channels, eta=eta, samples=samples, progress=progress,
-        )
+            raise ConfigError(f"model={self.c.name}: {problem}")
+        latents, ctx = denoise(self.family, self.scheduler, request, guidance=guidance, hooks=hooks,
+                               progress=progress)
+        latents = self.family.to_spatial(latents)
         return Generation(self.decode(latents), latents, ctx)

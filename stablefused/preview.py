@@ -62,10 +62,11 @@ class LinearPreview:
             batch_size: int = 16, max_latents: int = 32) -> "LinearPreview":
         """Least-squares fit on VAE decodes of ``latents`` (e.g. recorded x̂0; at most ``max_latents``, evenly
         spaced) plus ``n_random`` standard normal latents (in the model's scaled latent space)."""
-        c = sampler.c
-        # the VAE's latent channels: a video or inpainting UNet's in_channels may differ
-        shape = (latents.shape[1:] if latents is not None else
-                 (c.vae.config.latent_channels, c.unet.config.sample_size, c.unet.config.sample_size))
+        if latents is not None:
+            shape = latents.shape[1:]
+        else:  # the VAE's latent channels: a video or inpainting network's in_channels may differ
+            fam = sampler.family
+            shape = (fam.latent_channels, *(2 * [fam.default_size // fam.vae_scale_factor]))
         g = torch.Generator("cpu").manual_seed(seed)
         parts = [torch.randn((n_random, *shape), generator=g)]
         if latents is not None:
@@ -73,7 +74,7 @@ class LinearPreview:
                 latents = latents[torch.linspace(0, len(latents) - 1, max_latents).round().long()]
             parts.append(latents.detach().to("cpu", torch.float32))
         lat = torch.cat(parts)
-        images = torch.from_numpy(sampler.decode(lat.to(c.device, c.dtype), batch_size)).permute(0, 3, 1, 2)
+        images = torch.from_numpy(sampler.decode(lat.to(sampler.c.device, sampler.c.dtype), batch_size)).permute(0, 3, 1, 2)
         f = images.shape[-1] // lat.shape[-1]
         small = torch.nn.functional.avg_pool2d(images.float(), f) if f > 1 else images.float()
         x = lat.permute(0, 2, 3, 1).reshape(-1, lat.shape[1]).double()

@@ -1,5 +1,6 @@
-"""The one sampling loop. Every task (text-to-image, image-to-image, inpainting, video, walks) calls
-:func:`denoise`; tasks differ only in the latents, embeddings and extra inputs they pass.
+"""The one sampling loop. Every task (text-to-image, image-to-image, inpainting, video, walks) on every model
+family calls :func:`denoise` with a :class:`Request`; tasks differ only in the latents, conditioning and extra
+inputs they put in it, families (:mod:`stablefused.families`) only in how the network is called.
 
 The loop follows diffusers' ``StableDiffusionPipeline.__call__`` step for step (same UNet batch order
 ``[uncond, cond]``, same scheduler calls), so with all passes needed its output equals the pipeline's. What
@@ -10,7 +11,6 @@ rule allows it, x̂0 for every scheduler, and the hook calls described in :mod:`
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stablefused.errors import NonFiniteError
+from stablefused.families import Conditioning
 from stablefused.guidance import Guidance
 from stablefused.hooks import LoopContext, StepInfo, StepState, x0_coefficients
 
@@ -30,20 +31,6 @@ def _step_kwargs(scheduler: Any, generators: Any, eta: float) -> dict:
     if "eta" in accepted:
         kwargs["eta"] = eta
     return kwargs
-
-
-def _sigmas(scheduler: Any, timesteps: torch.Tensor, begin: int) -> list[float]:
-    """Noise level of each iteration in the x = x0 + σ·ε convention, whatever the scheduler family."""
-    sigmas = getattr(scheduler, "sigmas", None)
-    n = len(timesteps)
-    if sigmas is not None and len(sigmas) >= begin + n:
-        return [float(s) for s in sigmas[begin : begin + n]]
-    ac = scheduler.alphas_cumprod
-    out = []
-    for t in timesteps:
-        a = max(float(ac[int(t)]), 1e-20)  # zero-SNR schedules end at alpha_bar = 0
-        out.append(math.sqrt((1 - a) / a))
-    return out
 
 
 def predict_x0(model_output: torch.Tensor, model_input: torch.Tensor, sigma: float, prediction_type: str) -> torch.Tensor:
@@ -70,7 +57,7 @@ class _DeviceCache:
 @dataclass
 class _Plan:
     rows: torch.Tensor  # rows of the batch fed to the UNet: [uncond rows, cond rows]
-    embeds: torch.Tensor  # the matching rows of cat([uncond_embeds, cond_embeds])
+    embeds: torch.Tensor  # the matching rows of cat([uncond, cond]) conditioning
     uncond: torch.Tensor  # per sample: UNet output row holding its uncond prediction (else its cond one)
     cond: torch.Tensor  # per sample: UNet output row holding its cond prediction (else its uncond one)
 
@@ -112,18 +99,18 @@ class Prediction:
 
 
 class GuidedDenoiser:
-    """The UNet under classifier-free guidance, as one callable: ``(model_input, t, info) → Prediction``.
+    """The network under classifier-free guidance, as one callable: ``(model_input, t, info) → Prediction``.
 
-    It holds what is fixed for a batch (embeddings, extra input channels, per-sample base scales, the guidance
-    hook) and does the half-batch bookkeeping: the UNet batch is ``[rows needing uncond, rows needing cond]``
-    (diffusers' ``torch.cat([latents] * 2)`` when every row needs both), and a skipped pass is filled with the
-    prediction the row has, so guidance rules always see full tensors."""
+    It holds what is fixed for a batch (the family, conditioning, extra input channels, per-sample base scales,
+    the guidance hook) and does the half-batch bookkeeping: the network batch is ``[rows needing uncond, rows
+    needing cond]`` (diffusers' ``torch.cat([latents] * 2)`` when every row needs both), and a skipped pass is
+    filled with the prediction the row has, so guidance rules always see full tensors."""
 
-    def __init__(self, unet: Any, cond_embeds: torch.Tensor, uncond_embeds: torch.Tensor, base_scales: torch.Tensor,
+    def __init__(self, family: Any, cond: Conditioning, uncond: Conditioning, base_scales: torch.Tensor,
                  guidance: Guidance, extra_channels: torch.Tensor | None = None):
-        self.unet, self.guidance, self.base_scales, self.extra = unet, guidance, base_scales, extra_channels
-        self.embeds = torch.cat([uncond_embeds, cond_embeds])
-        device = cond_embeds.device
+        self.family, self.guidance, self.base_scales, self.extra = family, guidance, base_scales, extra_channels
+        self.conds = Conditioning.cat([uncond, cond])
+        device = cond.embeds.device
         self.plans, self.scales = _BatchPlans(device), _DeviceCache(device)
 
     def __call__(self, model_input: torch.Tensor, t: torch.Tensor, info: StepInfo) -> Prediction:
@@ -134,14 +121,14 @@ class GuidedDenoiser:
             raise ValueError("guidance rule asked for neither the conditional nor the unconditional pass")
         plan = self.plans.get(need_uncond, need_cond)
         if plan is None:  # the common case: every row needs both passes; exactly diffusers' batch
-            x_in, emb = torch.cat([model_input, model_input]), self.embeds
+            x_in, cond = torch.cat([model_input, model_input]), self.conds
             extra = None if self.extra is None else torch.cat([self.extra, self.extra])
         else:
-            x_in, emb = model_input.index_select(0, plan.rows), self.embeds.index_select(0, plan.embeds)
+            x_in, cond = model_input.index_select(0, plan.rows), self.conds.select(plan.embeds)
             extra = None if self.extra is None else self.extra.index_select(0, plan.rows)
         if extra is not None:
             x_in = torch.cat([x_in, extra], dim=1)
-        out = self.unet(x_in, t, encoder_hidden_states=emb, return_dict=False)[0]
+        out = self.family(x_in, t, cond)
         if plan is None:
             uncond, cond = out.chunk(2)
         else:
@@ -170,55 +157,64 @@ class _FiniteCheck:
             self.checked = step + 1
 
 
+@dataclass
+class Request:
+    """One batch for the loop, as a task fills it (the way diffusers' ``prepare_latents`` prepares inputs).
+
+    ``latents``: initial latents in the scheduler's layout, already multiplied by ``init_noise_sigma``
+    (text-to-image) or noised to ``start_step`` (image-to-image). ``cond``/``uncond``: one row per sample.
+    ``scales``: guidance scale per sample, any real value. ``start_step``: skip the first ``start_step`` steps
+    of a ``steps`` schedule. ``extra_channels``: (B, C', ...) concatenated to the network input (inpainting
+    UNets: mask + masked latents). ``generators``: one CPU generator per sample, for stochastic schedulers.
+
+    The scheduler must already be set to ``steps`` (and ``start_step``) by :meth:`Sampler.prepare`, the one
+    owner of scheduler state; :func:`denoise` only reads it."""
+
+    latents: torch.Tensor
+    cond: Conditioning
+    uncond: Conditioning
+    scales: torch.Tensor | Sequence[float]
+    steps: int
+    start_step: int = 0
+    extra_channels: torch.Tensor | None = None
+    generators: list[torch.Generator] | None = None
+    samples: list[dict] | None = None
+    eta: float = 0.0
+
+
 def denoise(
-    unet: Any,
+    family: Any,
     scheduler: Any,
-    latents: torch.Tensor,
-    cond_embeds: torch.Tensor,
-    uncond_embeds: torch.Tensor,
-    base_scales: torch.Tensor | Sequence[float],
+    request: Request,
     *,
-    num_steps: int,
     guidance: Guidance | None = None,
     hooks: Sequence[Any] = (),
-    generators: list[torch.Generator] | None = None,
-    start_step: int = 0,
-    extra_channels: torch.Tensor | None = None,
-    eta: float = 0.0,
-    samples: list[dict] | None = None,
     progress: bool = True,
 ) -> tuple[torch.Tensor, LoopContext]:
-    """Run the denoising loop and return the final latents (and the run's context with its stats).
-
-    Args:
-        latents: initial latents, (B, C, H, W) or (B, C, F, H, W) for video, already multiplied by
-            ``scheduler.init_noise_sigma`` (text-to-image) or noised to ``start_step`` (image-to-image).
-        cond_embeds / uncond_embeds: text embeddings per sample (B, L, D); walks pass their own.
-        base_scales: guidance scale per sample (B,), any real value.
-        start_step: skip the first ``start_step`` steps of a ``num_steps`` schedule (image-to-image).
-        extra_channels: (B, C', H, W) concatenated to the UNet input (inpainting UNets: mask + masked latents).
-        generators: one CPU generator per sample, for stochastic schedulers.
-    """
+    """Run the denoising loop on ``request`` and return the final latents (and the run's context with its
+    stats). ``family``: the model's :class:`~stablefused.families.Family` (calls the network)."""
     guidance = guidance or Guidance.default()
+    latents = request.latents
     batch = latents.shape[0]
-    base_scales = torch.as_tensor(base_scales, dtype=torch.float32).reshape(-1).cpu()
+    base_scales = torch.as_tensor(request.scales, dtype=torch.float32).reshape(-1).cpu()
     if base_scales.numel() != batch:
         raise ValueError(f"got {base_scales.numel()} guidance scales for a batch of {batch}")
-    scheduler.set_timesteps(num_steps, device=latents.device)
-    begin = start_step * scheduler.order
+    if getattr(scheduler, "num_inference_steps", None) != request.steps:
+        raise ValueError(f"the scheduler is set to {getattr(scheduler, 'num_inference_steps', None)} steps, the "
+                         f"request asks for {request.steps}: call Sampler.prepare first")
+    begin = request.start_step * scheduler.order
     timesteps = scheduler.timesteps[begin:]
-    if begin and hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(begin)
-    all_sigmas = _sigmas(scheduler, scheduler.timesteps, 0)
+    all_sigmas = family.sigmas(scheduler)
     sigmas = all_sigmas[begin:]
-    prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    step_kwargs = _step_kwargs(scheduler, generators, eta)
+    prediction_type = family.prediction_type
+    step_kwargs = _step_kwargs(scheduler, request.generators, request.eta)
+    scale_input = getattr(scheduler, "scale_model_input", None) or (lambda x, t: x)  # flow matching: none
 
     guidance.reset()  # per-run guidance state (e.g. APG momentum) starts fresh for every batch
-    model = GuidedDenoiser(unet, cond_embeds, uncond_embeds, base_scales, guidance, extra_channels)
+    model = GuidedDenoiser(family, request.cond, request.uncond, base_scales, guidance, request.extra_channels)
     ctx = LoopContext(
-        latents=latents, cond_embeds=cond_embeds, uncond_embeds=uncond_embeds, base_scales=base_scales,
-        timesteps=timesteps, scheduler=scheduler, unet=unet, samples=samples or [],
+        latents=latents, cond=request.cond, uncond=request.uncond, base_scales=base_scales,
+        timesteps=timesteps, scheduler=scheduler, family=family, samples=request.samples or [],
         stats={"unet_rows": 0, "model_calls": 0},
     )
     for hook in hooks:
@@ -226,33 +222,36 @@ def denoise(
         if new is not None:
             latents = new
 
+    spatial, packed = family.to_spatial, family.from_spatial
     finite = _FiniteCheck(latents.device, dtype=latents.dtype)
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", leave=False)):
         # scale -> predict (guided) -> step -> hooks
-        model_input = scheduler.scale_model_input(latents, t)
+        model_input = scale_input(latents, t)
         info = StepInfo(i, len(timesteps), t, sigmas[i], all_sigmas[0], all_sigmas[-1], model_input, prediction_type)
         pred = model(model_input, t, info)
         ctx.stats["unet_rows"] += pred.rows
         ctx.stats["model_calls"] += 1
         step_out = scheduler.step(pred.guided, t, latents, **step_kwargs, return_dict=True)
         x_prev = step_out.prev_sample
-        if hooks:
+        if hooks:  # hooks see the spatial layout (B, C, H, W), whatever the family's scheduler layout
             x0 = getattr(step_out, "pred_original_sample", None)
             if x0 is None:
                 x0 = predict_x0(pred.guided, model_input, sigmas[i], prediction_type)
             state = StepState(
                 index=i, num_steps=len(timesteps), t=t, sigma=sigmas[i], sigma_max=all_sigmas[0],
-                sigma_min=all_sigmas[-1], model_input=model_input, prediction_type=prediction_type, x_t=latents,
-                eps_cond=pred.cond, eps_uncond=pred.uncond, eps_guided=pred.guided, x0_pred=x0, x_prev=x_prev,
+                sigma_min=all_sigmas[-1], model_input=spatial(model_input), prediction_type=prediction_type,
+                x_t=spatial(latents), eps_cond=spatial(pred.cond), eps_uncond=spatial(pred.uncond),
+                eps_guided=spatial(pred.guided), x0_pred=spatial(x0), x_prev=spatial(x_prev),
                 guidance_scale=pred.scale, has_cond=pred.has_cond, has_uncond=pred.has_uncond, unet_rows=pred.rows,
             )
             for hook in hooks:
                 new = hook.on_step(state)
                 if new is not None:
-                    x_prev = state.x_prev = new
+                    state.x_prev = new
+                    x_prev = packed(new)
         latents = x_prev
         finite.update(latents, i, len(timesteps), last=i == len(timesteps) - 1)
 
     for hook in hooks:
-        hook.after_loop(ctx, latents)
+        hook.after_loop(ctx, spatial(latents))
     return latents, ctx

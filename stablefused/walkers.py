@@ -11,8 +11,9 @@ asks the walker (one per walk, ``walker=<name>``, ``plugins/walkers/<name>.py`` 
    time in the video and metadata for the manifest. No tensors; cheap. With ``pacing=even`` the task then
    moves the positions so that consecutive frames differ equally (it measures the picture along each
    segment through :meth:`noise`/:meth:`text`), unless the walker sets ``paces_itself`` (``audio``).
-3. :meth:`noise` and :meth:`text` — for a chunk of frames, their initial latents (B, C, h, w) and text
-   embeddings (B, L, D), from the keyframe tensors in :class:`Keys`. They must depend only on each frame
+3. :meth:`noise` and :meth:`text` — for a chunk of frames, their initial latents and conditioning tensors
+   (text embeddings (B, L, D), and for some model families pooled embeddings (B, D) and more: ``text`` is
+   called once per tensor), from the keyframe tensors in :class:`Keys`. They must depend only on each frame
    (its segment and position) and the config, never on the other frames of the chunk, so that a walk made
    in chunks of 1 and of 8 gives the same frames, and a resumed walk the same video.
 4. :meth:`prompt_weights` — the keyframes a frame mixes and their weights (written to the manifest).
@@ -79,10 +80,12 @@ class Frame:
 class Keys:
     """The keyframe tensors, made once per walk by the task."""
 
-    noise: torch.Tensor  # (K, C, h, w): each keyframe's initial latents, as text-to-image draws them
-    cond: torch.Tensor  # (K, L, D): each keyframe prompt's embedding
+    noise: torch.Tensor  # (K, ...): each keyframe's initial latents, as text-to-image draws them
+    cond: torch.Tensor  # (K, ...): one conditioning tensor per keyframe prompt (the task calls text() once per
+    #                     tensor of the family's conditioning: text embeddings, pooled embeddings, ...)
     seeds: list[int]
     extra_noise: Callable[[int, int, int], torch.Tensor]  # (seed, stream, n) -> (n, C, h, w) more noise, same scale
+    conditioning: Any = None  # the keyframes' whole Conditioning (stablefused.families), one row per keyframe
 
 
 def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

@@ -34,3 +34,21 @@ def compose_cfg(*overrides: str):
 @pytest.fixture
 def cfg_factory():
     return compose_cfg
+
+
+def run_loop(sampler, latents, cond, uncond, scales, steps, *, network=None, start_step=0, extra_channels=None,
+             generators=None, **loop_kw):
+    """The loop on a prepared request, as tasks call it: ``Sampler.prepare`` sets the scheduler (the one owner
+    of its state), then :func:`denoise`. ``network`` replaces the model's UNet (a wrapper under test)."""
+    from dataclasses import replace
+
+    from stablefused.sampling import Request, denoise
+
+    family = sampler.family
+    if network is not None:
+        family = type(family)(replace(sampler.c, modules={**sampler.c.modules, "unet": network}))
+    sampler.prepare(steps, list(range(len(latents))), start_step=start_step)
+    request = Request(latents, cond, uncond, scales, steps, start_step=start_step, extra_channels=extra_channels,
+                      generators=generators)
+    loop_kw.setdefault("progress", False)
+    return denoise(family, sampler.scheduler, request, **loop_kw)

@@ -16,9 +16,8 @@ from stablefused.errors import ConfigError
 from stablefused.guidance import Guidance
 from stablefused.tasks.guidance_grid import variants
 from stablefused.pipeline import Sampler
-from stablefused.sampling import denoise
 
-from conftest import compose_cfg
+from conftest import compose_cfg, run_loop
 
 SCHEDULES = registry.list_names("guidance_schedule")
 RULES = registry.list_names("guidance_rule")
@@ -50,8 +49,8 @@ def inputs():
     from stablefused.models import build_tiny_random
 
     s = Sampler(build_tiny_random())
-    cond = s.encode(["a red circle", "a blue square", "a red circle", "a blue square"]).double()
-    uncond = s.encode([""] * 4).double()
+    cond = s.encode(["a red circle", "a blue square", "a red circle", "a blue square"]).to(dtype=torch.float64)
+    uncond = s.encode([""] * 4).to(dtype=torch.float64)
     latents, _ = s.initial_latents([0, 1, 2, 3], 16, 16, steps=4)
     s.c.unet.double()
     return s, cond, uncond, latents.double()
@@ -61,8 +60,8 @@ def run(inputs, guidance, steps=4, scales=SCALES):
     s, cond, uncond, latents = inputs
     n = len(scales)
     with torch.no_grad():
-        out, ctx = denoise(s.c.unet, s.scheduler, latents[:n].clone(), cond[:n], uncond[:n], scales, num_steps=steps,
-                           guidance=guidance, progress=False)
+        out, ctx = run_loop(s, latents[:n].clone(), cond.select(range(n)), uncond.select(range(n)), scales, steps,
+                            guidance=guidance)
     return out, ctx
 
 

@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from stablefused.hooks import BaseHook
 from stablefused.pipeline import Sampler
-from stablefused.sampling import denoise
+from conftest import run_loop
 
 PROMPTS = ["a red circle", "a small blue square on black"]
 
@@ -32,9 +32,8 @@ def test_start_step_continues_the_schedule(tiny, cls):
     """Starting at step k from the latents a full run had entering step k gives the full run's result."""
     s, lat, cond, uncond = _setup(tiny, cls)
     keep = Keep()
-    full, _ = denoise(tiny.unet, s.scheduler, lat, cond, uncond, [7.5, 2.0], num_steps=5, hooks=[keep], progress=False)
-    tail, ctx = denoise(tiny.unet, s.scheduler, keep.x_t[2], cond, uncond, [7.5, 2.0], num_steps=5, start_step=2,
-                        progress=False)
+    full, _ = run_loop(s, lat, cond, uncond, [7.5, 2.0], 5, hooks=[keep])
+    tail, ctx = run_loop(s, keep.x_t[2], cond, uncond, [7.5, 2.0], 5, start_step=2)
     assert ctx.stats["model_calls"] == 3
     assert torch.allclose(full, tail, atol=1e-6)
 
@@ -57,15 +56,13 @@ def test_extra_channels_follow_their_rows(tiny):
     s, lat, cond, uncond = _setup(tiny)
     extra = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(0))
     scales = [0.0, 7.5]  # row 0 needs only the unconditional pass: the index-select path
-    both, _ = denoise(Mixer(tiny.unet), s.scheduler, lat, cond, uncond, scales, num_steps=3, extra_channels=extra,
-                      progress=False)
+    both, _ = run_loop(s, lat, cond, uncond, scales, 3, network=Mixer(tiny.unet), extra_channels=extra)
     for i in range(2):
-        alone, _ = denoise(Mixer(tiny.unet), s.scheduler, lat[i : i + 1], cond[i : i + 1], uncond[i : i + 1],
-                           scales[i : i + 1], num_steps=3, extra_channels=extra[i : i + 1], progress=False)
+        alone, _ = run_loop(s, lat[i : i + 1], cond.select([i]), uncond.select([i]), scales[i : i + 1], 3,
+                            network=Mixer(tiny.unet), extra_channels=extra[i : i + 1])
         assert torch.allclose(both[i : i + 1], alone, atol=1e-5)
-    zero, _ = denoise(Mixer(tiny.unet), s.scheduler, lat, cond, uncond, scales, num_steps=3,
-                      extra_channels=torch.zeros_like(extra), progress=False)
-    plain, _ = denoise(tiny.unet, s.scheduler, lat, cond, uncond, scales, num_steps=3, progress=False)
+    zero, _ = run_loop(s, lat, cond, uncond, scales, 3, network=Mixer(tiny.unet), extra_channels=torch.zeros_like(extra))
+    plain, _ = run_loop(s, lat, cond, uncond, scales, 3)
     assert torch.allclose(zero, plain, atol=1e-6) and not torch.allclose(both, plain, atol=1e-3)
 
 
@@ -86,11 +83,10 @@ class FramesAsBatch(torch.nn.Module):
 def test_five_dimensional_latents(tiny):
     s, lat, cond, uncond = _setup(tiny)
     video = torch.stack([lat, lat.flip(-1), -lat], dim=2)  # (2, 4, 3 frames, 8, 8)
-    out, _ = denoise(FramesAsBatch(tiny.unet), s.scheduler, video, cond, uncond, [0.0, 7.5], num_steps=3,
-                     progress=False)
+    out, _ = run_loop(s, video, cond, uncond, [0.0, 7.5], 3, network=FramesAsBatch(tiny.unet))
     assert out.shape == video.shape
     for f in range(3):
-        ref, _ = denoise(tiny.unet, s.scheduler, video[:, :, f], cond, uncond, [0.0, 7.5], num_steps=3, progress=False)
+        ref, _ = run_loop(s, video[:, :, f], cond, uncond, [0.0, 7.5], 3)
         assert torch.allclose(out[:, :, f], ref, atol=1e-5)
 
 
@@ -102,7 +98,6 @@ def test_before_loop_can_replace_the_latents(tiny):
         def before_loop(self, ctx):
             return other
 
-    swapped, _ = denoise(tiny.unet, s.scheduler, lat, cond, uncond, [7.5, 7.5], num_steps=3, hooks=[Swap()],
-                         progress=False)
-    direct, _ = denoise(tiny.unet, s.scheduler, other, cond, uncond, [7.5, 7.5], num_steps=3, progress=False)
+    swapped, _ = run_loop(s, lat, cond, uncond, [7.5, 7.5], 3, hooks=[Swap()])
+    direct, _ = run_loop(s, other, cond, uncond, [7.5, 7.5], 3)
     assert torch.equal(swapped, direct)

@@ -107,7 +107,7 @@ class Attention(BaseHook):
         self._call: torch.Tensor | None = None
         self._layers_in_call = 0
         if self._indices:
-            self.install(ctx.unet)
+            self.install(ctx.network)
             self.active = self._chosen(0)
 
     def add(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> None:

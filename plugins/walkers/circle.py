@@ -45,7 +45,7 @@ class Circle(Walker):
 
     def text(self, frames, keys):
         if self.fixed:
-            return keys.cond[:1].expand(len(frames), -1, -1).clone()
+            return keys.cond[:1].expand(len(frames), *keys.cond.shape[1:]).clone()
         return super().text(frames, keys)
 
     def prompt_weights(self, frame, k):

@@ -316,14 +316,14 @@ def main(argv: list[str] | None = None) -> None:
     log(f"encoded {len(prompts)} items; scaling_factor {scaling:.4f}")
     from diffusers import DDIMScheduler
 
-    from stablefused.models import Components, save_components
+    from stablefused.models import sd_components, save_components
 
     sched = DDIMScheduler(**schedule(args), clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 
     def save(unet_, text_, step: int | None = None) -> Path:
         folder = out if step is None else out.with_name(f"{out.name}-step{step}")
-        comps = Components("shapes", tokenizer, copy.deepcopy(text_).cpu(), copy.deepcopy(unet_).cpu(), copy.deepcopy(vae).cpu(),
-                           {**sched.config, "_class_name": type(sched).__name__}, torch.device("cpu"), torch.float32)
+        comps = sd_components("shapes", tokenizer, copy.deepcopy(text_).cpu(), copy.deepcopy(unet_).cpu(),
+                              copy.deepcopy(vae).cpu(), {**sched.config, "_class_name": type(sched).__name__})
         save_components(comps, folder)
         if step is not None:
             log(f"checkpoint at step {step}: {folder}")

@@ -1,8 +1,8 @@
 """``task=img2img``: SDEdit. Each source image is encoded, noised to a strength, and denoised towards the
 prompt through the one loop, as ``StableDiffusionImg2ImgPipeline.__call__`` does it step for step:
 
-1. ``scheduler.set_timesteps(steps)``; ``get_timesteps(steps, strength)``: ``t_start = steps -
-   int(strength * steps)``, the begin index ``t_start * scheduler.order`` (``set_begin_index``);
+1. ``get_timesteps(steps, strength)``: ``t_start = steps - int(strength * steps)``; :meth:`Sampler.prepare`
+   sets the timesteps and the begin index ``t_start * scheduler.order`` (``set_begin_index``);
 2. per image, from its own generator: the VAE latent sample, then the noise; ``add_noise`` at the first
    timestep that runs;
 3. :meth:`Sampler.sample` with ``start_step=t_start``: only the last ``int(strength * steps)`` steps run.
@@ -27,21 +27,16 @@ from PIL import Image
 from stablefused import images as im
 from stablefused.errors import ConfigError
 from stablefused.pipeline import Generation, Sampler
+from stablefused.sampling import Request
 from stablefused.runs import Run, image_record, log_samples_table, prompt_seed_rows, row_label, summarise_metrics, wrap
 from stablefused.tasks import Task, register_task
 
 log = logging.getLogger(__name__)
 
 
-def get_timesteps(scheduler: Any, steps: int, strength: float) -> tuple[int, torch.Tensor]:
-    """``StableDiffusionImg2ImgPipeline.get_timesteps`` after ``set_timesteps(steps)``: the first step that
-    runs (``t_start``) and the timesteps that run; sets the scheduler's begin index as the pipeline does."""
-    init_timestep = min(int(steps * strength), steps)
-    t_start = max(steps - init_timestep, 0)
-    timesteps = scheduler.timesteps[t_start * scheduler.order :]
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(t_start * scheduler.order)
-    return t_start, timesteps
+def first_step(steps: int, strength: float) -> int:
+    """``StableDiffusionImg2ImgPipeline.get_timesteps``: the first of ``steps`` steps that runs at ``strength``."""
+    return max(steps - min(int(steps * strength), steps), 0)
 
 
 @torch.no_grad()
@@ -73,14 +68,15 @@ def img2img(
         raise ValueError(f"strength {strength} x steps {steps} runs no step")
     if encoded is None:
         encoded = im.encode(c.vae, im.to_pixels(sources, c.vae_scale_factor))
-    cond, uncond = sampler.encode(prompts), sampler.encode(negative_prompts)
-    generators = sampler.prepare(steps, seeds)  # set_timesteps(steps), one CPU generator per image
-    t_start, timesteps = get_timesteps(scheduler, steps, strength)
-    init = im.sample_latents(c.vae, encoded, generators).to(c.dtype)
-    latents, _ = im.noised_latents(scheduler, init, generators, timesteps[:1])
-    return sampler.sample(latents, cond, uncond, list(guidance_scales), steps=steps, generators=generators,
-                          start_step=t_start, guidance=guidance, hooks=hooks, samples=samples, eta=eta,
-                          progress=progress)
+    cond, uncond = sampler.encode(prompts), sampler.encode(negative_prompts, negative=True)
+    t_start = first_step(steps, strength)
+    generators = sampler.prepare(steps, seeds, start_step=t_start, height=sources[0].height, width=sources[0].width)
+    init = sampler.family.image_latents(encoded, generators)
+    latents, _ = im.noised_latents(scheduler, init, generators, scheduler.timesteps[t_start * scheduler.order:][:1])
+    latents = sampler.family.from_spatial(latents)  # Flux packs after noising, as its pipeline does
+    request = Request(latents, cond, uncond, list(guidance_scales), steps, start_step=t_start,
+                      generators=generators, samples=samples, eta=eta)
+    return sampler.sample(request, guidance=guidance, hooks=hooks, progress=progress)
 
 
 def _strength_problems(cfg: Any) -> list[str]:

@@ -10,7 +10,7 @@ does it step for step, through the one loop, with either kind of UNet:
 Which one runs follows from the loaded model's UNet (``model.path=<inpainting folder>`` picks the first by
 itself). The random draws per image, from its own generator, are the pipeline's: the source's VAE sample
 (when needed: 4-channel UNets, or strength < 1), the noise, the masked image's VAE sample. ``strength`` as
-in img2img (``get_timesteps``); 1.0 starts from pure noise. Masks: :mod:`stablefused.masks`.
+in img2img (``first_step``); 1.0 starts from pure noise. Masks: :mod:`stablefused.masks`.
 
 With ``paste_back`` (default) every output is laid back over its source through the (blurred) mask: pixels
 the mask keeps entirely are the source's exactly. Records carry ``mask``, ``mask_blur``, ``mask_box`` (the
@@ -34,7 +34,8 @@ from stablefused.hooks import BaseHook, LoopContext, StepState
 from stablefused.pipeline import Generation, Sampler
 from stablefused.runs import Run, log_samples_table, summarise_metrics
 from stablefused.tasks import register_task
-from stablefused.tasks.img2img import Img2Img, get_timesteps
+from stablefused.sampling import Request
+from stablefused.tasks.img2img import Img2Img, first_step
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +56,19 @@ class BlendKnown(BaseHook):
     def on_step(self, state: StepState) -> torch.Tensor:
         proper = self.image_latents
         if state.index < len(self.timesteps) - 1:
-            proper = self.scheduler.add_noise(proper, self.noise, self.timesteps[state.index + 1].reshape(1))
+            proper = im.add_noise(self.scheduler, proper, self.noise, self.timesteps[state.index + 1].reshape(1))
         return (1 - self.mask) * proper + self.mask * state.x_prev
 
 
 def unet_kind(components: Any) -> int:
-    """9 for an inpainting UNet (latents + mask + masked-image latents), 4 for an ordinary one; a ConfigError
-    for any other input width."""
-    lat, inp = int(components.vae.config.latent_channels), int(components.unet.config.in_channels)
+    """9 for an inpainting network (latents + mask + masked-image latents), 4 for an ordinary one; a
+    ConfigError for any other input width."""
+    lat, inp = components.family.latent_channels, components.family.in_channels
     if inp == lat:
         return 4
     if inp == 2 * lat + 1:
         return 9
-    raise ConfigError(f"model={components.name}: its UNet takes {inp} input channels; inpainting needs {lat} (an "
+    raise ConfigError(f"model={components.name}: its network takes {inp} input channels; inpainting needs {lat} (an "
                       f"ordinary model) or {2 * lat + 1} (an inpainting model: latents + mask + masked image)")
 
 
@@ -107,10 +108,11 @@ def inpaint(
     pixels = im.to_pixels(sources, f).to(torch.float32)
     height, width = pixels.shape[-2:]
     mask_cond = mk.processor(f).preprocess(list(masks), height=height, width=width)  # (B, 1, H, W) in {0, 1}
-    cond, uncond = sampler.encode(prompts), sampler.encode(negative_prompts)
+    cond, uncond = sampler.encode(prompts), sampler.encode(negative_prompts, negative=True)
 
-    generators = sampler.prepare(steps, seeds)
-    t_start, timesteps = get_timesteps(scheduler, steps, strength)
+    t_start = first_step(steps, strength)
+    generators = sampler.prepare(steps, seeds, start_step=t_start, height=height, width=width)
+    timesteps = scheduler.timesteps[t_start * scheduler.order:]
     is_max = strength == 1.0
     shape = (n, int(c.vae.config.latent_channels), height // f, width // f)
     # per generator, in the pipeline's order: the source's VAE sample, the noise, the masked image's sample
@@ -120,7 +122,7 @@ def inpaint(
             encoded = im.encode(c.vae, pixels)
         # contiguous, as the pipeline's repeat() leaves it: the VAE's sample can come out channels-last, and
         # the blend would pass that layout on to the UNet's input (another conv kernel, ~1e-6 apart)
-        image_latents = im.sample_latents(c.vae, encoded, generators).to(c.dtype).contiguous()
+        image_latents = sampler.family.image_latents(encoded, generators).contiguous()
     if is_max:
         noise = randn_tensor(shape, generator=generators, device=c.device, dtype=c.dtype)
         latents = noise * scheduler.init_noise_sigma
@@ -130,7 +132,7 @@ def inpaint(
     if kind == 9:
         if masked_encoded is None:
             masked_encoded = im.encode(c.vae, pixels * (mask_cond < 0.5))
-        masked_latents = im.sample_latents(c.vae, masked_encoded, generators).to(c.dtype)
+        masked_latents = sampler.family.image_latents(masked_encoded, generators)
         extra, hooks = torch.cat([mask, masked_latents], dim=1), list(hooks)
     else:
         # The pipeline encodes the masked image for every UNet and samples it from each generator; a
@@ -139,9 +141,9 @@ def inpaint(
         for g in generators:
             randn_tensor((1, *shape[1:]), generator=g, device=c.vae.device, dtype=c.vae.dtype)
         extra, hooks = None, [BlendKnown(image_latents, noise, mask, scheduler), *hooks]
-    return sampler.sample(latents, cond, uncond, list(guidance_scales), steps=steps, generators=generators,
-                          start_step=t_start, extra_channels=extra, guidance=guidance, hooks=hooks, samples=samples,
-                          eta=eta, progress=progress)
+    request = Request(latents, cond, uncond, list(guidance_scales), steps, start_step=t_start, extra_channels=extra,
+                      generators=generators, samples=samples, eta=eta)
+    return sampler.sample(request, guidance=guidance, hooks=hooks, progress=progress)
 
 
 def mask_overlay(source: Image.Image, mask: Image.Image) -> Image.Image:

@@ -28,6 +28,7 @@ import torch
 from stablefused.errors import ConfigError
 from stablefused.outputs import save_png, to_uint8, write_mp4
 from stablefused.pipeline import Generation, Sampler
+from stablefused.sampling import Request
 from stablefused.runs import (
     Run, image_record, image_size, log_samples_table, prompt_seed_rows, row_label, summarise_metrics,
 )
@@ -40,15 +41,16 @@ VIDEO_UNET = "UNet3DConditionModel"
 @torch.no_grad()
 def txt2video(sampler: Sampler, prompts: Sequence[str], seeds: Sequence[int], guidance_scales: Sequence[float],
               negative_prompts: Sequence[str] | str = "", *, frames: int = 16, steps: int = 20,
-              height: int, width: int, **sample_kw: Any) -> Generation:
+              height: int, width: int, eta: float = 0.0, samples: list[dict] | None = None,
+              **loop_kw: Any) -> Generation:
     """Videos through the one loop: ``Generation.images`` are frames (B, F, H, W, 3) float32 in [0, 1]."""
     if isinstance(negative_prompts, str):
         negative_prompts = [negative_prompts] * len(prompts)
-    cond, uncond = sampler.encode(prompts), sampler.encode(negative_prompts)
+    cond, uncond = sampler.encode(prompts), sampler.encode(negative_prompts, negative=True)
     # as TextToVideoSDPipeline.prepare_latents: (B, C, F, H/f, W/f), one CPU generator per video
     latents, generators = sampler.initial_latents(seeds, height, width, frames=frames, steps=steps)
-    return sampler.sample(latents, cond, uncond, list(guidance_scales), steps=steps, generators=generators,
-                          **sample_kw)
+    return sampler.sample(Request(latents, cond, uncond, list(guidance_scales), steps, generators=generators,
+                                  samples=samples, eta=eta), **loop_kw)
 
 
 def frame_path(cell: dict, frame: int | None = None) -> str:
@@ -90,9 +92,9 @@ class Txt2Video(Task):
 
     def run(self, run: Run) -> None:
         cfg = run.cfg
-        unet = type(run.components.unet).__name__
-        if unet != VIDEO_UNET:
-            raise ConfigError(f"task=txt2video: model {cfg.model.name} has a {unet}, not a video UNet "
+        if run.components.family_name != "video":
+            net = type(run.components.network).__name__
+            raise ConfigError(f"task=txt2video: model {cfg.model.name} has a {net}, not a video UNet "
                               f"({VIDEO_UNET}); use model=zeroscope, model=modelscope or model.path=<a "
                               "TextToVideoSDPipeline folder>")
         height, width = image_size(cfg)

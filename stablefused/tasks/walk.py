@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import subprocess
+from dataclasses import replace
 from numbers import Real
 from pathlib import Path
 from typing import Any, Optional
@@ -31,8 +32,10 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 from stablefused import registry
+from stablefused.families import Conditioning
 from stablefused.outputs import font, strict_json
 from stablefused.runs import Run, image_record, image_size, metric_keys, summarise_metrics
+from stablefused.sampling import Request
 from stablefused.tasks import Task, register_task
 from stablefused.walkers import Frame, Keys, Walk, Walker, default_keyframes, derived_seed
 
@@ -95,10 +98,10 @@ def make_keys(run: Run, keyframes: list, h: int, w: int) -> Keys:
     prompt at a time, so no frame depends on how many keyframes there are)."""
     sampler, steps = run.sampler, int(run.cfg.steps)
     noise = torch.cat([sampler.initial_latents([k.seed], h, w, steps=steps)[0] for k in keyframes])
-    embeds: dict[str, torch.Tensor] = {}
+    conds: dict[str, Conditioning] = {}
     for k in keyframes:
-        if k.prompt not in embeds:
-            embeds[k.prompt] = sampler.encode([k.prompt])[0]
+        if k.prompt not in conds:
+            conds[k.prompt] = sampler.encode([k.prompt])
     sigma = float(sampler.scheduler.init_noise_sigma)
 
     def extra_noise(seed: int, stream: int, n: int) -> torch.Tensor:
@@ -107,42 +110,46 @@ def make_keys(run: Run, keyframes: list, h: int, w: int) -> Keys:
         gen = torch.Generator("cpu").manual_seed(derived_seed(seed, stream))
         return randn_tensor((n, *noise.shape[1:]), generator=gen, device=noise.device, dtype=noise.dtype) * sigma
 
-    return Keys(noise=noise, cond=torch.stack([embeds[k.prompt] for k in keyframes]),
-                seeds=[k.seed for k in keyframes], extra_noise=extra_noise)
+    conditioning = Conditioning.cat([conds[k.prompt] for k in keyframes])
+    return Keys(noise=noise, cond=conditioning.embeds, seeds=[k.seed for k in keyframes], extra_noise=extra_noise,
+                conditioning=conditioning)
 
 
 def frame_generator(run: Run, seed: int, h: int, w: int) -> torch.Generator:
     """The scheduler's generator for a frame: its keyframe seed's, after drawing the initial noise (as in
     text-to-image), made afresh per frame."""
-    return run.sampler.initial_latents([seed], h, w, steps=int(run.cfg.steps))[1][0]
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    run.sampler.family.noise([g], h, w)  # drawn and dropped: the state text-to-image leaves the generator in
+    return g
 
 
-def render(run: Run, walker: Walker, frames: list[Frame], keys: Keys, uncond: torch.Tensor, steps: int,
+def render(run: Run, walker: Walker, frames: list[Frame], keys: Keys, uncond: Conditioning, steps: int,
            hooks: list | None = None, samples: list[dict] | None = None, previous: Any = None):
     """One chunk of frames through the one loop (``Sampler.sample``)."""
     cfg = run.cfg
     h, w = image_size(cfg)
     device, dtype = run.components.device, run.components.dtype
     latents = walker.noise(frames, keys).to(device, dtype)
-    cond = walker.text(frames, keys).to(device, dtype)
+    cond = keys.conditioning.map(lambda t: walker.text(frames, replace(keys, cond=t))).to(device, dtype)
     k = len(keys.noise)
     gens = [frame_generator(run, keys.seeds[walker.seed_keyframe(f, k)], h, w) for f in frames]
-    kwargs: dict[str, Any] = dict(steps=steps, generators=gens, guidance=run.guidance, hooks=list(hooks or []),
-                                  samples=samples, eta=cfg.eta, progress=cfg.progress)
+    scales = [float(cfg.guidance_scales[0])] * len(frames)
+    request = Request(latents, cond, uncond.expand(len(frames)), scales, steps, generators=gens, samples=samples,
+                      eta=cfg.eta)
+    hooks = list(hooks or [])
     if walker.needs_previous_image:
         extra = dict(walker.condition(frames, previous, keys, run))
         if "images" in extra:  # frames the walker made itself (zoom: crops between its outpainted keyframes)
             return made_frames(run, extra, latents, cond, uncond, samples)
-        latents = extra.pop("latents", latents)
-        kwargs["hooks"] += list(extra.pop("hooks", []))
-        kwargs.update(extra)
-    scales = [float(cfg.guidance_scales[0])] * len(frames)
+        hooks += list(extra.pop("hooks", []))
+        request = replace(request, **extra)  # latents, start_step, extra_channels
     # this chunk's steps and per-frame scheduler noise seeds (DPM-SDE's Brownian trees), as txt2img sets them
-    run.sampler.prepare(steps, [keys.seeds[walker.seed_keyframe(f, k)] for f in frames])
-    return run.sampler.sample(latents, cond, uncond.expand(len(frames), -1, -1), scales, **kwargs)
+    run.sampler.prepare(steps, [keys.seeds[walker.seed_keyframe(f, k)] for f in frames],
+                        start_step=request.start_step, height=h, width=w)
+    return run.sampler.sample(request, guidance=run.guidance, hooks=hooks, progress=cfg.progress)
 
 
-def made_frames(run: Run, extra: dict, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+def made_frames(run: Run, extra: dict, latents: torch.Tensor, cond: Conditioning, uncond: Conditioning,
                 samples: list[dict] | None):
     """A :class:`Generation` of frames a walker made without the loop (``condition`` returned ``images``,
     float (B, H, W, 3) in [0, 1]); ``stats`` = the UNet work it did for them (counted in the run's)."""
@@ -150,8 +157,8 @@ def made_frames(run: Run, extra: dict, latents: torch.Tensor, cond: torch.Tensor
     from stablefused.pipeline import Generation
 
     stats = {"unet_rows": 0, "model_calls": 0, **extra.get("stats", {})}
-    ctx = LoopContext(latents=latents, cond_embeds=cond, uncond_embeds=uncond, base_scales=torch.zeros(len(latents)),
-                      timesteps=torch.zeros(0), scheduler=run.sampler.scheduler, unet=run.components.unet,
+    ctx = LoopContext(latents=latents, cond=cond, uncond=uncond, base_scales=torch.zeros(len(latents)),
+                      timesteps=torch.zeros(0), scheduler=run.sampler.scheduler, family=run.sampler.family,
                       samples=samples or [], stats=stats)
     return Generation(np.asarray(extra["images"], np.float32), latents, ctx)
 
@@ -387,7 +394,7 @@ class WalkTask(Task):
         assert [f.index for f in frames] == list(range(len(frames))), "a walker's plan must number frames 0..n-1"
         h, w = image_size(cfg)
         keys = make_keys(run, keyframes, h, w)
-        uncond = run.sampler.encode([cfg.negative_prompt])
+        uncond = run.sampler.encode([cfg.negative_prompt], negative=True)
         if cfg.pacing == "even" and not walker.paces_itself:
             frames = even_pacing(run, walker, frames, keys, uncond)
         cells = [self.cell(cfg, walker, f, keyframes) for f in frames]
