@@ -87,6 +87,11 @@ class Conditioning:
         return Conditioning({k: torch.cat([c.rows[k] for c in items]) for k in keys}, items[0].shared)
 
 
+def is_flow(scheduler: Any) -> bool:
+    """Whether ``scheduler`` samples a flow-matching process (x_t = (1−s)·x0 + s·ε; SD3, Flux)."""
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
 class Family:
     """Base adapter: the SD 1.x/2.x behaviour where a family does not override it.
 
@@ -175,6 +180,8 @@ class Family:
         recorders read), whatever the scheduler's own parameterisation."""
         sigmas = getattr(scheduler, "sigmas", None)
         n = len(scheduler.timesteps)
+        if is_flow(scheduler):  # s → σ = s/(1−s): the same noise-to-signal ratio as x = x0 + σ·ε
+            return [math.inf if float(s) >= 1 else float(s) / (1 - float(s)) for s in sigmas[:n]]
         if sigmas is not None and len(sigmas) >= n:
             return [float(s) for s in sigmas[:n]]
         ac = scheduler.alphas_cumprod
@@ -251,7 +258,7 @@ def register_family(cls: type[Family]) -> type[Family]:
 def _load_all() -> None:
     from stablefused.families import sd  # noqa: F401  (registers sd, video)
 
-    for name in ("sdxl", "sd3", "flux"):
+    for name in ("sdxl", "sd3", "flux", "gmm"):
         try:
             __import__(f"stablefused.families.{name}")
         except ImportError:  # a family not written yet
