@@ -3,9 +3,12 @@
 Checked against Monte-Carlo estimates (the closed form is what it claims), and sampling without guidance
 (w = 1) against exact samples of p(x | c) (the loop and schedulers sample the right distribution)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from stablefused.families.gmm import DEFAULT_COMPONENTS, build_gmm
 from stablefused.pipeline import Sampler
@@ -74,3 +77,50 @@ def test_points_decode_to_pictures(gmm):
     s = Sampler(gmm)
     g = s.txt2img(["red", "blue"], [0, 1], 3.0, steps=10, progress=False)
     assert g.images.shape == (2, 32, 32, 3) and g.images.min() == 0.0 and g.images.max() == 1.0
+
+
+def test_cfg_does_not_sample_the_tilted_target(gmm):
+    """Bradley & Nakkiran 2024 ("Classifier-free guidance is a predictor-corrector"): at w > 1 CFG's samples
+    are not the tilted target p(x|c)^w p(x)^(1-w), although its combined score is that target's score at
+    t = 0. At w = 1 the same measurement is at the noise floor, so the gap is CFG's, not the sampler's."""
+    from stablefused.truth import tilted_samples
+
+    s, n = Sampler(gmm), 1500
+    floor = sliced_w2(exact_samples(DEFAULT_COMPONENTS, ["red"], n, np.random.default_rng(1)),
+                      exact_samples(DEFAULT_COMPONENTS, ["red"], n, np.random.default_rng(2)))
+    for w, ok in ((1.0, True), (3.0, False)):
+        x = s.txt2img(["red"] * n, list(range(n)), w, steps=100, progress=False).latents.reshape(n, 2).double().numpy()
+        d = sliced_w2(x, tilted_samples(DEFAULT_COMPONENTS, "red", w, n, np.random.default_rng(3)))
+        assert (d < 2.5 * floor) if ok else (d > 5 * floor), (w, d, floor)
+
+
+def test_guidance_truth_task_writes_its_table_and_plots(tmp_path):
+    from conftest import compose_cfg
+    from stablefused.app import run
+
+    cfg = compose_cfg("experiment=guidance_truth", "model=gmm", "points=100", "steps=8", "guidance_scales=[1,3]",
+                      "prompts=[red]", "guidance=schedules", "guidance.grid=[{rule: cfg},{rule: apg}]")
+    first = run(cfg, tmp_path)
+    rows = [r for r in first.manifest.records() if r["type"] == "truth"]
+    assert [(r["variant"], r["guidance_scale"]) for r in rows] == [("cfg", 1.0), ("cfg", 3.0), ("apg", 1.0), ("apg", 3.0)]
+    assert all(r["w2_floor"] > 0 and r["points"] == 100 for r in rows)
+    assert rows[0]["rows_per_point"] == 8 and rows[1]["rows_per_point"] == 16  # w = 1 skips the unconditional pass
+    assert rows == json.loads((tmp_path / "truth.json").read_text())
+    for name in ("truth.png", "truth_w2.png"):
+        with Image.open(tmp_path / name) as im:
+            im.verify()
+    # a rerun keeps the finished cells (their points from disk) and computes the same table
+    (tmp_path / "points" / "0003.npy").unlink()
+    again = run(cfg, tmp_path)
+    assert again.stats["unet_rows"] == 100 * 16  # only the missing cell (apg, w=3) ran again
+    assert json.loads((tmp_path / "truth.json").read_text()) == rows
+
+
+def test_gmm_refuses_image_tasks_before_loading():
+    from conftest import compose_cfg
+    from stablefused.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="task=img2img: model=gmm has no images"):
+        validate(compose_cfg("model=gmm", "task=img2img", "init_image=shapes:a red circle"))
+    with pytest.raises(ConfigError, match="task=guidance_truth: needs model=gmm"):
+        validate(compose_cfg("task=guidance_truth"))
