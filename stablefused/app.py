@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from stablefused import signals
-from stablefused.config import literal_overrides, validate
+from stablefused.config import ConfigError, literal_overrides, validate
 from stablefused.errors import USER_ERRORS, PluginError
 from stablefused.guidance import Guidance
 from stablefused.logger import make_logger, resolve_mode
@@ -58,6 +58,9 @@ def _start(cfg: DictConfig, run_dir: Path, group: str | None, given: dict[str, A
             plugins = {kind: make_plugins(cfg, kind, given.get(kind)) for kind in ("recorders", "metrics", "visualizers")}
             guidance = given.get("guidance") or Guidance.from_config(cfg.guidance)
             components = load_components(cfg.model, cfg.device, cfg.dtype)
+            unsupported = components.family.unsupported(cfg)  # a hub model's family is known only now
+            if unsupported:
+                raise ConfigError("\n".join(unsupported))
             scheduler = components.make_scheduler(cfg.scheduler.get("cls"), **(cfg.scheduler.get("overrides") or {}))
             logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir,
                                  name=f"{cfg.name}/{run_dir.name}", group=group, job_type=cfg.name)

@@ -468,6 +468,11 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
     except Exception as e:  # ModelLoadError: no source at all
         problems.append(str(e))
         return
+    from stablefused.families import family_class, family_of_source
+
+    family = family_of_source(source)
+    if family:
+        problems += family_class(family).unsupported(cfg)
     sched_json = None
     if source.startswith("builtin:"):
         train_steps = TINY_RANDOM_TRAIN_STEPS

@@ -49,8 +49,8 @@ class Components:
 
     @property
     def network(self) -> Any:
-        """The denoising network: the UNet, or the transformer (SD3, Flux)."""
-        return self.modules["unet"] if self.modules.get("unet") is not None else self.modules["transformer"]
+        """The denoising network: the UNet, the transformer (SD3, Flux) or another ``network`` (model=gmm)."""
+        return next(self.modules[k] for k in ("unet", "transformer", "network") if self.modules.get(k) is not None)
 
     @property
     def family(self) -> Any:

@@ -87,6 +87,11 @@ class Conditioning:
         return Conditioning({k: torch.cat([c.rows[k] for c in items]) for k in keys}, items[0].shared)
 
 
+def is_flow(scheduler: Any) -> bool:
+    """Whether ``scheduler`` samples a flow-matching process (x_t = (1−s)·x0 + s·ε; SD3, Flux)."""
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
 class Family:
     """Base adapter: the SD 1.x/2.x behaviour where a family does not override it.
 
@@ -175,6 +180,8 @@ class Family:
         recorders read), whatever the scheduler's own parameterisation."""
         sigmas = getattr(scheduler, "sigmas", None)
         n = len(scheduler.timesteps)
+        if is_flow(scheduler):  # s → σ = s/(1−s): the same noise-to-signal ratio as x = x0 + σ·ε
+            return [math.inf if float(s) >= 1 else float(s) / (1 - float(s)) for s in sigmas[:n]]
         if sigmas is not None and len(sigmas) >= n:
             return [float(s) for s in sigmas[:n]]
         ac = scheduler.alphas_cumprod
@@ -235,8 +242,10 @@ class Family:
         return f"its {kind} takes {need} input channels, this task gives it {have}{hint}"
 
     # ------------------------------------------------------------------ what works where
-    def unsupported(self, cfg: Any) -> list[str]:
-        """One line per setting this family cannot do (checked before the model loads where possible)."""
+    @classmethod
+    def unsupported(cls, cfg: Any) -> list[str]:
+        """One line per setting this family cannot do. Checked before the model loads when the family is known
+        from the model's folder or name (:func:`family_of_source`), else right after loading."""
         return []
 
 
@@ -251,7 +260,7 @@ def register_family(cls: type[Family]) -> type[Family]:
 def _load_all() -> None:
     from stablefused.families import sd  # noqa: F401  (registers sd, video)
 
-    for name in ("sdxl", "sd3", "flux"):
+    for name in ("sdxl", "sd3", "flux", "gmm"):
         try:
             __import__(f"stablefused.families.{name}")
         except ImportError:  # a family not written yet
@@ -282,6 +291,25 @@ def family_for_pipeline(pipeline_class: str | None, network_class: str | None = 
 
 
 _BY_NETWORK = {"UNet3DConditionModel": "video", "SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+
+
+def family_of_source(source: str) -> str | None:
+    """The family of a model source without loading it: a built-in model's (``gmm``, ``tiny_<family>``; other
+    built-ins are SD), a local folder's from its ``model_index.json``; None when unknown (a hub id)."""
+    import json
+    from pathlib import Path
+
+    _load_all()
+    if source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        return next((n for n in (name, name.removeprefix("tiny_")) if n in _FAMILIES), "sd")
+    index = Path(source) / "model_index.json"
+    try:
+        spec = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return None
+    net = spec.get("unet") or spec.get("transformer") or [None, None]
+    return family_for_pipeline(spec.get("_class_name"), net[1] if isinstance(net, list) and len(net) > 1 else None)
 
 
 def family_of_network(network: Any) -> str:
