@@ -1,0 +1,78 @@
+"""The compositional scenes and their judge: the judge passes fresh renders (>= 99 %), fails wrong images, and
+reads every prompt form."""
+
+import numpy as np
+import pytest
+
+from stablefused.scenes.data import CATEGORIES, IMAGE_SIZE, make_scene, render
+from stablefused.scenes.judge import detect, judge, parse_prompt
+
+
+def test_judge_passes_fresh_scenes():
+    seeds = range(900_000, 900_300)  # never used elsewhere
+    results = [judge(render(s), s.prompt) | {"truth": s.category} for s in map(make_scene, seeds)]
+    assert {r["truth"] for r in results} == set(CATEGORIES)
+    assert all(r["category"] == r["truth"] for r in results)
+    assert np.mean([r["correct"] for r in results]) >= 0.99
+
+
+def test_scenes_are_pure_functions_of_their_seed():
+    a, b = make_scene(7), make_scene(7)
+    assert a.prompt == b.prompt and np.array_equal(render(a), render(b))
+    assert render(a).shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_judge_fails_a_wrong_image(category):
+    """Each category's scene made wrong in the way that category tests fails the judge."""
+    scene = next(s for s in (make_scene(i, category) for i in range(50)) if s.background == "black")
+    img = render(scene)
+    assert judge(img, scene.prompt)["correct"] == 1
+    wrong = scene.prompt
+    if category in ("single", "two"):  # another shape asked for
+        shape = scene.objects[0].shape
+        other = next(s for s in ("circle", "square", "triangle") if s not in [o.shape for o in scene.objects])
+        wrong = scene.prompt.replace(shape, other, 1)
+    elif category == "counting":  # one more than drawn
+        wrong = scene.prompt.replace("two", "three", 1) if scene.prompt.startswith("two") else scene.prompt.replace("three", "two", 1)
+    elif category in ("colors", "color_attr"):  # the colours swapped between the two objects
+        a, b = scene.objects[0], scene.objects[1]
+        wrong = f"a {b.color} {a.shape}" if category == "colors" else f"a {b.color} {a.shape} and a {a.color} {b.shape}"
+    elif category == "position":  # the relation reversed
+        rel = scene.relation[1]
+        opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[rel]
+        wrong = scene.prompt.replace(rel, opposite)
+    assert judge(img, wrong)["correct"] == 0, (scene.prompt, wrong)
+    assert judge(np.ones_like(img), scene.prompt)["correct"] == 0  # a blank image
+    base = scene.prompt.removesuffix(" on a black background")
+    assert judge(img, base + " on a white background")["correct"] == 0  # the other background
+
+
+def test_detect_finds_each_object():
+    scene = make_scene(3, "counting")
+    bg, objects = detect(render(scene))
+    assert bg == scene.background
+    assert sorted((o.color, o.shape) for o in objects) == sorted((o.color, o.shape) for o in scene.objects)
+
+
+def test_prompt_grammar():
+    p = parse_prompt("a red circle to the left of a blue square on a white background")
+    assert p == {"wants": [(1, "red", "circle"), (1, "blue", "square")], "relation": (0, "left of", 1),
+                 "background": "white", "category": "position"}
+    assert parse_prompt("two yellow triangles")["wants"] == [(2, "yellow", "triangle")]
+    assert parse_prompt("a circle and a square")["category"] == "two"
+    assert parse_prompt("a green square above a purple circle")["relation"][1] == "above"
+    with pytest.raises(ValueError, match="cannot read"):
+        parse_prompt("a photograph of an astronaut")
+
+
+def test_metric_plugin_scores_by_category():
+    from stablefused import registry
+
+    metric = registry.create("metrics", "scene_adherence")
+    scenes = [make_scene(i, c) for i, c in enumerate(CATEGORIES)]
+    out = metric([render(s) for s in scenes], [{"prompt": s.prompt} for s in scenes] + [])
+    for s, o in zip(scenes, out):
+        assert o["scene_adherence/correct"] == 1 and o[f"scene_adherence/{s.category}"] == 1
+        assert sum(v == v for k, v in o.items() if k.split("/")[1] in CATEGORIES) == 1
+    assert metric([render(scenes[0])], [{"prompt": "a photograph of an astronaut"}]) == [{}]
