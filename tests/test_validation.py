@@ -119,7 +119,7 @@ BAD = [
     (["recorders=[latents,x0]", "visualizers=[denoise_video]", "visualizers.denoise_video.panels=null"],
      "visualizers.denoise_video.panels=None: must be"),
     (["recorders=[x0]", "visualizers=[step_strip]", "visualizers.step_strip.source=[x0]"], "visualizers.step_strip.source=['x0']: must be one of"),
-    (["model.builtin=x"], "model.builtin='x': not a model built in code; those are gmm, tiny_random"),
+    (["model.builtin=x"], "model.builtin='x': not a model built in code; those are "),
     (["model.allow_pickle=maybe"], "model.allow_pickle='maybe': must be true or false"),
     (["name=[]"], "name=[]: must be a non-empty string"),
     (["scheduler.overrides=5"], "scheduler.overrides=5: must be a mapping"),
