@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, Union
 from pathlib import Path
 
 import hydra
@@ -204,7 +204,7 @@ def override_problems(args: list[str]) -> list[str]:
     owned = {t: task_keys(t) for t in tasks}
     core = set(OmegaConf.load(conf / "config.yaml").keys()) - {"defaults"}
     chosen = selected_tasks(args)
-    typed = declared_types(chosen[0] if len(chosen) == 1 else None)
+    typed = {**declared_types(chosen[0] if len(chosen) == 1 else None), "plugin_dirs": Union[str, list, None]}
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()

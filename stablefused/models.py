@@ -137,8 +137,15 @@ def hub_unavailable_reason() -> str:
 @functools.lru_cache(maxsize=None)
 def hub_reachable_once() -> bool:
     """:func:`hub_reachable` of the configured endpoint, asked once per process (every hub check of a run,
-    the model's and each metric's, shares the answer)."""
-    return hub_reachable(hub_endpoint())
+    the model's and each metric's, shares the answer). Bounded in time even where name resolution hangs
+    (the socket timeout does not cover DNS): asked in a daemon thread, given up after the timeout."""
+    import threading
+
+    endpoint, answer = hub_endpoint(), []
+    thread = threading.Thread(target=lambda: answer.append(hub_reachable(endpoint)), daemon=True)
+    thread.start()
+    thread.join(HUB_TIMEOUT_S + 2)
+    return bool(answer and answer[0])
 
 
 def safetensors_problem(path: Path) -> str | None:
