@@ -9,10 +9,11 @@ blurred, checked, and pasted back.
 
 A mask whose size differs from its image's is resized to it (said in the log), then fitted to the output
 size with the image's ``resize`` policy (:func:`stablefused.images.fit`), then blurred by ``mask_blur``
-pixels (diffusers' ``VaeImageProcessor.blur``: a Gaussian). That one soft mask is what the model gets
+pixels (diffusers' ``VaeImageProcessor.blur``: a Gaussian; null: :func:`default_blur`, by the output size). That one soft mask is what the model gets
 (binarised at 0.5 by diffusers' mask processor, as ``StableDiffusionInpaintPipeline`` does) and what pastes
 the output back over the source (:func:`paste_back`, diffusers' ``VaeImageProcessor.apply_overlay``): pixels
-where it is 0 are the source's exactly; the blur is the seam.
+where it is 0 are the source's exactly; the blur is the seam, and it reaches into the pixels the given mask
+keeps (:func:`unchanged_outside` measures them against the given mask, so that change is counted).
 """
 
 from __future__ import annotations
@@ -163,6 +164,17 @@ def fitted(mask: Mask, source_size: tuple[int, int], policy: str, height: int, w
     return m
 
 
+def default_blur(height: int, width: int) -> float:
+    """``mask_blur=null``: a blur that suits the output size, min(height, width) / 128 pixels (diffusers' 4 at
+    512 px; a fixed 4 px would spread the seam over a quarter of a 32 px image)."""
+    return min(int(height), int(width)) / 128
+
+
+def blur_of(value: Any, height: int, width: int) -> float:
+    """The blur in pixels a ``mask_blur`` setting gives at this output size."""
+    return default_blur(height, width) if value is None else float(value)
+
+
 def repaint_fraction(mask: Image.Image) -> float:
     """Fraction of pixels the model repaints: >= 0.5 after diffusers' binarisation."""
     return float((np.asarray(mask, np.float32) / 255.0 >= 0.5).mean())
@@ -199,10 +211,12 @@ def paste_back(images: np.ndarray, sources: Sequence[Image.Image], masks: Sequen
 
 
 def unchanged_outside(images: np.ndarray, sources: Sequence[Image.Image], masks: Sequence[Image.Image]) -> list[float]:
-    """Per image: mean absolute change (0-1) of the pixels the mask keeps entirely (mask = 0) vs the source."""
+    """Per image: mean absolute change (0-1), vs the source, of the pixels the mask keeps. ``masks``: the
+    masks as the user gave them (fitted, not blurred), kept = below 0.5; so a blur whose seam spreads into
+    the kept pixels shows here, instead of being measured only beyond the seam."""
     out = []
     for img, src, m in zip(images, sources, masks):
-        keep = np.asarray(m) == 0
+        keep = np.asarray(m, np.float32) / 255.0 < 0.5
         a = np.asarray(src, np.float32) / 255.0
         out.append(float(np.abs(img[keep] - a[keep]).mean()) if keep.any() else 0.0)
     return out

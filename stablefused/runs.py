@@ -355,10 +355,10 @@ class RunLock:
         if self._held.get(key):
             self._held[key] += 1
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         me = json.dumps(self._me())
         while True:
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 try:
@@ -373,6 +373,9 @@ class RunLock:
                 raise ConfigError(f"hydra.run.dir={self.path.parent}: in use by a live run ({_owner_text(owner)}); "
                                   f"wait for it to end or use another run dir (if that run is gone, delete "
                                   f"{self.path})") from None
+            except OSError as e:  # not a folder, read-only, no permission, ...
+                raise ConfigError(f"hydra.run.dir={self.path.parent}: cannot write there ({e.strerror or e}); "
+                                  "use a writable folder") from None
             with os.fdopen(fd, "w") as f:
                 f.write(me)
             self._held[key] = 1

@@ -14,6 +14,7 @@ from diffusers import (
 )
 from PIL import Image, ImageDraw, ImageFilter
 
+from stablefused import masks as mk
 from stablefused.app import run
 from stablefused.config import validate
 from stablefused.errors import ConfigError
@@ -168,17 +169,39 @@ def test_paste_back_keeps_the_unmasked_pixels_exactly(tmp_path, files):
     keep, seam = mask == 0, (mask > 0) & (mask < 255)
     assert keep.mean() > 0.25 and seam.any()  # the blur spreads the mask over a seam outside the rectangle
     recs = [m for m in _manifest(tmp_path / "on") if m["type"] == "image"]
-    assert len(recs) == 2 and all(m["outside_change"] == 0.0 and m["paste_back"] for m in recs)
+    assert len(recs) == 2 and all(m["paste_back"] for m in recs)
     assert {m["mask_box"] == [4, 2, 14, 12] for m in recs} == {True}
+    given = np.ones(mask.shape, bool)  # the pixels the user's mask keeps: everything outside the rectangle
+    given[2:12, 4:14] = False
     for m in recs:
         out = _png(tmp_path / "on" / m["path"])
-        assert np.array_equal(out[keep], source[keep])  # exactly the source's pixels
+        assert np.array_equal(out[keep], source[keep])  # exactly the source's pixels beyond the seam
         assert np.abs(out[mask == 255] - source[mask == 255]).mean() > 0.05  # the masked region was repainted
+        # outside_change is measured over what the user's mask keeps, the blurred seam included: the blur
+        # changes kept pixels, and the number says so (it said 0 when measured beyond the seam only)
+        measured = float(np.abs(out[given] - source[given]).mean())
+        assert measured > 0 and m["outside_change"] == pytest.approx(measured, abs=1e-6)
     # without paste-back the VAE round trip changes the kept pixels: the test above would see a missing paste
     run(compose_cfg(*common, "mask_blur=1.5", "paste_back=false"), tmp_path / "off")
     recs = [m for m in _manifest(tmp_path / "off") if m["type"] == "image"]
     assert all(m["outside_change"] > 0.01 for m in recs)
     assert r.records[0]["unet_channels"] == 4
+
+
+def test_default_blur_suits_the_image_size(tmp_path, files):
+    """mask_blur=null (the default): min(height, width) / 128 px, diffusers' 4 px at 512 px; a 16 px image gets
+    0.125 px, not a 4 px blur that would spread the seam over a quarter of it."""
+    assert mk.default_blur(512, 512) == 4 and mk.default_blur(768, 1024) == 6 and mk.default_blur(16, 24) == 0.125
+    src, _ = files
+    run(compose_cfg("task=inpaint", f"init_image={src}", "mask=[rect:4,2,14,12]", "prompts=[a red circle]",
+                    "seeds=[3]", "steps=2"), tmp_path / "run")
+    recs = [m for m in _manifest(tmp_path / "run") if m["type"] == "image"]
+    h, w = np.asarray(Image.open(tmp_path / "run" / recs[0]["path"])).shape[:2]
+    assert recs[0]["mask_blur"] == mk.default_blur(h, w) == min(h, w) / 128
+    mask = np.asarray(Image.open(tmp_path / "run/inputs/mask_00.png"))
+    keep = np.ones(mask.shape, bool)
+    keep[2:12, 4:14] = False
+    assert mask[keep].max() <= 8  # the seam hardly reaches into the kept pixels (a 4 px blur: up to 110 of 255)
 
 
 def test_all_white_mask_equals_img2img(tmp_path, files):
@@ -319,7 +342,7 @@ def test_inpaint_experiment_cut_down(tmp_path):
     assert cfg.model.name == "shapes"
     run(cfg, tmp_path)
     recs = [m for m in _manifest(tmp_path) if m["type"] == "image"]
-    assert len(recs) == 2 and all(m["mask_box"] == [6, 11, 21, 26] and m["outside_change"] == 0 for m in recs)
+    assert len(recs) == 2 and all(m["mask_box"] == [6, 11, 21, 26] and 0 < m["outside_change"] < 0.01 for m in recs)
     assert all(m["shapes_adherence/color"] == 1.0 for m in recs)  # yellow painted in the region
     assert all("shapes_adherence_source/mean" in m for m in recs)
     assert len(list((tmp_path / "inputs").glob("mask_*.png"))) == 2

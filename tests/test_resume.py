@@ -246,3 +246,12 @@ def test_resumed_walk_makes_again_a_damaged_frame(tmp_path):
     again = run(compose_cfg(*overrides), d)
     assert len(again.done) == len(before) - 1
     assert files_of(d / "frames") == before
+
+
+def test_lock_in_a_run_dir_that_cannot_be_written_is_one_line(tmp_path):
+    from stablefused.errors import ConfigError
+    from stablefused.runs import RunLock
+
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match=r"hydra.run.dir=.*a_file/run: cannot write there \(Not a directory\)"):
+        RunLock(tmp_path / "a_file" / "run").acquire()

@@ -15,7 +15,8 @@ in img2img (``first_step``); 1.0 starts from pure noise. Masks: :mod:`stablefuse
 With ``paste_back`` (default) every output is laid back over its source through the (blurred) mask: pixels
 the mask keeps entirely are the source's exactly. Records carry ``mask``, ``mask_blur``, ``mask_box`` (the
 repainted region's bounding box: ``metrics.shapes_adherence.region=mask_box`` scores just that crop),
-``strength``, ``paste_back`` and ``outside_change`` (the mean absolute change, 0-1, of the kept pixels).
+``strength``, ``paste_back`` and ``outside_change`` (the mean absolute change, 0-1, of the pixels the given
+mask keeps, measured against that mask before the blur: the blur's seam reaches into them).
 """
 
 from __future__ import annotations
@@ -163,10 +164,11 @@ class Inpaint(Img2Img):
     def validate(self, cfg: Any, problems: list[str]) -> None:
         before = len(problems)
         super().validate(cfg, problems)  # init_image, strengths, resize, max_size, recorders
-        blur = cfg.get("mask_blur")
-        if isinstance(blur, bool) or not isinstance(blur, Real) or not blur >= 0:
-            problems.append(f"mask_blur={blur!r}: must be a number of pixels >= 0 (0: no blur)")
-            blur = None
+        blur, bad_blur = cfg.get("mask_blur"), False
+        if blur is not None and (isinstance(blur, bool) or not isinstance(blur, Real) or not blur >= 0):
+            problems.append(f"mask_blur={blur!r}: must be a number of pixels >= 0 (0: no blur; null: by the "
+                            "image size)")
+            bad_blur = True
         if not isinstance(cfg.get("paste_back"), bool):
             problems.append(f"paste_back={cfg.get('paste_back')!r}: must be true or false")
         try:
@@ -174,11 +176,12 @@ class Inpaint(Img2Img):
         except ConfigError as e:
             problems.append(str(e))
             return
-        if len(problems) > before or blur is None:
+        if len(problems) > before or bad_blur:
             return  # the sources or their size are wrong: the masks cannot be fitted to them yet
         try:  # the masks as the model will get them: cheap, and an empty one fails before the model loads
             sources = im.check(cfg.init_image)
             height, width = self.output_size(cfg, sources[0][0], sources[0][1], cfg.max_size)
+            blur = mk.blur_of(blur, height, width)
             masks = mk.pair(mk.load(found), len(sources))
             for (name, size), m in zip(sources, masks):
                 fm = mk.fitted(m, size, cfg.resize, height, width, blur)
@@ -199,9 +202,10 @@ class Inpaint(Img2Img):
         height, width = self.output_size(cfg, sources[0].spec, sources[0].image.size, cfg.max_size)
         fitted = [im.fit(s.image, cfg.resize, height, width) for s in sources]
         masks = mk.pair(mk.load(mk.check(cfg)), len(sources))
-        blur = float(cfg.mask_blur)
+        blur = mk.blur_of(cfg.mask_blur, height, width)
         fmasks = [mk.fitted(m, s.image.size, cfg.resize, height, width, blur,
                             where=f" ({s.spec})" if len(sources) > 1 else "") for m, s in zip(masks, sources)]
+        given = [mk.fitted(m, s.image.size, cfg.resize, height, width, 0) for m, s in zip(masks, sources)]
         log.info("inpainting with a %d-channel UNet (%s)", kind, "inpainting model: mask + masked image as extra "
                  "channels" if kind == 9 else "ordinary model: known region blended back at every step")
         boxes = [mk.box(m) for m in fmasks]
@@ -240,7 +244,7 @@ class Inpaint(Img2Img):
                               eta=cfg.eta, progress=cfg.progress)
                 if cfg.paste_back:
                     gen.images = mk.paste_back(gen.images, srcs, ms)
-                for x, v in zip(chunk, mk.unchanged_outside(gen.images, srcs, ms)):
+                for x, v in zip(chunk, mk.unchanged_outside(gen.images, srcs, [given[k] for k in idx])):
                     x["outside_change"] = v  # a measured number: it goes into the records as a metric
                 return gen
 
