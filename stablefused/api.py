@@ -357,9 +357,8 @@ class ImageList(list):
     def items(self) -> Iterator[tuple[Image.Image, dict]]:
         return zip(self, self.records)
 
-    def sheet(self, cols: int | None = None, label: str | None = None) -> Image.Image | None:
-        """All images in one picture, ``cols`` per row (default: a near-square sheet), captioned by ``label``
-        (a record key) when given."""
+    def sheet(self, cols: int | None = None) -> Image.Image | None:
+        """All images in one picture, ``cols`` per row (default: a near-square sheet)."""
         from stablefused.outputs import grid
 
         if not self:
@@ -410,7 +409,7 @@ class Result:
         self._status = status
 
     def __repr__(self) -> str:
-        return f"Result({str(self.dir)!r}: {len(self.images)} images, {len(self.videos)} videos)"
+        return f"Result({str(self.dir)!r}: {len(self._image_records)} {self.output_type}s, {len(self.videos)} videos)"
 
     @cached_property
     def config(self) -> DictConfig:

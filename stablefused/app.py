@@ -3,6 +3,7 @@ the experiment, write the run dir and the W&B run."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -149,6 +150,15 @@ def hydra_main(cfg: DictConfig) -> dict:
     return read_status(run_dir)
 
 
+@functools.lru_cache(maxsize=8)
+def _top_level_keys(files: tuple[tuple[Path, int], ...]) -> frozenset[str]:
+    """The top-level keys of the config files (with their mtimes: an edited file is read again); cached, as
+    the Python API checks overrides on every call."""
+    from omegaconf import OmegaConf
+
+    return frozenset(k for f, _ in files for k in OmegaConf.load(f).keys() if k != "defaults")
+
+
 def override_problems(args: list[str]) -> list[str]:
     """Cheap checks of command-line overrides before Hydra composes anything, so that a misspelt setting or
     option gets one line with the closest names instead of Hydra's advice: ``key=value`` whose top-level key
@@ -157,16 +167,12 @@ def override_problems(args: list[str]) -> list[str]:
     sweeps written as functions (``choice(...)``) are left to Hydra."""
     import difflib
 
-    from omegaconf import OmegaConf
-
     if any(a.split("=")[0] in ("-cn", "-cp", "-cd", "--config-name", "--config-path", "--config-dir") for a in args):
         return []  # another primary config: nothing here applies
     conf = config_dir()
     groups = {p.name for p in conf.iterdir() if p.is_dir()}
-    keys = set(OmegaConf.load(conf / "config.yaml").keys()) - {"defaults"}
-    for f in [*(conf / "task").glob("*.yaml"), *(conf / "experiment").glob("*.yaml")]:  # both @package _global_
-        keys |= set(OmegaConf.load(f).keys()) - {"defaults"}
-    known = keys | groups | {"hydra"}
+    files = [conf / "config.yaml", *(conf / "task").glob("*.yaml"), *(conf / "experiment").glob("*.yaml")]
+    known = _top_level_keys(tuple((f, f.stat().st_mtime_ns) for f in sorted(files))) | groups | {"hydra"}
     out = []
     for arg in args:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:

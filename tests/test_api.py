@@ -218,3 +218,17 @@ def test_import_is_cheap():
     code = "import sys, stablefused as sf; sf.plugins; assert not {'torch', 'hydra', 'diffusers'} & set(sys.modules)"
     res = subprocess.run([sys.executable, "-c", "import stablefused; " + code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_readme_from_python_uses_the_api_that_exists():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## From Python", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    for code in blocks:
+        compile(code, "README", "exec")
+        used = set(re.findall(r"\bsf\.(\w+)", code))
+        assert used <= set(sf.__all__), used - set(sf.__all__)
+    for link in re.findall(r"\]\((examples/[^)]+\.ipynb)\)", section):
+        assert (Path(__file__).resolve().parents[1] / link).is_file(), link
+    assert len(re.findall(r"examples/\w+\.ipynb", section)) == 6
