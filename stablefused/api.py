@@ -238,6 +238,7 @@ def run(experiment: str | None = None, *overrides: str, run_dir: str | Path | No
     The loaded model stays cached in this process: the next run on the same model does not load it again."""
     from omegaconf import OmegaConf, open_dict
 
+    from stablefused import signals
     from stablefused.app import run_job
     from stablefused.errors import USER_ERRORS
 
@@ -256,6 +257,9 @@ def run(experiment: str | None = None, *overrides: str, run_dir: str | Path | No
             status, _ = run_job(cfg, out, overrides=task_overrides, given=given)
     except USER_ERRORS as e:  # the CLI's lines, raised from here: no traceback through the library
         raise e.with_traceback(None) from None
+    except signals.Interrupted as e:  # Jupyter's "interrupt the kernel" (SIGINT), or SIGTERM
+        raise KeyboardInterrupt(f"{e}: the images made so far are in {out}; sf.run with run_dir={str(out)!r} and "
+                                "the same settings continues the run") from None
     OmegaConf.set_readonly(cfg, True)
     return Result(out, config=cfg, status=status)
 
