@@ -54,6 +54,7 @@ log = logging.getLogger("stablefused")
 PLUGIN_GROUPS = ("recorders", "metrics", "visualizers")  # config groups that select several plugins
 LOG_FILE = "app.log"  # the CLI's run log in the run dir (Hydra names it after the app module)
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default job log format
+EMBED_LIMIT = 50_000_000  # bytes: larger videos are shown as their path, not embedded in the notebook
 
 
 # ------------------------------------------------------------------------------------------- overrides
@@ -391,6 +392,8 @@ class Video:
         return str(self.path)
 
     def _repr_html_(self) -> str:
+        if self.path.stat().st_size > EMBED_LIMIT:  # a notebook holding a long walk's video would not open
+            return f"<div>{html.escape(str(self.path))} ({self.path.stat().st_size / 1e6:.0f} MB: open the file)</div>"
         data = base64.b64encode(self.path.read_bytes()).decode()
         if self.path.suffix == ".gif":
             return f'<img src="data:image/gif;base64,{data}"/>'
@@ -509,13 +512,13 @@ class Result:
 
     def _repr_html_(self) -> str:
         s = self.stats
-        head = (f"<b>{html.escape(str(self.dir))}</b>: {len(self.images)} {self.output_type}s"
+        head = (f"<b>{html.escape(str(self.dir))}</b>: {len(self._image_records)} {self.output_type}s"
                 + (f", {s['wall_s']:g} s" if "wall_s" in s else ""))
         parts = [f"<div>{head}</div>"]
         if self.grid is not None:
             parts.append(_img_tag(self.grid, width=min(self.grid.width, 900)))
         parts += [v._repr_html_() for v in self.videos if v.path.is_file()]
-        if len(self.images):
+        if self._image_records:
             parts.append(self.table.to_html(max_rows=12, max_cols=16))
         return "\n".join(parts)
 
