@@ -8,16 +8,12 @@ From Python (``import stablefused as sf``; see :mod:`stablefused.api` and ``exam
 Importing the package is cheap: the API (and torch, diffusers, Hydra under it) loads on first use.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
 _API = ("run", "compose", "load", "Result", "ImageList", "Video", "load_model", "sampler", "plugins", "Guidance",
         "to_pil")
 __all__ = [*_API, "load_records"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name):  # no annotations: `typing` alone would double the import time
     if name in _API:
         from stablefused import api
 
@@ -29,5 +25,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'stablefused' has no attribute {name!r}")
 
 
-def __dir__() -> list[str]:
+def __dir__():
     return sorted({*globals(), *__all__})

@@ -54,6 +54,7 @@ log = logging.getLogger("stablefused")
 PLUGIN_GROUPS = ("recorders", "metrics", "visualizers")  # config groups that select several plugins
 LOG_FILE = "app.log"  # the CLI's run log in the run dir (Hydra names it after the app module)
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default job log format
+EMBED_LIMIT = 50_000_000  # bytes: larger videos are shown as their path, not embedded in the notebook
 
 
 # ------------------------------------------------------------------------------------------- overrides
@@ -238,6 +239,7 @@ def run(experiment: str | None = None, *overrides: str, run_dir: str | Path | No
     The loaded model stays cached in this process: the next run on the same model does not load it again."""
     from omegaconf import OmegaConf, open_dict
 
+    from stablefused import signals
     from stablefused.app import run_job
     from stablefused.errors import USER_ERRORS
 
@@ -256,6 +258,9 @@ def run(experiment: str | None = None, *overrides: str, run_dir: str | Path | No
             status, _ = run_job(cfg, out, overrides=task_overrides, given=given)
     except USER_ERRORS as e:  # the CLI's lines, raised from here: no traceback through the library
         raise e.with_traceback(None) from None
+    except signals.Interrupted as e:  # Jupyter's "interrupt the kernel" (SIGINT), or SIGTERM
+        raise KeyboardInterrupt(f"{e}: the images made so far are in {out}; sf.run with run_dir={str(out)!r} and "
+                                "the same settings continues the run") from None
     OmegaConf.set_readonly(cfg, True)
     return Result(out, config=cfg, status=status)
 
@@ -357,9 +362,8 @@ class ImageList(list):
     def items(self) -> Iterator[tuple[Image.Image, dict]]:
         return zip(self, self.records)
 
-    def sheet(self, cols: int | None = None, label: str | None = None) -> Image.Image | None:
-        """All images in one picture, ``cols`` per row (default: a near-square sheet), captioned by ``label``
-        (a record key) when given."""
+    def sheet(self, cols: int | None = None) -> Image.Image | None:
+        """All images in one picture, ``cols`` per row (default: a near-square sheet)."""
         from stablefused.outputs import grid
 
         if not self:
@@ -388,6 +392,8 @@ class Video:
         return str(self.path)
 
     def _repr_html_(self) -> str:
+        if self.path.stat().st_size > EMBED_LIMIT:  # a notebook holding a long walk's video would not open
+            return f"<div>{html.escape(str(self.path))} ({self.path.stat().st_size / 1e6:.0f} MB: open the file)</div>"
         data = base64.b64encode(self.path.read_bytes()).decode()
         if self.path.suffix == ".gif":
             return f'<img src="data:image/gif;base64,{data}"/>'
@@ -410,7 +416,7 @@ class Result:
         self._status = status
 
     def __repr__(self) -> str:
-        return f"Result({str(self.dir)!r}: {len(self.images)} images, {len(self.videos)} videos)"
+        return f"Result({str(self.dir)!r}: {len(self._image_records)} {self.output_type}s, {len(self.videos)} videos)"
 
     @cached_property
     def config(self) -> DictConfig:
@@ -506,13 +512,13 @@ class Result:
 
     def _repr_html_(self) -> str:
         s = self.stats
-        head = (f"<b>{html.escape(str(self.dir))}</b>: {len(self.images)} {self.output_type}s"
+        head = (f"<b>{html.escape(str(self.dir))}</b>: {len(self._image_records)} {self.output_type}s"
                 + (f", {s['wall_s']:g} s" if "wall_s" in s else ""))
         parts = [f"<div>{head}</div>"]
         if self.grid is not None:
             parts.append(_img_tag(self.grid, width=min(self.grid.width, 900)))
         parts += [v._repr_html_() for v in self.videos if v.path.is_file()]
-        if len(self.images):
+        if self._image_records:
             parts.append(self.table.to_html(max_rows=12, max_cols=16))
         return "\n".join(parts)
 

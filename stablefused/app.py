@@ -3,6 +3,7 @@ the experiment, write the run dir and the W&B run."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -180,6 +181,15 @@ def hydra_main(cfg: DictConfig) -> dict:
     return read_status(run_dir) if (run_dir / STATUS).is_file() else {"status": "failed"}
 
 
+@functools.lru_cache(maxsize=8)
+def _top_level_keys(files: tuple[tuple[Path, int], ...]) -> frozenset[str]:
+    """The top-level keys of the config files (with their mtimes: an edited file is read again); cached, as
+    the Python API checks overrides on every call."""
+    from omegaconf import OmegaConf
+
+    return frozenset(k for f, _ in files for k in OmegaConf.load(f).keys() if k != "defaults")
+
+
 def override_problems(args: list[str]) -> list[str]:
     """Cheap checks of command-line overrides before Hydra composes anything, so that a misspelt setting or
     option gets one line with the closest names instead of Hydra's advice: ``key=value`` whose top-level key
@@ -188,21 +198,17 @@ def override_problems(args: list[str]) -> list[str]:
     sweeps written as functions (``choice(...)``) are left to Hydra."""
     import difflib
 
-    from omegaconf import OmegaConf
-
     if any(a.split("=")[0] in ("-cn", "-cp", "-cd", "--config-name", "--config-path", "--config-dir") for a in args):
         return []  # another primary config: nothing here applies
     from stablefused.config import declared_types, task_keys, type_problems
 
     conf = config_dir()
     groups = {p.name for p in conf.iterdir() if p.is_dir()}
-    keys = set(OmegaConf.load(conf / "config.yaml").keys()) - {"defaults"}
-    for f in [*(conf / "task").glob("*.yaml"), *(conf / "experiment").glob("*.yaml")]:  # both @package _global_
-        keys |= set(OmegaConf.load(f).keys()) - {"defaults"}
-    known = keys | groups | {"hydra"}
+    files = [conf / "config.yaml", *(conf / "task").glob("*.yaml"), *(conf / "experiment").glob("*.yaml")]
+    known = _top_level_keys(tuple((f, f.stat().st_mtime_ns) for f in sorted(files))) | groups | {"hydra"}
     tasks = sorted(p.stem for p in (conf / "task").glob("*.yaml"))
     owned = {t: task_keys(t) for t in tasks}
-    core = set(OmegaConf.load(conf / "config.yaml").keys()) - {"defaults"}
+    core = _top_level_keys(((conf / "config.yaml", (conf / "config.yaml").stat().st_mtime_ns),))
     chosen = selected_tasks(args)
     typed = {**declared_types(chosen[0] if len(chosen) == 1 else None), "plugin_dirs": Union[str, list, None]}
     from hydra.core.override_parser.overrides_parser import OverridesParser

@@ -218,3 +218,42 @@ def test_import_is_cheap():
     code = "import sys, stablefused as sf; sf.plugins; assert not {'torch', 'hydra', 'diffusers'} & set(sys.modules)"
     res = subprocess.run([sys.executable, "-c", "import stablefused; " + code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_readme_from_python_uses_the_api_that_exists():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## From Python", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    for code in blocks:
+        compile(code, "README", "exec")
+        used = set(re.findall(r"\bsf\.(\w+)", code))
+        assert used <= set(sf.__all__), used - set(sf.__all__)
+    for link in re.findall(r"\]\((examples/[^)]+\.ipynb)\)", section):
+        assert (Path(__file__).resolve().parents[1] / link).is_file(), link
+    assert len(re.findall(r"examples/\w+\.ipynb", section)) == 6
+
+
+def test_interrupt_keeps_the_images_and_the_same_call_continues(tmp_path, monkeypatch):
+    """An interrupt (the kernel's SIGINT) ends sf.run with KeyboardInterrupt naming the run dir; status.json says
+    failed, the images made so far stay, and the same call with that run_dir makes only the rest."""
+    import signal
+
+    from stablefused import app, signals
+
+    kw = dict(task="txt2img", model="tiny_random", seeds=[0, 1, 2], steps=2, batch_size=1, logger="none",
+              progress=False, run_dir=tmp_path)
+    real = app.Run.add_images
+
+    def add_images(self, images, records):  # the signal arrives after the first image is written
+        real(self, images, records)
+        raise signals.Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(app.Run, "add_images", add_images)
+    with pytest.raises(KeyboardInterrupt, match=f"SIGINT: the images made so far are in {tmp_path}"):
+        sf.run(**kw)
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "failed"
+    assert len(list((tmp_path / "images").glob("*.png"))) == 1
+    monkeypatch.setattr(app.Run, "add_images", real)
+    res = sf.run(**kw)
+    assert len(res.images) == 2 * 3 and res.stats["kept"] == 1  # 2 example prompts x 3 seeds and res.status["status"] == "ok"
