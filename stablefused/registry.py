@@ -364,3 +364,40 @@ def list_plugins(kind: str | None = None) -> list[PluginInfo]:
 def list_names(kind: str) -> list[str]:
     """Sorted names registered for ``kind`` (timm-style ``list_*`` helper)."""
     return [p.name for p in list_plugins(kind)]
+
+
+# ------------------------------------------------------------------------------- defaults for Hydra
+DEFAULTS_GROUP = "plugin_defaults"  # ConfigStore group of the constructor defaults (see store_defaults)
+CONFIG_GROUPS = {"recorders": "recorders", "visualizers": "visualizers", "metrics": "metrics", "walkers": "walker"}
+
+
+def param_defaults(cls: Any) -> dict[str, Any]:
+    """A plugin's constructor defaults as config values (tuples as lists); parameters without a default, and
+    defaults a config cannot hold, are left out (they are passed only when set)."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for key, p in _parameters(cls).items():
+        if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.default is inspect.Parameter.empty:
+            continue
+        value = list(p.default) if isinstance(p.default, tuple) else p.default
+        try:
+            OmegaConf.create({key: value})
+        except Exception:
+            continue
+        out[key] = value
+    return out
+
+
+def store_defaults() -> None:
+    """Every built-in and entry-point plugin's :func:`param_defaults` as Hydra's config node
+    ``plugin_defaults/<kind>/<name>``; ``conf/<group>/<name>.yaml`` extends it, so its own body only selects
+    the plugin (``_selected_: true``) and overrides. The one place a parameter's default is declared is the
+    constructor."""
+    from hydra.core.config_store import ConfigStore
+
+    discover()
+    store = ConfigStore.instance()
+    for kind in CONFIG_GROUPS:
+        for name, obj in _REGISTRY[kind].items():
+            store.store(group=f"{DEFAULTS_GROUP}/{kind}", name=name, node=param_defaults(obj), provider="stablefused")
