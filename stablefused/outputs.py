@@ -22,8 +22,8 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def a1111_parameters(rec: dict) -> str:
     """The ``parameters`` text chunk that A1111, ComfyUI and most prompt readers show. ``Sampler`` is the
-    record's ``sampler`` (e.g. "Euler a"), else derived from its scheduler (:mod:`stablefused.samplers`)."""
-    from stablefused.samplers import record_label
+    record's ``sampler`` (e.g. "Euler a"), else derived from its scheduler (:mod:`stablefused.scheduler_names`)."""
+    from stablefused.scheduler_names import record_label
 
     lines = [rec["prompt"]]
     if rec.get("negative_prompt"):

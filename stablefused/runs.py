@@ -34,7 +34,7 @@ from stablefused.logger import NullLogger
 from stablefused.models import Components
 from stablefused.outputs import Manifest, grid, save_png, strict_json, to_uint8
 from stablefused.pipeline import Generation, Sampler
-from stablefused.samplers import sampler_label
+from stablefused.scheduler_names import sampler_label
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from stablefused import records as rec_io
 from stablefused.registry import PluginError, register
-from stablefused.samplers import sampler_label
+from stablefused.scheduler_names import sampler_label
 
 X_AXES = ("step", "t", "sigma")
 GROUPS = ("guidance_scale", "sample", "prompt")
