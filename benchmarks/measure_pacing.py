@@ -18,7 +18,7 @@ from PIL import Image
 
 from stablefused.app import run
 from stablefused.paths import config_dir
-from stablefused.tasks.walk import frame_distances
+from stablefused.pacing import frame_distances
 
 WALKS = {
     "red circle → blue triangle (2 keyframes)": [

@@ -230,7 +230,7 @@ def test_story_walk_captions_srt_and_sample_story(tmp_path):
     assert srt[0] == "1\n00:00:00,000 --> 00:00:01,000\nFirst scene"
     assert srt[1] == "2\n00:00:01,000 --> 00:00:01,500\nSecond, longer caption here" and len(srt) == 2
     # captions are burned into the video frames, not into the PNGs
-    from stablefused.tasks.walk import video_frame
+    from stablefused.video import video_frame
 
     png = tmp_path / "run" / recs[0]["path"]
     plain, captioned = video_frame(png, 16, 256, 256, None, 0.06), video_frame(png, 16, 256, 256, "First scene", 0.06)
@@ -334,7 +334,7 @@ def test_one_seed_for_all_or_one_prompt_for_all():
 
 # ------------------------------------------------------------------------------------------- pacing
 def test_even_pacing_makes_consecutive_frames_more_equally_different(tmp_path):
-    from stablefused.tasks.walk import frame_distances
+    from stablefused.pacing import frame_distances
 
     common = [f"prompts=[{P1},{P2}]", "seeds=[1,2]", "frames=8", "steps=4"]
     cv = {}
