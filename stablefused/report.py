@@ -252,26 +252,10 @@ def plots(jobs: list[Job], out_dir: Path) -> list[Path]:
                 lines.setdefault(" ".join(f"{k}={vals.get(k, '-')}" for k in others), []).append((x, y))
             if not any(len(v) >= 2 for v in lines.values()):
                 continue
-            import matplotlib
+            from stablefused.plots import xy_lines
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            for label, pts in lines.items():
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label or None)
-            ax.set_xlabel(key)
-            ax.set_ylabel(metric)
-            ax.set_title(f"{metric}: mean over each job's images", fontsize=9)
-            ax.grid(alpha=0.3)
-            if any(lines) and len(lines) <= 12:
-                ax.legend(fontsize=7)
-            fig.tight_layout()
-            out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / f"{_safe(metric)}_vs_{_safe(key)}.png"
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
+            path = xy_lines(lines, out_dir / f"{_safe(metric)}_vs_{_safe(key)}.png", key, metric,
+                            f"{metric}: mean over each job's images")
             written.append(path)
     return written
 

@@ -34,6 +34,7 @@ from stablefused.logger import NullLogger
 from stablefused.models import Components
 from stablefused.outputs import Manifest, grid, save_png, strict_json, to_uint8
 from stablefused.pipeline import Generation, Sampler
+from stablefused.plots import metric_lines
 from stablefused.scheduler_names import sampler_label
 
 log = logging.getLogger(__name__)
@@ -395,35 +396,13 @@ def summarise_metrics(run: Run, key: str = "guidance_scale", label: str = "guida
                         for g, vals in summary.items() for m, v in vals.items()})
     if len(summary) > 1:
         plot_name = "adherence.png" if key == "guidance_scale" else f"{filename}.png"
-        plot = plot_metrics(summary, run.path(plot_name), title=f"{run.cfg.model.name}: metrics vs {label}",
+        plot = metric_lines(summary, run.path(plot_name), title=f"{run.cfg.model.name}: metrics vs {label}",
                             xlabel=label)
         run.add_artifact(plot, "plot", caption=f"mean metric per {label}", log_key=Path(plot_name).stem)
         for m in mkeys:
             run.logger.line_plot(f"{m}_vs_{key}", [key, m], [[g, vals[m]] for g, vals in summary.items()], key, m,
                                  title=f"{m} vs {label}")
     return summary
-
-
-def plot_metrics(summary: dict[Any, dict[str, float]], path: Path, title: str, xlabel: str = "guidance scale") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = list(summary)
-    keys = list(next(iter(summary.values())))
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for k in keys:
-        ax.plot(xs, [summary[x].get(k, float("nan")) for x in xs], marker="o", label=k)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("mean value")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
-    return path
 
 
 # ------------------------------------------------------------------------------------------- W&B

@@ -6,19 +6,18 @@ from __future__ import annotations
 import math
 import subprocess
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from stablefused.outputs import font
-from stablefused.runs import Run, image_size
-from stablefused.walkers import Walk, Walker
 
 VIDEO_MIN_SIDE = 256  # small models' frames are upscaled (nearest) to at least this in the video
 
 
 # --------------------------------------------------------------------------------------------- video
-def _video_size(h: int, w: int) -> tuple[int, int, int]:
+def video_size(h: int, w: int) -> tuple[int, int, int]:
     scale = max(1, math.ceil(VIDEO_MIN_SIDE / min(h, w)))
     return scale, -(-h * scale // 16) * 16, -(-w * scale // 16) * 16
 
@@ -48,28 +47,31 @@ def ffmpeg(*args: str) -> None:
         raise RuntimeError(f"ffmpeg failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
 
 
-def write_video(run: Run, walker: Walker, walk: Walk, records: list[dict]) -> Path:
-    """walk.mp4 from the frame PNGs, streamed one frame at a time (H.264, yuv420p); captions burned in; the
-    walker's soundtrack muxed in."""
+def write_mp4(path: Path, frames: Iterable[np.ndarray], fps: float, macro_block_size: int = 16) -> Path:
+    """The one MP4 writer: H.264 via imageio-ffmpeg (libx264, yuv420p), ``frames`` (uint8 (H, W, 3)) streamed
+    one at a time. Frame sides must be multiples of ``macro_block_size`` (imageio resizes others): 16 for
+    composed frames, 2 (even) to keep frames exact."""
     import imageio.v2 as iio2
 
-    h, w = image_size(run.cfg)
-    scale, height, width = _video_size(h, w)
-    caption_size = float(getattr(walker, "caption_size", 0.06))
-    sound = walker.soundtrack(walk)
-    path = run.path("walk.mp4")
-    silent = path.with_name("walk.video.mp4") if sound else path
-    with iio2.get_writer(str(silent), format="FFMPEG", mode="I", fps=walk.fps, codec="libx264", quality=8,
-                         pixelformat="yuv420p", macro_block_size=16, ffmpeg_log_level="error") as writer:
-        for rec in records:
-            writer.append_data(video_frame(run.run_dir / rec["path"], scale, height, width, rec.get("caption"),
-                                           caption_size))
-    if sound:
-        audio, start, duration = sound
-        ffmpeg("-i", str(silent), "-ss", f"{start:.6f}", "-t", f"{duration:.6f}", "-i", audio, "-map", "0:v:0",
-               "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-b:a", "128k", "-shortest", str(path))
-        silent.unlink()
+    with iio2.get_writer(str(path), format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
+                         pixelformat="yuv420p", macro_block_size=macro_block_size,
+                         ffmpeg_log_level="error") as writer:
+        for f in frames:
+            writer.append_data(f)
     return path
+
+
+def mux_audio(video: Path, audio: str, start: float, duration: float | None, out: Path) -> Path:
+    """``video`` with ``audio`` from ``start`` s (for ``duration`` s) as its soundtrack, written to ``out``."""
+    ffmpeg("-i", str(video), "-ss", f"{start:.6f}", "-t", f"{duration:.6f}", "-i", audio, "-map", "0:v:0",
+           "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-b:a", "128k", "-shortest", str(out))
+    return out
+
+
+def write_gif(video: Path, gif: Path) -> Path:
+    """A GIF of ``video`` (palette made from the video by ffmpeg), looping."""
+    ffmpeg("-i", str(video), "-vf", "split[a][b];[a]palettegen[p];[b][p]paletteuse", "-loop", "0", str(gif))
+    return gif
 
 
 def write_srt(path: Path, records: list[dict], fps: float) -> Path | None:

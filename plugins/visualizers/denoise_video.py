@@ -8,7 +8,7 @@ from typing import Any, Literal
 import numpy as np
 
 from stablefused import records as rec_io
-from stablefused.outputs import write_mp4
+from stablefused.video import write_mp4
 from stablefused.preview import compose, decode_to_pil, decoder_for, fit_size, hstack, one_frame
 from stablefused.registry import PluginError, register
 

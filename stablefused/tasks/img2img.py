@@ -275,7 +275,12 @@ def tradeoff(run: Run) -> dict | None:
     log.info("strength trade-off:\n%s", md)
     run.logger.table("tradeoff", ["metric", "guidance_scale", "strength", "value"],
                      [[k, g, s, table[(k, g, s)]] for k in keys for g in scales for s in strengths])
-    _plot_tradeoff(out, run.path("tradeoff.png"), f"{run.cfg.model.name}: image-to-image, {run.cfg.steps} steps")
+    from stablefused.plots import panels
+
+    panels(out["strengths"], {k: {f"guidance {g}": ys for g, ys in out["means"][k].items()} for k in keys},
+           run.path("tradeoff.png"), f"{run.cfg.model.name}: image-to-image, {run.cfg.steps} steps", "strength",
+           "mean (0-1)", {"shapes_adherence/mean": "edit: adherence to the target prompt",
+                          "shapes_adherence_source/mean": "faithfulness: adherence to the source"})
     run.add_artifact(run.path("tradeoff.png"), "plot", caption="metrics vs strength, one line per guidance scale",
                      log_key="tradeoff")
     return out
@@ -283,31 +288,6 @@ def tradeoff(run: Run) -> dict | None:
 
 def _short(key: str) -> str:
     return {"shapes_adherence/mean": "edit", "shapes_adherence_source/mean": "faithful"}.get(key, key)
-
-
-def _plot_tradeoff(out: dict, path, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(out["means"])
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), dpi=100, sharey=True, squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        for g, ys in out["means"][k].items():
-            ax.plot(out["strengths"], ys, marker="o", label=f"guidance {g}")
-        name = {"shapes_adherence/mean": "edit: adherence to the target prompt",
-                "shapes_adherence_source/mean": "faithfulness: adherence to the source"}.get(k, k)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("strength")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("mean (0-1)")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
-    return path
 
 
 def _selected_recorders(cfg: Any) -> list[str]:

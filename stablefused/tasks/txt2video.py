@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from stablefused.errors import ConfigError
-from stablefused.outputs import save_png, to_uint8, write_mp4
+from stablefused.outputs import save_png, to_uint8
+from stablefused.video import write_mp4
 from stablefused.pipeline import Generation, Sampler
 from stablefused.sampling import Request
 from stablefused.runs import (
@@ -58,7 +59,7 @@ def frame_path(cell: dict, frame: int | None = None) -> str:
     return stem if frame is None else f"{stem}/frame_{frame:03d}.png"
 
 
-def write_video(run: Run, cell: dict, frames: np.ndarray) -> None:
+def save_video(run: Run, cell: dict, frames: np.ndarray) -> None:
     """One video's frame PNGs (+ manifest lines), MP4 and frame strip; ``frames`` (F, H, W, 3) in [0, 1]."""
     cfg = run.cfg
     frames8 = to_uint8(frames)
@@ -106,7 +107,7 @@ class Txt2Video(Task):
                 samples=chunk, eta=cfg.eta, progress=cfg.progress,
             )
             for cell, frames in zip(chunk, gen.images):
-                write_video(run, cell, frames)
+                save_video(run, cell, frames)
             return Generation(gen.images[:, middle], gen.latents, gen.context)  # the image records: middle frames
 
         def record(cell: dict) -> dict:

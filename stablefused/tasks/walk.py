@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,13 +29,30 @@ from stablefused import registry
 from stablefused.pacing import even_pacing
 from stablefused.runs import Run, image_record, image_size, metric_keys, summarise_metrics
 from stablefused.tasks import Task, register_task
-from stablefused.video import ffmpeg, write_srt, write_video
+from stablefused.video import mux_audio, video_frame, video_size, write_gif, write_mp4, write_srt
 from stablefused.walk_render import make_keys, render
 from stablefused.walk_settings import _number, make_walker, resolve_file, walk_settings
 from stablefused.walkers import Frame, Walk, Walker
 
 log = logging.getLogger(__name__)
 PACINGS = ("uniform", "even")
+
+
+def walk_video(run: Run, walker: Walker, walk: Walk, records: list[dict]) -> Path:
+    """walk.mp4 from the frame PNGs, streamed one frame at a time (H.264, yuv420p); captions burned in; the
+    walker's soundtrack muxed in."""
+    h, w = image_size(run.cfg)
+    scale, height, width = video_size(h, w)
+    caption_size = float(getattr(walker, "caption_size", 0.06))
+    sound = walker.soundtrack(walk)
+    path = run.path("walk.mp4")
+    silent = path.with_name("walk.video.mp4") if sound else path
+    write_mp4(silent, (video_frame(run.run_dir / rec["path"], scale, height, width, rec.get("caption"), caption_size)
+                       for rec in records), walk.fps)
+    if sound:
+        mux_audio(silent, *sound, path)
+        silent.unlink()
+    return path
 
 
 # --------------------------------------------------------------------------------------------- task
@@ -127,7 +145,7 @@ class WalkTask(Task):
 
     def outputs(self, run: Run, walker: Walker, walk: Walk, records: list[dict]) -> None:
         cfg = run.cfg
-        video = write_video(run, walker, walk, records)
+        video = walk_video(run, walker, walk, records)
         n = len(records)
         caption = f"{cfg.name}: walker={walker.plugin_name}, {n} frames at {walk.fps:g} fps"
         run.add_artifact(video, "video", caption=caption, log_key="walk", frames=n, fps=walk.fps)
@@ -136,7 +154,7 @@ class WalkTask(Task):
             run.add_artifact(srt, "file", caption="captions (SubRip)")
         if cfg.gif:
             gif = run.path("walk.gif")
-            ffmpeg("-i", str(video), "-vf", "split[a][b];[a]palettegen[p];[b][p]paletteuse", "-loop", "0", str(gif))
+            write_gif(video, gif)
             run.add_artifact(gif, "video", caption=caption, log_key="walk_gif", frames=n)
         mkeys = metric_keys(records)
         cols = ["frame", "time", "keyframe", "position", "prompt", "prompt_weights", "seed", *mkeys]
