@@ -37,7 +37,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Run:
     start = time.perf_counter()
     validate(cfg)
     task = get_task(cfg.task)
-    done = open_run_dir(cfg, run_dir)  # refuses another config's outputs; keeps this config's (resume)
+    done = open_run_dir(cfg, run_dir, task.output_type)  # refuses another config's outputs; keeps this config's (resume)
     # Plugins first: one that cannot start (e.g. a metric without its weights) fails before the model loads.
     plugins = {kind: make_plugins(cfg, kind) for kind in ("recorders", "metrics", "visualizers")}
     guidance = Guidance.from_config(cfg.guidance)

@@ -195,12 +195,13 @@ def fingerprint(cfg: DictConfig) -> dict:
     return {k: v for k, v in plain.items() if k not in NOT_OUTPUT}
 
 
-def open_run_dir(cfg: DictConfig, run_dir: Path) -> dict[int, dict]:
+def open_run_dir(cfg: DictConfig, run_dir: Path, output_type: str = "image") -> dict[int, dict]:
     """Prepare ``run_dir`` for a run and return the image records already there (by index).
 
     An empty dir starts fresh. A dir holding this config's outputs (``run.json``) continues: its images are
     kept and only the missing ones are made (``resume=true``, the default). A dir holding another config's
-    outputs is refused, naming the differing settings, unless ``overwrite=true``, which removes them."""
+    outputs is refused, naming the differing settings, unless ``overwrite=true``, which removes them.
+    ``output_type``: the task's one record per cell index (:attr:`stablefused.tasks.Task.output_type`)."""
     from stablefused.errors import ConfigError
 
     manifest, meta = run_dir / "manifest.jsonl", run_dir / RUN_FILE
@@ -221,9 +222,7 @@ def open_run_dir(cfg: DictConfig, run_dir: Path) -> dict[int, dict]:
             raise ConfigError(f"resume=false: {run_dir} already holds this run's outputs; use a new run dir, "
                               "resume=true to continue it, or overwrite=true to start again")
         else:
-            from stablefused.tasks import get_task
-
-            done = _keep_images(run_dir, get_task(cfg.task).output_type)
+            done = _keep_images(run_dir, output_type)
     run_dir.mkdir(parents=True, exist_ok=True)
     meta.write_text(strict_json({"config": fp}))
     return done

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -48,3 +51,92 @@ def test_plugin_yaml_takes_the_constructor_defaults_and_plain_overrides():
         assert OmegaConf.to_container(cfg.visualizers[name]) == expected
     assert OmegaConf.to_container(cfg.walker) == {**registry.param_defaults(registry.get("walkers", "zoom")),
                                                   "direction": "in", "name": "zoom"}
+
+
+# ------------------------------------------------------------------------------------------ imports
+def modules(package: str = "stablefused") -> dict[str, Path]:
+    """Every module of the package by dotted name (a package by its own name)."""
+    out = {}
+    for f in sorted((ROOT / package).rglob("*.py")):
+        parts = list(f.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = f
+    return out
+
+
+def imported(file: Path, name: str, known: dict[str, Path]) -> set[str]:
+    """The modules of ``known`` that ``file`` (module ``name``) imports anywhere: at the top, inside a
+    function, or under ``if TYPE_CHECKING:`` (a dependency all the same: runs.py <-> tasks/__init__.py was a
+    circle through a lazy import one way and a TYPE_CHECKING import the other)."""
+    tree = ast.parse(file.read_text())
+    is_pkg = file.name == "__init__.py"
+
+    def resolve(dotted: str) -> str | None:
+        while dotted and dotted not in known:
+            dotted = dotted.rpartition(".")[0]
+        return dotted or None
+
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {resolve(a.name) for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                pkg = name.split(".") if is_pkg else name.split(".")[:-1]
+                base = ".".join(pkg[: len(pkg) - node.level + 1] + ([base] if base else []))
+            for a in node.names:
+                full = f"{base}.{a.name}"
+                out.add(full if full in known else resolve(base))
+    return {m for m in out if m and m != name}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as a path a -> ... -> a, or None."""
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                return path[path.index(d):] + [d]
+            if d not in state and (found := visit(d)):
+                return found
+        state[m] = 2
+        path.pop()
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_no_import_cycle_among_stablefused_modules():
+    known = modules()
+    graph = {name: imported(f, name, known) for name, f in known.items()}
+    assert graph["stablefused.app"] and "stablefused.runs" in graph["stablefused.tasks.txt2img"]  # the graph is real
+    cycle = find_cycle(graph)
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_find_cycle_finds_a_circle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+    names = [n for n in modules() if n != "stablefused.__main__"]
+    code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\nprint('ok', len(sys.argv) - 1)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert res.returncode == 0 and res.stdout.split() == ["ok", str(len(names))], res.stderr[-2000:]
+
+
+def test_no_task_file_over_260_lines():
+    long = {f.name: n for f in (ROOT / "stablefused" / "tasks").glob("*.py")
+            if (n := len(f.read_text().splitlines())) > 260}
+    assert not long, long

@@ -16,9 +16,8 @@ written (``metrics_by_strength.json``, plot).
 from __future__ import annotations
 
 import logging
-import math
 from numbers import Real
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
@@ -27,8 +26,9 @@ from stablefused import images as im
 from stablefused.errors import ConfigError
 from stablefused.pipeline import Generation, Sampler
 from stablefused.sampling import Request
-from stablefused.runs import Run, image_record, log_samples_table, prompt_seed_rows, row_label, summarise_metrics, wrap
-from stablefused.tasks import Task, register_task
+from stablefused.runs import Run, log_samples_table, summarise_metrics
+from stablefused.source_images import SourceImageTask, selected_recorders, strength_problems
+from stablefused.tasks import register_task
 
 log = logging.getLogger(__name__)
 
@@ -78,34 +78,12 @@ def img2img(
     return sampler.sample(request, guidance=guidance, hooks=hooks, progress=progress)
 
 
-def _strength_problems(cfg: Any) -> list[str]:
-    v = cfg.get("strengths")
-    if isinstance(v, Real) and not isinstance(v, bool):
-        return [f"strengths={v}: must be a list, e.g. strengths=[{v}]"]
-    try:
-        items = list(v)
-    except TypeError:
-        return [f"strengths={v!r}: must be a list of numbers in (0, 1], e.g. strengths=[0.3,0.6,0.9]"]
-    if not items:
-        return ["strengths=[]: give at least one strength in (0, 1], e.g. strengths=[0.6]"]
-    out = []
-    steps = cfg.get("steps")
-    for s in items:
-        if isinstance(s, bool) or not isinstance(s, Real) or not math.isfinite(s) or not 0 < s <= 1:
-            out.append(f"strengths: {s!r} is not in (0, 1]; 0 would return the source unchanged, 1 noises it fully "
-                       "(use e.g. strengths=[0.3,0.6,0.9])")
-        elif isinstance(steps, int) and int(s * steps) < 1:
-            out.append(f"strengths: {s:g} x steps={steps} runs no denoising step (int(strength*steps) = 0); "
-                       f"use strength >= {1 / steps:g} or more steps")
-    return out
-
-
 @register_task("img2img")
-class Img2Img(Task):
+class Img2Img(SourceImageTask):
     """Image to image (SDEdit): rows = source image x prompt/seed, columns = source | strength x guidance."""
 
     def validate(self, cfg: Any, problems: list[str]) -> None:
-        problems += _strength_problems(cfg)
+        problems += strength_problems(cfg)
         if cfg.get("resize") not in im.RESIZE_POLICIES:
             problems.append(f"resize={cfg.get('resize')!r}: must be one of {', '.join(im.RESIZE_POLICIES)}")
         max_size = cfg.get("max_size")
@@ -128,78 +106,10 @@ class Img2Img(Task):
             except ConfigError as e:
                 problems.append(str(e))
         strengths = cfg.get("strengths")
-        if cfg.get("recorders") and _selected_recorders(cfg) and len(list(strengths or [])) > 1:
+        if cfg.get("recorders") and selected_recorders(cfg) and len(list(strengths or [])) > 1:
             problems.append(f"strengths={list(strengths)}: recorders keep one step axis per run, and each strength "
                             "runs a different number of steps; record one strength at a time (e.g. "
                             f"strengths=[{list(strengths)[-1]}]) or drop the recorders")
-
-    @staticmethod
-    def output_size(cfg: Any, name: str, size: tuple[int, int], max_size: float) -> tuple[int, int]:
-        """(height, width) of every output: ``height``/``width`` where given, else the first image's size after
-        the resize policy (as diffusers sizes a list of images by its first)."""
-        mult = int(cfg.model.get("size_multiple") or 8)
-        out = im.target_size(size, cfg.resize, mult, cfg.get("height"), cfg.get("width"))
-        im.check_size(name, size, out, cfg.model, float(max_size))
-        return out
-
-    # ---- shared with task=inpaint (a subclass): inputs, cells and the grid of a source-image task
-    @staticmethod
-    def save_input(run: Run, i: int, source: Any, image: Image.Image, height: int, width: int) -> None:
-        """Source ``i`` as the model sees it (fitted), listed in the manifest before any output."""
-        path = run.path("inputs", f"source_{i:02d}.png")
-        image.save(path)
-        run.add_artifact(path, "input", caption=source.description or source.spec, log_key=f"source_{i:02d}",
-                         init_image=source.spec, source=source.description, original_size=list(source.image.size),
-                         converted=source.converted, resize=run.cfg.resize, height=height, width=width)
-
-    @staticmethod
-    def rows(run: Run, sources: list) -> list[tuple[int, str, int]]:
-        """Grid rows: (source index, prompt, seed) for every source x prompt/seed row."""
-        return [(i, p, s) for i in range(len(sources)) for p, s in prompt_seed_rows(run.cfg)]
-
-    @staticmethod
-    def strength_cells(run: Run, rows: list, sources: list, height: int, width: int,
-                       **extra: Callable[[int], Any]) -> list[tuple[float, list[dict]]]:
-        """The cells of each strength (one strength per batch: it sets where the loop starts). Column 0 is the
-        source; ``extra``: record keys computed from the source index."""
-        cfg = run.cfg
-        strengths, scales = [float(s) for s in cfg.strengths], [float(g) for g in cfg.guidance_scales]
-        per_row = len(strengths) * len(scales)
-        run.total = len(rows) * per_row
-        out = []
-        for si, strength in enumerate(strengths):
-            cells = []
-            for r, (i, p, seed) in enumerate(rows):
-                for gi, g in enumerate(scales):
-                    col = si * len(scales) + gi
-                    cells.append(dict(index=r * per_row + col, row=r, col=1 + col, prompt=p, seed=seed,
-                                      guidance_scale=g, strength=strength, init_image=sources[i].spec,
-                                      source=sources[i].description, resize=cfg.resize, height=height,
-                                      width=width, **{k: f(i) for k, f in extra.items()}, source_index=i))
-            out.append((strength, cells))
-        return out
-
-    @staticmethod
-    def record(run: Run, cell: dict) -> dict:
-        return image_record(run, {k: v for k, v in cell.items() if k != "source_index"})
-
-    @staticmethod
-    def save_grid(run: Run, rows: list, sources: list, first: list[Image.Image], first_label: str,
-                  caption: str) -> None:
-        """Rows = source x prompt/seed; column 0 = ``first[source]``, then strength x guidance."""
-        cfg = run.cfg
-        strengths, scales = [float(s) for s in cfg.strengths], [float(g) for g in cfg.guidance_scales]
-        ncols = 1 + len(strengths) * len(scales)
-        cells: list[Image.Image | None] = [None] * (len(rows) * ncols)
-        for r, (i, _, _) in enumerate(rows):
-            cells[r * ncols] = first[i]
-        for img, rec in zip(run.images, run.records):
-            cells[rec["row"] * ncols + rec["col"]] = img
-        col_labels = [first_label] + [f"strength {s:g}" + (f"\nw={g:g}" if len(scales) > 1 else "")
-                                      for s in strengths for g in scales]
-        row_labels = [wrap(f"{sources[i].description or sources[i].spec.split('/')[-1]}\n-> {p}\nseed {s}")
-                      if len(sources) > 1 or sources[i].description else row_label(p, s) for i, p, s in rows]
-        run.save_grid(cells, len(rows), ncols, row_labels, col_labels, caption=caption)
 
     def run(self, run: Run) -> None:
         cfg = run.cfg
@@ -288,9 +198,3 @@ def tradeoff(run: Run) -> dict | None:
 
 def _short(key: str) -> str:
     return {"shapes_adherence/mean": "edit", "shapes_adherence_source/mean": "faithful"}.get(key, key)
-
-
-def _selected_recorders(cfg: Any) -> list[str]:
-    from stablefused import registry
-
-    return list(registry.selected(cfg, "recorders"))
