@@ -24,6 +24,7 @@ from stablefused.models import load_components
 from stablefused.outputs import Manifest
 from stablefused.paths import config_dir
 from stablefused.pipeline import Sampler
+from stablefused.run_view import RunView
 from stablefused.runs import Run, make_plugins, open_run_dir
 from stablefused.sweeps import JobStatus, finished, missing_launcher
 from stablefused.tasks import get_task
@@ -70,14 +71,15 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Run:
 
 
 def _run_task(task: Any, r: Run) -> None:
-    """The task, then the recorders' files and the visualizers: one that fails is reported by name and the
-    others still run."""
+    """The task, then the recorders' files and the visualizers, each given the run's :class:`RunView` (not
+    the run): one that fails is reported by name and the others still run."""
     task.run(r)
+    view = RunView(r)
     steps = [(f"recorders.{n}", rec.save) for n, rec in r.recorders.items() if hasattr(rec, "save")]
     steps += [(f"visualizers.{n}", vis) for n, vis in r.visualizers.items()]
     for where, step in steps:
         try:
-            step(r)
+            step(view)
         except Exception as e:
             msg = f"{where} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             log.error("%s", msg)

@@ -2,14 +2,15 @@
 driver, image records, metric summaries, plots and W&B tables. Tasks (:mod:`stablefused.tasks`) build their
 cells and say how to generate a batch; this module writes, scores and logs the results, once for all tasks.
 
-A :class:`Run` is also what plugins see after sampling: the run dir, the sampler (to decode), the image
-records, the recorders, and ``add_artifact`` to list a produced file in the manifest and log it to W&B.
+Plugins never get the :class:`Run`: after sampling, recorders' ``save`` and visualizers get a
+:class:`~stablefused.run_view.RunView` (settings, records, images, recorders, sampler, ``path``,
+``add_artifact``); walkers get a :class:`~stablefused.walkers.WalkContext` from the walk task.
 
 Plugin kinds used here, besides guidance (see :mod:`stablefused.guidance`):
 
-* ``recorders``: hooks (:mod:`stablefused.hooks`) with an optional ``save(run) -> list[Path]``.
+* ``recorders``: hooks (:mod:`stablefused.hooks`) with an optional ``save(view: RunView) -> list[Path]``.
 * ``metrics``: ``__call__(images: list[PIL.Image], records: list[dict]) -> list[dict[str, float]]``.
-* ``visualizers``: ``__call__(run: Run) -> list[Path]`` (register files with ``run.add_artifact``).
+* ``visualizers``: ``__call__(view: RunView) -> list[Path]`` (register files with ``view.add_artifact``).
 """
 
 from __future__ import annotations

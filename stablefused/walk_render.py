@@ -12,7 +12,7 @@ import torch
 from stablefused.families import Conditioning
 from stablefused.runs import Run, image_size
 from stablefused.sampling import Request
-from stablefused.walkers import Frame, Keys, Walker, derived_seed
+from stablefused.walkers import Frame, Keys, WalkContext, Walker, derived_seed
 
 # --------------------------------------------------------------------------------------------- tensors
 def make_keys(run: Run, keyframes: list, h: int, w: int) -> Keys:
@@ -60,7 +60,7 @@ def render(run: Run, walker: Walker, frames: list[Frame], keys: Keys, uncond: Co
                       eta=cfg.eta)
     hooks = list(hooks or [])
     if walker.needs_previous_image:
-        extra = dict(walker.condition(frames, previous, keys, run))
+        extra = dict(walker.condition(frames, previous, keys, walk_context(run)))
         if "images" in extra:  # frames the walker made itself (zoom: crops between its outpainted keyframes)
             return made_frames(run, extra, latents, cond, uncond, samples)
         hooks += list(extra.pop("hooks", []))
@@ -83,3 +83,34 @@ def made_frames(run: Run, extra: dict, latents: torch.Tensor, cond: Conditioning
                       timesteps=torch.zeros(0), scheduler=run.sampler.scheduler, family=run.sampler.family,
                       samples=samples or [], stats=stats)
     return Generation(np.asarray(extra["images"], np.float32), latents, ctx)
+
+
+def walk_context(run: Run) -> WalkContext:
+    """The :class:`WalkContext` of a walk: ``paint`` runs text-to-image or inpainting (task=inpaint's
+    :func:`~stablefused.tasks.inpaint.inpaint`) at the walk's settings; an inpainting model paints a
+    blank image where text-to-image is asked for (it cannot run text-to-image)."""
+    import hashlib
+    import json
+
+    from PIL import Image
+
+    from stablefused.runs import fingerprint
+    from stablefused.tasks.inpaint import inpaint, unet_kind
+
+    cfg = run.cfg
+    h, w = image_size(cfg)
+
+    def paint(prompt: str, seed: int, image: Any = None, mask: Any = None, strength: float = 1.0):
+        scale, neg = float(cfg.guidance_scales[0]), cfg.negative_prompt
+        common = dict(steps=int(cfg.steps), guidance=run.guidance, eta=cfg.eta, progress=cfg.progress)
+        if image is None and unet_kind(run.components) == 9:
+            image, mask, strength = Image.new("RGB", (w, h)), Image.new("L", (w, h), 255), 1.0
+        if image is None:
+            gen = run.sampler.txt2img([prompt], [seed], [scale], neg, height=h, width=w, **common)
+        else:
+            gen = inpaint(run.sampler, [image], [mask], [prompt], [seed], [scale], strength, neg, **common)
+        return gen.images, {k: gen.context.stats[k] for k in ("unet_rows", "model_calls")}
+
+    text = json.dumps(fingerprint(cfg), sort_keys=True, default=str)
+    return WalkContext(height=h, width=w, latent_pixel=run.components.vae_scale_factor, paint=paint, path=run.path,
+                       add_artifact=run.add_artifact, tag=hashlib.sha1(text.encode()).hexdigest()[:16])

@@ -136,6 +136,18 @@ def test_every_module_imports_in_a_fresh_interpreter():
     assert res.returncode == 0 and res.stdout.split() == ["ok", str(len(names))], res.stderr[-2000:]
 
 
+def test_no_plugin_imports_a_task_or_the_run():
+    """Plugins see narrow interfaces (a WalkContext, a RunView, the hooks' LoopContext), never a task's code
+    or the whole Run."""
+    known = modules()
+    bad = []
+    for f in sorted((ROOT / "plugins").rglob("*.py")):
+        for m in imported(f, f"plugins.{f.parent.name}.{f.stem}", known):
+            if m.startswith(("stablefused.tasks", "stablefused.app", "stablefused.runs")):
+                bad.append(f"{f.relative_to(ROOT)} imports {m}")
+    assert not bad, bad
+
+
 def test_no_task_file_over_260_lines():
     long = {f.name: n for f in (ROOT / "stablefused" / "tasks").glob("*.py")
             if (n := len(f.read_text().splitlines())) > 260}

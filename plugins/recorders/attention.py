@@ -190,7 +190,7 @@ class Attention(BaseHook):
 
     @staticmethod
     def _token_strings(run: Any, indices: list[int]) -> dict[str, list[str]]:
-        tok = run.components.tokenizer
+        tok = run.tokenizer
         prompt_of = {int(r["index"]): r["prompt"] for r in run.records}
         out = {}
         for i in indices:

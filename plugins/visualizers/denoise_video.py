@@ -183,6 +183,4 @@ def _image_size(run: Any, rec: rec_io.Records) -> tuple[int, int]:
     h, w = rec.index.get("height"), rec.index.get("width")
     if h and w:
         return int(h), int(w)
-    from stablefused.runs import image_size
-
-    return image_size(run.cfg)
+    return run.image_size

@@ -70,9 +70,7 @@ class StepStrip:
         cols = self.pick(recorded)
         h, w = int(rec.index.get("height") or 0), int(rec.index.get("width") or 0)
         if not (h and w):
-            from stablefused.runs import image_size
-
-            h, w = image_size(run.cfg)
+            h, w = run.image_size
         dims = rec.index["tensors"][self.source]["dims"]
         lat = one_frame(rec[self.source][pos][:, cols], dims, self.frame)  # (n, k, C, h, w)
         fit = (one_frame(rec["x0"][pos], rec.index["tensors"]["x0"]["dims"], self.frame).flatten(0, 1).float()
