@@ -31,12 +31,9 @@ from typing import Any
 
 import yaml
 
+from stablefused.scores import record_metric_keys
+
 # manifest image-record keys that describe the image rather than measure it
-PARAM_KEYS = {"type", "path", "index", "prompt", "negative_prompt", "seed", "guidance_scale", "steps", "scheduler",
-              "scheduler_class", "model", "height", "width", "guidance_schedule", "guidance_rule", "row", "col",
-              "eta", "batch_size"}
-
-
 @dataclass
 class Job:
     dir: Path
@@ -109,8 +106,8 @@ def _load_job(job_dir: Path) -> Job:
     job.image_paths = [job_dir / r["path"] for r in job.image_records]
     sums: dict[str, list[float]] = {}
     for r in images:
-        for k, v in r.items():
-            if k not in PARAM_KEYS and (x := _num(v)) is not None:
+        for k in record_metric_keys(r):
+            if (x := _num(r[k])) is not None:
                 sums.setdefault(k, []).append(x)
     job.metrics = {k: sum(v) / len(v) for k, v in sums.items()}
     # UNet rows and model calls: the manifest's final run record, else the job's status, else the manifest's

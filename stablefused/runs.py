@@ -37,16 +37,9 @@ from stablefused.outputs import Manifest, grid, save_png, strict_json, to_uint8
 from stablefused.pipeline import Generation, Sampler
 from stablefused.plots import metric_lines
 from stablefused.scheduler_names import sampler_label
+from stablefused.scores import METRICS_KEY, metric_keys
 
 log = logging.getLogger(__name__)
-
-# Record keys that describe how an image was made (not metric values).
-RECORD_KEYS = {"type", "path", "index", "prompt", "negative_prompt", "seed", "guidance_scale", "steps", "scheduler",
-               "sampler", "scheduler_class", "model", "height", "width", "guidance_schedule", "guidance_rule", "row",
-               "col", "task", "strength", "frame", "time", "keyframe", "position",
-               "init_image", "source", "resize",
-               "mask", "mask_blur", "mask_box", "paste_back", "unet_channels"}  # inpainting
-
 
 @dataclass
 class Run:
@@ -149,6 +142,9 @@ class Run:
         return f"{rec['prompt']} | seed {rec['seed']}{own} | guidance {rec['guidance_scale']:g}"
 
     def score(self, images: list[Image.Image], records: list[dict]) -> None:
+        """Each metric's values into the records; ``metrics`` lists the keys they added (:mod:`stablefused.scores`)."""
+        for rec in records:
+            rec.setdefault(METRICS_KEY, [])
         for name, metric in self.metrics.items():
             try:
                 values = metric(images, records)
@@ -161,6 +157,7 @@ class Run:
             for rec, vals in zip(records, values):
                 rec.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                             for k, v in vals.items()})
+                rec[METRICS_KEY] += [k for k in vals if k not in rec[METRICS_KEY]]
 
     def add_artifact(self, path: Path, kind: str, caption: str | None = None, log_key: str | None = None,
                      **extra: Any) -> None:
@@ -354,15 +351,6 @@ def image_record(run: Run, cell: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- metrics
-def metric_keys(records: list[dict]) -> list[str]:
-    keys: dict[str, None] = {}
-    for r in records:
-        for k, v in r.items():
-            if k not in RECORD_KEYS and not isinstance(v, bool) and (v is None or isinstance(v, (int, float))):
-                keys.setdefault(k)
-    return list(keys)
-
-
 def means(records: list[dict]) -> dict[str, float]:
     """Mean of every metric over ``records`` (None values skipped; NaN when none has a value)."""
     out = {}

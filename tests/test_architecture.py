@@ -152,3 +152,68 @@ def test_no_task_file_over_260_lines():
     long = {f.name: n for f in (ROOT / "stablefused" / "tasks").glob("*.py")
             if (n := len(f.read_text().splitlines())) > 260}
     assert not long, long
+
+
+# ------------------------------------------------------------------------------ the core names no plugin
+def test_a_plugin_declares_which_parameters_index_the_run():
+    """config.py checks sample/step indices of any plugin by what the plugin declares (``run_params``), not by
+    parameter names it knows: a new visualizer with its own names gets the same checks."""
+    from stablefused.config import validate
+    from stablefused.errors import ConfigError
+    from tests.conftest import compose_cfg
+
+    @registry.register("visualizers", "arch_probe")
+    class Probe:
+        run_params = {"picks": "images", "at": "steps", "labels": "list"}
+
+        def __init__(self, picks: list[int] | None = None, at: list[int] | None = None,
+                     labels: list[str] | None = None):
+            pass
+
+        def __call__(self, view):
+            return []
+
+    cfg = compose_cfg("seeds=[0,1]", "prompts=[a red circle]", "steps=4", "+visualizers.arch_probe._selected_=true",
+                      "+visualizers.arch_probe.picks=[1,5]", "+visualizers.arch_probe.at=[4]",
+                      "+visualizers.arch_probe.labels=[]")
+    try:
+        validate(cfg)
+        raise AssertionError("no ConfigError")
+    except ConfigError as e:
+        lines = str(e).splitlines()
+    assert "visualizers.arch_probe.picks=[1,5]: this run has 2 images (indices 0..1)" in lines
+    assert "visualizers.arch_probe.at=[4]: step indices count from 0 and must be < steps=4" in lines
+    assert "visualizers.arch_probe.labels=[]: selects nothing; list at least one or set null for all" in lines
+    validate(compose_cfg("seeds=[0,1]", "prompts=[a red circle]", "steps=4", "+visualizers.arch_probe._selected_=true",
+                         "+visualizers.arch_probe.picks=[1]", "+visualizers.arch_probe.at=[3]"))
+
+
+def test_metric_keys_are_what_the_metrics_returned():
+    """A record lists its metric keys (``metrics``), so a metric may name a key like a setting (``time``) and
+    a number the task adds (``strength``) is never taken for a score; manifests without the list still read."""
+    from stablefused.scores import metric_keys
+
+    new = {"type": "image", "strength": 0.5, "time": 0.25, "brightness": 0.7, "metrics": ["time", "brightness"]}
+    assert metric_keys([new]) == ["time", "brightness"]
+    old = {"type": "image", "strength": 0.5, "index": 3, "shapes_adherence/mean": 0.5, "keyframes": [0, 1]}
+    assert metric_keys([old]) == ["shapes_adherence/mean"]
+
+
+def test_core_modules_name_no_metric_or_visualizer():
+    """No module of stablefused/ (the bundled shapes model's own code aside) holds a built-in metric's or
+    visualizer's name in a string (docstrings and comments may mention them)."""
+    registry.discover()
+    names = set(registry.list_names("metrics")) | set(registry.list_names("visualizers"))
+    found = []
+    for f in sorted((ROOT / "stablefused").rglob("*.py")):
+        if "shapes" in f.relative_to(ROOT).parts:
+            continue
+        tree = ast.parse(f.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))
+                and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                hit = [n for n in names if n in node.value]
+                if hit:
+                    found.append(f"{f.relative_to(ROOT)}:{node.lineno}: {hit[0]}")
+    assert not found, found

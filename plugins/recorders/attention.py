@@ -47,6 +47,8 @@ class Attention(BaseHook):
 
     ranges = {"every": (1, None), "steps": (0, None), "samples": (0, None)}
 
+    run_params = {"samples": "images", "every": "every", "steps": "steps", "layers": "list"}
+
     def __init__(self, layers: list[str] | str | None = None, every: int = 1, steps: list[int] | None = None,
                  samples: list[int] | int | None = None, dtype: Literal["float16", "bfloat16", "float32"] | None = "float32"):
         from stablefused.records import _check_dtype

@@ -37,6 +37,8 @@ class DenoiseVideo:
     ranges = {"rows": (0, None), "samples": (0, None), "sample": (0, None), "fps": (1, 120), "hold": (0, 1000),
               "min_cell": (1, 4096), "max_cell": (1, 4096)}
 
+    run_params = {"samples": "images", "sample": "images", "rows": "rows", "panels": "list"}
+
     def __init__(self, panels: list[Literal["x_t", "x0", "x_prev"]] | Literal["x_t", "x0", "x_prev"] = ("x_t", "x0"),
                  layout: Literal["grid", "square", "sample"] = "grid", rows: list[int] | None = None,
                  samples: list[int] | None = None, sample: int = 0, decode: Literal["vae", "linear", "auto"] = "vae", fps: int = 8,

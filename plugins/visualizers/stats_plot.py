@@ -25,6 +25,8 @@ class StatsPlot:
     Needs recorder ``stats``.
     """
 
+    run_params = {"stats": "list"}
+
     def __init__(self, stats: list[str] | str = ("guidance_delta_norm", "latent_std", "x0_std", "x0_change"),
                  x: Literal["step", "t", "sigma"] = "step", group: Literal["guidance_scale", "sample", "prompt"] = "guidance_scale",
                  log_y: bool = False, filename: str = "stats_plot"):

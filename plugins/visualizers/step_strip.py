@@ -27,6 +27,8 @@ class StepStrip:
 
     ranges = {"steps": (0, None), "count": (1, None), "samples": (0, None), "min_cell": (1, 4096), "max_cell": (1, 4096)}
 
+    run_params = {"samples": "images", "steps": "steps"}
+
     def __init__(self, source: Literal["x0", "x_t", "x_prev"] = "x0", steps: list[int] | None = None, count: int = 8,
                  samples: list[int] | None = None, final: bool = True, decode: Literal["vae", "linear", "auto"] = "vae",
                  min_cell: int = 96, max_cell: int | None = 192, filename: str | None = None,

@@ -143,12 +143,16 @@ class Img2Img(SourceImageTask):
 
 
 def tradeoff(run: Run) -> dict | None:
-    """Mean of each metric's ``/mean`` (e.g. edit = ``shapes_adherence/mean`` against the prompt, faithfulness
-    = ``shapes_adherence_source/mean`` against the source) per strength and guidance scale: ``tradeoff.json``,
-    ``tradeoff.md`` (a table) and ``tradeoff.png`` (one panel per metric, one line per guidance scale)."""
-    from stablefused.runs import metric_keys
+    """Mean of the keys the metrics ask to summarise (``summaries()``, :mod:`stablefused.scores`; e.g.
+    ``shapes_adherence``: edit = adherence to the prompt, faithful = to the source), else of every metric key,
+    per strength and guidance scale: ``tradeoff.json`` (with the crossover strength when an ``edit`` and a
+    ``faithful`` key are there), ``tradeoff.md`` (a table) and ``tradeoff.png`` (a panel per key, a line per
+    guidance scale)."""
+    from stablefused.scores import declared_summaries, metric_keys
 
-    keys = [k for k in metric_keys(run.records) if k.endswith("/mean")] or metric_keys(run.records)
+    present, declared = metric_keys(run.records), declared_summaries(run.metrics.values())
+    keys = [k for k in declared if k in present] or present
+    roles = {declared[k]["role"]: k for k in keys if declared.get(k, {}).get("role")}
     if not keys:
         return None
     strengths = sorted({float(r["strength"]) for r in run.records})
@@ -162,11 +166,12 @@ def tradeoff(run: Run) -> dict | None:
                 table[(k, g, s)] = sum(vals) / len(vals) if vals else float("nan")
     out = {"strengths": strengths, "guidance_scales": scales,
            "means": {k: {f"{g:g}": [table[(k, g, s)] for s in strengths] for g in scales} for k in keys}}
-    edit, faith = "shapes_adherence/mean", "shapes_adherence_source/mean"
-    if edit in keys and faith in keys:  # the first strength at which the target wins over the source
+    edit, faith = roles.get("edit"), roles.get("faithful")
+    if edit and faith:  # the first strength at which the target wins over the source
         out["crossover"] = {f"{g:g}": next((s for s in strengths if table[(edit, g, s)] > table[(faith, g, s)]), None)
                             for g in scales}
-    head = "| strength | " + " | ".join(f"{_short(k)} w={g:g}" for k in keys for g in scales) + " |"
+    short = {k: r for r, k in roles.items()}
+    head = "| strength | " + " | ".join(f"{short.get(k, k)} w={g:g}" for k in keys for g in scales) + " |"
     lines = [head, "|---" * (1 + len(keys) * len(scales)) + "|"]
     lines += [f"| {s:g} | " + " | ".join(f"{table[(k, g, s)]:.2f}" for k in keys for g in scales) + " |"
               for s in strengths]
@@ -189,12 +194,7 @@ def tradeoff(run: Run) -> dict | None:
 
     panels(out["strengths"], {k: {f"guidance {g}": ys for g, ys in out["means"][k].items()} for k in keys},
            run.path("tradeoff.png"), f"{run.cfg.model.name}: image-to-image, {run.cfg.steps} steps", "strength",
-           "mean (0-1)", {"shapes_adherence/mean": "edit: adherence to the target prompt",
-                          "shapes_adherence_source/mean": "faithfulness: adherence to the source"})
+           "mean (0-1)", {k: v["title"] for k, v in declared.items() if "title" in v})
     run.add_artifact(run.path("tradeoff.png"), "plot", caption="metrics vs strength, one line per guidance scale",
                      log_key="tradeoff")
     return out
-
-
-def _short(key: str) -> str:
-    return {"shapes_adherence/mean": "edit", "shapes_adherence_source/mean": "faithful"}.get(key, key)
