@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from stablefused import signals
-from stablefused.config import validate
+from stablefused.config import renamed, validate
 from stablefused.errors import USER_ERRORS, PluginError
 from stablefused.guidance import Guidance
 from stablefused.logger import make_logger
@@ -147,6 +147,7 @@ def override_problems(args: list[str]) -> list[str]:
     for f in [*(conf / "task").glob("*.yaml"), *(conf / "experiment").glob("*.yaml")]:  # both @package _global_
         keys |= set(OmegaConf.load(f).keys()) - {"defaults"}
     known = keys | groups | {"hydra"}
+    tasks = [a.split("=", 1)[1] for a in args if a.startswith("task=")]
     out = []
     for arg in args:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:
@@ -155,6 +156,9 @@ def override_problems(args: list[str]) -> list[str]:
         if "@" in key or key.startswith("hydra"):
             continue
         top = key.split(".")[0].split("/")[0]
+        if top not in known and (hint := renamed(top, tasks[-1] if tasks else None)):
+            out.append(hint)
+            continue
         if top not in known:
             close = difflib.get_close_matches(top, sorted(known - {"hydra"}), n=1)
             hint = f" Did you mean {close[0]}?" if close else " (add it with +key=value if it is a new key)"

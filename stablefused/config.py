@@ -28,6 +28,10 @@ MODEL_KEYS = {
     "name", "builtin", "bundled", "hub_id", "path", "config", "revision", "allow_pickle", "prediction_type",
     "seed", "size_multiple", "height", "width", "example_prompts",
 }
+# Settings renamed so that one name means one thing (``frames``/``fps`` meant per-segment/walk video in
+# task=walk and per-video/MP4 in task=txt2video): old name -> {task: new name}.
+RENAMED = {"frames": {"walk": "segment_frames", "txt2video": "video_frames"},
+           "fps": {"walk": "walk_fps", "txt2video": "video_fps"}}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("float32", "float16", "bfloat16")
 PREDICTION_TYPES = (None, "epsilon", "v_prediction", "sample")
@@ -49,8 +53,20 @@ def task_keys(task: str) -> set[str]:
     return keys
 
 
+def renamed(key: str, task: str | None = None) -> str | None:
+    """The one-line hint for a setting's old name (:data:`RENAMED`), for ``task`` or for every task."""
+    new = RENAMED.get(key)
+    if not new:
+        return None
+    if task in new:
+        return f"{key}: renamed; did you mean {new[task]}? (task={task})"
+    return f"{key}: renamed; did you mean " + " or ".join(f"{v} (task={t})" for t, v in new.items()) + "?"
+
+
 def _unknown(keys: Any, allowed: set[str], where: str, task: str | None = None) -> None:
     for k in keys:
+        if not where and (hint := renamed(str(k), task)):
+            raise ConfigError(hint)
         if k not in allowed:
             close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
             hint = f" Did you mean {where}{close[0]}?" if close else ""

@@ -40,7 +40,7 @@ def walk_settings(cfg: Any) -> Walk:
     seeds = [int(s) for s in cfg.seeds]
     story, audio = resolve_file(cfg.story), resolve_file(cfg.audio)
     return Walk(keyframes=default_keyframes(prompts, seeds) if cfg.walker.name != "story" else [], seeds=seeds,
-                frames=int(cfg.frames), loop=bool(cfg.loop), fps=float(cfg.fps), story=story and str(story),
+                frames=int(cfg.segment_frames), loop=bool(cfg.loop), fps=float(cfg.walk_fps), story=story and str(story),
                 audio=audio and str(audio), audio_start=float(cfg.audio_start),
                 audio_duration=None if cfg.audio_duration is None else float(cfg.audio_duration))
 

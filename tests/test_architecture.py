@@ -217,3 +217,41 @@ def test_core_modules_name_no_metric_or_visualizer():
                 if hit:
                     found.append(f"{f.relative_to(ROOT)}:{node.lineno}: {hit[0]}")
     assert not found, found
+
+
+# ------------------------------------------------------------------------------ one name, one meaning
+def test_each_task_setting_belongs_to_one_task():
+    """A task's own top-level keys (its conf/task/<task>.yaml, beyond the core ones it sets) are its alone,
+    unless the task is built on the other (inpaint on img2img: the same source-image settings). ``frames``/
+    ``fps`` meant per-segment/walk video in task=walk and per-video/MP4 in task=txt2video."""
+    from stablefused.config import CORE_KEYS, task_keys
+    from stablefused.tasks import get_task
+
+    owners: dict[str, list[str]] = {}
+    for f in sorted((ROOT / "conf" / "task").glob("*.yaml")):
+        for key in task_keys(f.stem) - CORE_KEYS:
+            owners.setdefault(key, []).append(f.stem)
+
+    def related(a: str, b: str) -> bool:
+        ta, tb = type(get_task(a)), type(get_task(b))
+        return issubclass(ta, tb) or issubclass(tb, ta)
+
+    shared = {k: v for k, v in owners.items() if any(not related(a, b) for a in v for b in v if a < b)}
+    assert not shared, shared
+
+
+def test_old_spellings_get_one_did_you_mean_line():
+    from stablefused.app import override_problems
+    from stablefused.config import validate
+    from stablefused.errors import ConfigError
+    from tests.conftest import compose_cfg
+
+    assert override_problems(["task=walk", "frames=3", "fps=4"]) == [
+        "frames: renamed; did you mean segment_frames? (task=walk)", "fps: renamed; did you mean walk_fps? (task=walk)"]
+    assert override_problems(["experiment=zoom_walk", "frames=3"]) == [
+        "frames: renamed; did you mean segment_frames (task=walk) or video_frames (task=txt2video)?"]
+    try:
+        validate(compose_cfg("task=txt2video", "+frames=3"))
+        raise AssertionError("no ConfigError")
+    except ConfigError as e:
+        assert "frames: renamed; did you mean video_frames? (task=txt2video)" in str(e).splitlines()

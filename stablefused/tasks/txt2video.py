@@ -68,9 +68,9 @@ def save_video(run: Run, cell: dict, frames: np.ndarray) -> None:
         save_png(img, run.run_dir / rec["path"], rec)
         run.manifest.append(rec)
     about = dict(index=cell["index"], prompt=cell["prompt"], seed=cell["seed"], guidance_scale=cell["guidance_scale"],
-                 frames=len(frames8), fps=int(cfg.fps))
+                 frames=len(frames8), fps=int(cfg.video_fps))
     caption = f"{cell['prompt']} | seed {cell['seed']} | guidance {cell['guidance_scale']:g}"
-    mp4 = write_mp4(run.path(frame_path(cell) + ".mp4"), list(frames8), int(cfg.fps), macro_block_size=2)
+    mp4 = write_mp4(run.path(frame_path(cell) + ".mp4"), list(frames8), int(cfg.video_fps), macro_block_size=2)
     run.add_artifact(mp4, "video", caption=caption, log_key=f"video_{cell['index']:04d}", **about)
     strip = run.path(frame_path(cell) + "_strip.png")
     save_png(np.concatenate(list(frames8), axis=1), strip, image_record(run, cell))
@@ -83,7 +83,7 @@ class Txt2Video(Task):
     """Text to video (video UNet models): rows = prompt/seed, columns = guidance scale; frames, MP4, strip."""
 
     def validate(self, cfg: Any, problems: list[str]) -> None:
-        for key in ("frames", "fps"):
+        for key in ("video_frames", "video_fps"):
             v = cfg.get(key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 problems.append(f"{key}={v!r}: must be an integer >= 1")
@@ -97,12 +97,12 @@ class Txt2Video(Task):
                               "TextToVideoSDPipeline folder>")
         height, width = image_size(cfg)
         rows, scales = prompt_seed_rows(cfg), [float(g) for g in cfg.guidance_scales]
-        middle = int(cfg.frames) // 2
+        middle = int(cfg.video_frames) // 2
 
         def make(chunk: list[dict]) -> Generation:
             gen = txt2video(
                 run.sampler, [x["prompt"] for x in chunk], [x["seed"] for x in chunk],
-                [x["guidance_scale"] for x in chunk], cfg.negative_prompt, frames=int(cfg.frames), steps=cfg.steps,
+                [x["guidance_scale"] for x in chunk], cfg.negative_prompt, frames=int(cfg.video_frames), steps=cfg.steps,
                 height=height, width=width, guidance=run.guidance, hooks=list(run.recorders.values()),
                 samples=chunk, eta=cfg.eta, progress=cfg.progress,
             )

@@ -63,12 +63,13 @@ class WalkTask(Task):
     output_type = "frame"
 
     def validate(self, cfg: Any, problems: list[str]) -> None:
-        if isinstance(cfg.frames, bool) or not isinstance(cfg.frames, int) or cfg.frames < 1:
-            problems.append(f"frames={cfg.frames!r}: must be an integer >= 1 (frames from one keyframe to the next)")
+        frames = cfg.segment_frames
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            problems.append(f"segment_frames={frames!r}: must be an integer >= 1 (frames from one keyframe to the next)")
         for key in ("loop", "gif"):
             if not isinstance(cfg.get(key), bool):
                 problems.append(f"{key}={cfg.get(key)!r}: must be true or false")
-        for msg in (_number(cfg, "fps", 0, strict=True), _number(cfg, "audio_start", 0, strict=False),
+        for msg in (_number(cfg, "walk_fps", 0, strict=True), _number(cfg, "audio_start", 0, strict=False),
                     _number(cfg, "audio_duration", 0, strict=True, allow_none=True)):
             if msg:
                 problems.append(msg)
