@@ -156,6 +156,7 @@ class Walker:
     needs_previous_image = False  # True: frames one at a time, in order; see condition()
     makes_frames = False  # True: condition() returns the frames' images (no loop, nothing for recorders)
     min_keyframes = 2  # fewer in an open walk is a config error (a loop needs one)
+    caption_size = 0.06  # captions (a frame's meta "caption") burned into the video: fraction of its height
 
     def __init__(self, text: str = "slerp", easing: str = "linear"):
         check_choice(text, TEXT_MODES, "walker.text")

@@ -34,7 +34,7 @@ class Story(Walker):
 
     ``story=path``: each scene's seconds (at fps) lead to the next scene."""
 
-    def __init__(self, text: str = "slerp", easing: str = "cosine", caption_size: float = 0.06):
+    def __init__(self, text: str = "slerp", easing: str = "cosine", caption_size: float = Walker.caption_size):
         super().__init__(text=text, easing=easing)
         if not isinstance(caption_size, (int, float)) or not 0 < caption_size < 1:
             raise PluginError(f"walker.caption_size={caption_size!r}: must be a fraction of the frame height, in (0, 1)")

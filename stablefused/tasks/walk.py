@@ -43,7 +43,7 @@ def walk_video(run: Run, walker: Walker, walk: Walk, records: list[dict]) -> Pat
     walker's soundtrack muxed in."""
     h, w = image_size(run.cfg)
     scale, height, width = video_size(h, w)
-    caption_size = float(getattr(walker, "caption_size", 0.06))
+    caption_size = float(walker.caption_size)
     sound = walker.soundtrack(walk)
     path = run.path("walk.mp4")
     silent = path.with_name("walk.video.mp4") if sound else path
