@@ -29,7 +29,7 @@ from bench_loop import components, model_args, reference_pipeline  # noqa: E402
 from stablefused import registry  # noqa: E402
 from stablefused.guidance import Guidance  # noqa: E402
 from stablefused.pipeline import Sampler  # noqa: E402
-from stablefused.tasks.walk import make_keys, render  # noqa: E402
+from stablefused.walk_render import make_keys, render  # noqa: E402
 from stablefused.walkers import Walk, default_keyframes  # noqa: E402
 
 PROMPTS = ["a red circle on a black background", "a large yellow square on a black background",

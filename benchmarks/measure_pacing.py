@@ -18,7 +18,7 @@ from PIL import Image
 
 from stablefused.app import run
 from stablefused.paths import config_dir
-from stablefused.tasks.walk import frame_distances
+from stablefused.pacing import frame_distances
 
 WALKS = {
     "red circle → blue triangle (2 keyframes)": [
@@ -51,7 +51,7 @@ def main() -> None:
         for pacing in ("uniform", "even"):
             with tempfile.TemporaryDirectory() as tmp:
                 with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-                    cfg = compose("config", overrides=["task=walk", *overrides, f"frames={args.frames}",
+                    cfg = compose("config", overrides=["task=walk", *overrides, f"segment_frames={args.frames}",
                                                        f"steps={args.steps}", f"pacing={pacing}", "logger=none",
                                                        "progress=false"])
                 t = time.perf_counter()

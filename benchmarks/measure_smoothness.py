@@ -2,7 +2,7 @@
 (and the frame count of their walk.mp4).
 
     python -m stablefused experiment=zoom_walk hydra.run.dir=runs/zoom
-    python -m stablefused experiment=zoom_walk frames=1 hydra.run.dir=runs/zoom_keyframes   # no crops between
+    python -m stablefused experiment=zoom_walk segment_frames=1 hydra.run.dir=runs/zoom_keyframes   # no crops between
     python benchmarks/measure_smoothness.py runs/zoom runs/zoom_keyframes
 
 max/median near 1 and a low CV (std/mean) = an even motion without jumps.

@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from stablefused import signals
-from stablefused.config import ConfigError, literal_overrides, validate
+from stablefused.config import ConfigError, literal_overrides, renamed, validate
 from stablefused.errors import USER_ERRORS, PluginError
 from stablefused.guidance import Guidance
 from stablefused.logger import make_logger, resolve_mode
@@ -26,6 +26,7 @@ from stablefused.outputs import Manifest
 from stablefused.paths import config_dir
 from stablefused.pipeline import Sampler
 from stablefused.preflight import DISK_ERRNOS, apply_threads, disk_full_line
+from stablefused.run_view import RunView
 from stablefused.runs import Run, RunLock, make_plugins, open_run_dir
 from stablefused.sweeps import STATUS, JobStatus, finished, missing_launcher, read_status
 from stablefused.tasks import get_task
@@ -54,7 +55,7 @@ def _start(cfg: DictConfig, run_dir: Path, group: str | None, given: dict[str, A
             if cfg.logger.name == "wandb" and (note := resolve_mode(cfg.logger)[1]):
                 log.warning("%s", note)
             task = get_task(cfg.task)
-            done = open_run_dir(cfg, run_dir)  # refuses another config's outputs; keeps this config's (resume)
+            done = open_run_dir(cfg, run_dir, task.output_type)  # refuses another config's outputs; keeps this config's (resume)
             # Plugins first: one that cannot start (e.g. a metric without its weights) fails before the model loads.
             plugins = {kind: make_plugins(cfg, kind, given.get(kind)) for kind in ("recorders", "metrics", "visualizers")}
             guidance = given.get("guidance") or Guidance.from_config(cfg.guidance)
@@ -98,14 +99,15 @@ def _run(cfg: DictConfig, run_dir: Path, task: Any, done: dict, plugins: dict, g
 
 
 def _run_task(task: Any, r: Run) -> None:
-    """The task, then the recorders' files and the visualizers: one that fails is reported by name and the
-    others still run."""
+    """The task, then the recorders' files and the visualizers, each given the run's :class:`RunView` (not
+    the run): one that fails is reported by name and the others still run."""
     task.run(r)
+    view = RunView(r)
     steps = [(f"recorders.{n}", rec.save) for n, rec in r.recorders.items() if hasattr(rec, "save")]
     steps += [(f"visualizers.{n}", vis) for n, vis in r.visualizers.items()]
     for where, step in steps:
         try:
-            step(r)
+            step(view)
         except Exception as e:
             msg = f"{where} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             log.error("%s", msg)
@@ -222,6 +224,9 @@ def override_problems(args: list[str]) -> list[str]:
         if "@" in key or key.startswith("hydra"):
             continue
         top = key.split(".")[0].split("/")[0]
+        if top not in known and (hint := renamed(top, chosen[-1] if chosen else None)):
+            out.append(hint)
+            continue
         owners = [t for t in tasks if top in owned[t]]
         if top not in core and owners and chosen and not any(top in owned[t] for t in chosen):
             # a task's own setting under another task: name the task that has it (Hydra would say "use +key")

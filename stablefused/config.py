@@ -30,6 +30,10 @@ MODEL_KEYS = {
     "name", "builtin", "bundled", "hub_id", "path", "config", "revision", "allow_pickle", "prediction_type",
     "seed", "size_multiple", "height", "width", "example_prompts",
 }
+# Settings renamed so that one name means one thing (``frames``/``fps`` meant per-segment/walk video in
+# task=walk and per-video/MP4 in task=txt2video): old name -> {task: new name}.
+RENAMED = {"frames": {"walk": "segment_frames", "txt2video": "video_frames"},
+           "fps": {"walk": "walk_fps", "txt2video": "video_fps"}}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("float32", "float16", "bfloat16")
 PREDICTION_TYPES = (None, "epsilon", "v_prediction", "sample")
@@ -51,8 +55,20 @@ def task_keys(task: str) -> set[str]:
     return keys
 
 
+def renamed(key: str, task: str | None = None) -> str | None:
+    """The one-line hint for a setting's old name (:data:`RENAMED`), for ``task`` or for every task."""
+    new = RENAMED.get(key)
+    if not new:
+        return None
+    if task in new:
+        return f"{key}: renamed; did you mean {new[task]}? (task={task})"
+    return f"{key}: renamed; did you mean " + " or ".join(f"{v} (task={t})" for t, v in new.items()) + "?"
+
+
 def _unknown(keys: Any, allowed: set[str], where: str, task: str | None = None) -> None:
     for k in keys:
+        if not where and (hint := renamed(str(k), task)):
+            raise ConfigError(hint)
         if k not in allowed:
             close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
             hint = f" Did you mean {where}{close[0]}?" if close else ""
@@ -556,34 +572,16 @@ def _check_plugins(cfg: DictConfig, problems: list[str]) -> None:
         except ConfigError as e:
             problems.append(str(e))
     steps = cfg.get("steps") if isinstance(cfg.get("steps"), int) else None
+    shape = None
     for kind in ("recorders", "visualizers", "metrics"):
         for name, params in registry.selected(cfg, kind).items():
             try:
                 _create_check(kind, name, params, f"{kind}.{name}")
             except ConfigError as e:
                 problems.append(str(e))
-            if steps is None:
-                continue
-            images = _run_images(cfg)
-            for key in ("samples", "sample", "rows"):
-                v = params.get(key)
-                items = v if isinstance(v, list) else [v]
-                limit = images if key != "rows" else _rows(cfg)
-                if limit and any(isinstance(x, int) and not isinstance(x, bool) and x >= limit for x in items):
-                    problems.append(f"{kind}.{name}.{key}={_show(v)}: this run has {limit} "
-                                    f"{'rows' if key == 'rows' else 'images'} (indices 0..{limit - 1})")
-            for key in ("samples", "rows", "steps", "tokens", "panels", "stats", "layers"):
-                if isinstance(params.get(key), list) and not params[key]:
-                    default = registry.param_default(kind, name, key)
-                    problems.append(f"{kind}.{name}.{key}=[]: selects nothing; list at least one"
-                                    + (" or set null for all" if default is None else ""))
-            every, step_list = params.get("every"), params.get("steps")
-            if isinstance(every, int) and every > steps:
-                problems.append(f"{kind}.{name}.every={every}: larger than steps={steps} (only the first and last "
-                                f"steps would be recorded); use every <= {steps}")
-            if isinstance(step_list, list) and any(isinstance(s, int) and s >= steps for s in step_list):
-                problems.append(f"{kind}.{name}.steps={_show(step_list)}: step indices count from 0 and must be "
-                                f"< steps={steps}")
+            if steps is not None:  # the plugin's parameters against this run (indices, steps): its declarations
+                shape = shape or registry.RunShape(steps=steps, images=_run_images(cfg), rows=_rows(cfg))
+                problems += [f"{kind}.{name}.{p}" for p in registry.run_problems(registry.get(kind, name), params, shape)]
     from stablefused.records import check_requirements
 
     try:
@@ -600,10 +598,6 @@ def _check_task(cfg: DictConfig, problems: list[str]) -> None:
 
 def _plugin(group: Any, name_key: str, kind: str, params_key: str, where: str) -> None:
     _create_check(kind, group.get(name_key), group.get(params_key), f"{where}.{name_key}", f"{where}.{params_key}")
-
-
-def _show(value: Any) -> str:
-    return str(value).replace(" ", "")
 
 
 def _create_check(kind: str, name: str, params: Any, where: str, where_params: str | None = None) -> None:

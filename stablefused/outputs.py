@@ -22,8 +22,8 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def a1111_parameters(rec: dict) -> str:
     """The ``parameters`` text chunk that A1111, ComfyUI and most prompt readers show. ``Sampler`` is the
-    record's ``sampler`` (e.g. "Euler a"), else derived from its scheduler (:mod:`stablefused.samplers`)."""
-    from stablefused.samplers import record_label
+    record's ``sampler`` (e.g. "Euler a"), else derived from its scheduler (:mod:`stablefused.scheduler_names`)."""
+    from stablefused.scheduler_names import record_label
 
     lines = [rec["prompt"]]
     if rec.get("negative_prompt"):
@@ -149,16 +149,3 @@ def _multiline(d: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, f: ImageF
     y0 = y - lh * len(lines) // 2
     for n, line in enumerate(lines):
         d.text((x, y0 + n * lh), line, fill="black", font=f)
-
-
-def write_mp4(path: Path, frames: Sequence[np.ndarray], fps: int, macro_block_size: int = 16) -> Path:
-    """H.264 MP4 via imageio-ffmpeg (libx264, yuv420p). Frame sides must be multiples of
-    ``macro_block_size`` (imageio resizes others): 16 for composed frames, 2 (even) to keep frames exact."""
-    import imageio.v2 as iio2
-
-    with iio2.get_writer(str(path), format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
-                         pixelformat="yuv420p", macro_block_size=macro_block_size,
-                         ffmpeg_log_level="error") as writer:
-        for f in frames:
-            writer.append_data(f)
-    return path

@@ -370,6 +370,8 @@ class SelectedSteps(BaseHook):
     ranges = {"every": (1, None), "samples": (0, None), "steps": (0, None)}  # checked at config validation
     RESUME_STATE = ("_steps", "tracker.start_step")  # what a resumed run needs besides the chunks
 
+    run_params = {"samples": "images", "every": "every"}  # registry.run_problems
+
     def __init__(self, every: int = 1, samples: list[int] | int | None = None, per: Literal["step", "call"] = "step"):
         self.every = _check_every(every)
         self.samples = _check_samples(samples)

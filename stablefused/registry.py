@@ -32,8 +32,8 @@ from typing import Any, Callable
 from stablefused.errors import PluginError
 from stablefused.paths import builtin_plugins_dir
 
-__all__ = ["PluginError", "ParamError", "register", "get", "create", "check_params", "param_problems", "discover",
-           "plugin_dirs", "list_plugins", "list_names"]
+__all__ = ["PluginError", "ParamError", "register", "get", "create", "check_params", "param_problems", "run_problems",
+           "RunShape", "discover", "plugin_dirs", "list_plugins", "list_names", "param_defaults", "store_defaults"]
 
 KINDS = (
     "guidance_schedule",
@@ -232,10 +232,54 @@ def param_problems(cls: Any, params: dict) -> list[str]:
     return out
 
 
-def param_default(kind: str, name: str, key: str) -> Any:
-    """The constructor default of parameter ``key`` of a plugin (None when it has none)."""
-    p = _parameters(get(kind, name)).get(key)
-    return None if p is None or p.default is inspect.Parameter.empty else p.default
+# ------------------------------------------------------------------------------- against the run
+# A plugin names the parameters that refer to the run in a class attribute (the core knows no names):
+#     run_params = {"samples": "images", "rows": "rows", "steps": "steps", "every": "every", "tokens": "list"}
+# images / rows: indices of the run's images / grid rows; steps: step indices; every: a step interval;
+# list: a list that must select something. Each list-valued one given as [] selects nothing (a problem).
+# Anything else goes in an optional classmethod ``check_run(params, run: RunShape) -> list[str]``.
+RUN_PARAM_KINDS = ("images", "rows", "steps", "every", "list")
+
+
+@dataclass
+class RunShape:
+    """What the config alone tells about a run, for :func:`run_problems`."""
+
+    steps: int
+    images: int | None = None  # images the run makes (None: depends on files)
+    rows: int | None = None  # prompt/seed rows of a grid task
+
+
+def run_problems(cls: Any, params: dict, run: RunShape) -> list[str]:
+    """One line per value of ``params`` that cannot work for this run, by the plugin's ``run_params`` and
+    ``check_run``; each line starts ``<param>=<value>:``."""
+    declared = getattr(cls, "run_params", None) or {}
+    out: list[str] = []
+    for key, what in declared.items():  # indices beyond the run
+        v = params.get(key)
+        items = v if isinstance(v, list) else [v]
+        limit = {"images": run.images, "rows": run.rows}.get(what)
+        if limit and any(isinstance(x, int) and not isinstance(x, bool) and x >= limit for x in items):
+            out.append(f"{key}={_compact(v)}: this run has {limit} {what} (indices 0..{limit - 1})")
+    for key, what in declared.items():  # lists that select nothing
+        if isinstance(params.get(key), list) and not params[key]:
+            p = _parameters(cls).get(key)
+            out.append(f"{key}=[]: selects nothing; list at least one"
+                       + (" or set null for all" if p is not None and p.default is None else ""))
+    for key, what in declared.items():  # steps
+        v = params.get(key)
+        if what == "every" and isinstance(v, int) and v > run.steps:
+            out.append(f"{key}={v}: larger than steps={run.steps} (only the first and last steps would be "
+                       f"recorded); use {key} <= {run.steps}")
+        if what == "steps" and isinstance(v, list) and any(isinstance(s, int) and s >= run.steps for s in v):
+            out.append(f"{key}={_compact(v)}: step indices count from 0 and must be < steps={run.steps}")
+    if hasattr(cls, "check_run"):
+        out += list(cls.check_run(params, run) or [])
+    return out
+
+
+def _compact(value: Any) -> str:
+    return str(value).replace(" ", "")
 
 
 def _show(value: Any) -> str:
@@ -367,3 +411,40 @@ def list_plugins(kind: str | None = None) -> list[PluginInfo]:
 def list_names(kind: str) -> list[str]:
     """Sorted names registered for ``kind`` (timm-style ``list_*`` helper)."""
     return [p.name for p in list_plugins(kind)]
+
+
+# ------------------------------------------------------------------------------- defaults for Hydra
+DEFAULTS_GROUP = "plugin_defaults"  # ConfigStore group of the constructor defaults (see store_defaults)
+CONFIG_GROUPS = {"recorders": "recorders", "visualizers": "visualizers", "metrics": "metrics", "walkers": "walker"}
+
+
+def param_defaults(cls: Any) -> dict[str, Any]:
+    """A plugin's constructor defaults as config values (tuples as lists); parameters without a default, and
+    defaults a config cannot hold, are left out (they are passed only when set)."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for key, p in _parameters(cls).items():
+        if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.default is inspect.Parameter.empty:
+            continue
+        value = list(p.default) if isinstance(p.default, tuple) else p.default
+        try:
+            OmegaConf.create({key: value})
+        except Exception:
+            continue
+        out[key] = value
+    return out
+
+
+def store_defaults() -> None:
+    """Every built-in and entry-point plugin's :func:`param_defaults` as Hydra's config node
+    ``plugin_defaults/<kind>/<name>``; ``conf/<group>/<name>.yaml`` extends it, so its own body only selects
+    the plugin (``_selected_: true``) and overrides. The one place a parameter's default is declared is the
+    constructor."""
+    from hydra.core.config_store import ConfigStore
+
+    discover()
+    store = ConfigStore.instance()
+    for kind in CONFIG_GROUPS:
+        for name, obj in _REGISTRY[kind].items():
+            store.store(group=f"{DEFAULTS_GROUP}/{kind}", name=name, node=param_defaults(obj), provider="stablefused")

@@ -32,12 +32,9 @@ from typing import Any
 
 import yaml
 
+from stablefused.scores import record_metric_keys
+
 # manifest image-record keys that describe the image rather than measure it
-PARAM_KEYS = {"type", "path", "index", "prompt", "negative_prompt", "seed", "guidance_scale", "steps", "scheduler",
-              "scheduler_class", "model", "height", "width", "guidance_schedule", "guidance_rule", "row", "col",
-              "eta", "batch_size"}
-
-
 @dataclass
 class Job:
     dir: Path
@@ -117,10 +114,9 @@ def _load_job(job_dir: Path) -> Job:
     job.image_records = [r for r in outputs if "path" in r]
     job.image_paths = [job_dir / r["path"] for r in job.image_records]
     sums: dict[str, list[float]] = {}
-    skip = _param_keys()
     for r in outputs:
-        for k, v in r.items():
-            if k not in skip and (x := _num(v)) is not None:
+        for k in record_metric_keys(r):
+            if (x := _num(r[k])) is not None:
                 sums.setdefault(k, []).append(x)
     job.metrics = {k: sum(v) / len(v) for k, v in sums.items()}
     # UNet rows and model calls: the manifest's final run record, else the job's status, else the manifest's
@@ -151,13 +147,6 @@ def _output_type(job_dir: Path, images: list[dict], frames: list[dict]) -> str:
         return get_task((yaml.safe_load(cfg.read_text()) or {}).get("task", "txt2img")).output_type
     except Exception:  # no config, or a task this install does not have
         return "image" if images or not frames else "frame"
-
-
-def _param_keys() -> set[str]:
-    """Record keys that describe an output rather than measure it (the runs' own list, and these)."""
-    from stablefused.runs import RECORD_KEYS
-
-    return PARAM_KEYS | RECORD_KEYS
 
 
 def _job_order(d: Path) -> tuple:
@@ -285,26 +274,10 @@ def plots(jobs: list[Job], out_dir: Path) -> list[Path]:
                 lines.setdefault(" ".join(f"{k}={vals.get(k, '-')}" for k in others), []).append((x, y))
             if not any(len(v) >= 2 for v in lines.values()):
                 continue
-            import matplotlib
+            from stablefused.plots import xy_lines
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            for label, pts in lines.items():
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label or None)
-            ax.set_xlabel(key)
-            ax.set_ylabel(metric)
-            ax.set_title(f"{metric}: mean over each job's images", fontsize=9)
-            ax.grid(alpha=0.3)
-            if any(lines) and len(lines) <= 12:
-                ax.legend(fontsize=7)
-            fig.tight_layout()
-            out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / f"{_safe(metric)}_vs_{_safe(key)}.png"
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
+            path = xy_lines(lines, out_dir / f"{_safe(metric)}_vs_{_safe(key)}.png", key, metric,
+                            f"{metric}: mean over each job's images")
             written.append(path)
     return written
 

@@ -2,14 +2,15 @@
 driver, image records, metric summaries, plots and W&B tables. Tasks (:mod:`stablefused.tasks`) build their
 cells and say how to generate a batch; this module writes, scores and logs the results, once for all tasks.
 
-A :class:`Run` is also what plugins see after sampling: the run dir, the sampler (to decode), the image
-records, the recorders, and ``add_artifact`` to list a produced file in the manifest and log it to W&B.
+Plugins never get the :class:`Run`: after sampling, recorders' ``save`` and visualizers get a
+:class:`~stablefused.run_view.RunView` (settings, records, images, recorders, sampler, ``path``,
+``add_artifact``); walkers get a :class:`~stablefused.walkers.WalkContext` from the walk task.
 
 Plugin kinds used here, besides guidance (see :mod:`stablefused.guidance`):
 
-* ``recorders``: hooks (:mod:`stablefused.hooks`) with an optional ``save(run) -> list[Path]``.
+* ``recorders``: hooks (:mod:`stablefused.hooks`) with an optional ``save(view: RunView) -> list[Path]``.
 * ``metrics``: ``__call__(images: list[PIL.Image], records: list[dict]) -> list[dict[str, float]]``.
-* ``visualizers``: ``__call__(run: Run) -> list[Path]`` (register files with ``run.add_artifact``).
+* ``visualizers``: ``__call__(view: RunView) -> list[Path]`` (register files with ``view.add_artifact``).
 """
 
 from __future__ import annotations
@@ -34,18 +35,12 @@ from stablefused.logger import NullLogger
 from stablefused.models import Components
 from stablefused.outputs import Manifest, grid, save_png, strict_json, to_uint8
 from stablefused.pipeline import Generation, Sampler
+from stablefused.plots import metric_lines
 from stablefused.records import save_parts
-from stablefused.samplers import sampler_label
+from stablefused.scheduler_names import sampler_label
+from stablefused.scores import METRICS_KEY, metric_keys
 
 log = logging.getLogger(__name__)
-
-# Record keys that describe how an image was made (not metric values).
-RECORD_KEYS = {"type", "path", "index", "prompt", "negative_prompt", "seed", "guidance_scale", "steps", "scheduler",
-               "sampler", "scheduler_class", "model", "height", "width", "guidance_schedule", "guidance_rule", "row",
-               "col", "task", "strength", "frame", "time", "keyframe", "position",
-               "init_image", "source", "resize",
-               "mask", "mask_blur", "mask_box", "paste_back", "unet_channels"}  # inpainting
-
 
 @dataclass
 class Run:
@@ -161,6 +156,9 @@ class Run:
         return f"{rec['prompt']} | seed {rec['seed']}{own} | guidance {rec['guidance_scale']:g}"
 
     def score(self, images: list[Image.Image], records: list[dict]) -> None:
+        """Each metric's values into the records; ``metrics`` lists the keys they added (:mod:`stablefused.scores`)."""
+        for rec in records:
+            rec.setdefault(METRICS_KEY, [])
         for name, metric in self.metrics.items():
             try:
                 values = metric(images, records)
@@ -173,6 +171,7 @@ class Run:
             for rec, vals in zip(records, values):
                 rec.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                             for k, v in vals.items()})
+                rec[METRICS_KEY] += [k for k in vals if k not in rec[METRICS_KEY]]
 
     def add_artifact(self, path: Path, kind: str, caption: str | None = None, log_key: str | None = None,
                      **extra: Any) -> None:
@@ -250,12 +249,13 @@ def _changed_inputs(old: dict, new: dict) -> list[str]:
             if a.get(k, {}).get(f) != b.get(k, {}).get(f)]
 
 
-def open_run_dir(cfg: DictConfig, run_dir: Path) -> dict[int, dict]:
+def open_run_dir(cfg: DictConfig, run_dir: Path, output_type: str = "image") -> dict[int, dict]:
     """Prepare ``run_dir`` for a run and return the image records already there (by index).
 
     An empty dir starts fresh. A dir holding this config's outputs (``run.json``) continues: its images are
     kept and only the missing ones are made (``resume=true``, the default). A dir holding another config's
-    outputs is refused, naming the differing settings, unless ``overwrite=true``, which removes them."""
+    outputs is refused, naming the differing settings, unless ``overwrite=true``, which removes them.
+    ``output_type``: the task's one record per cell index (:attr:`stablefused.tasks.Task.output_type`)."""
     from stablefused.errors import ConfigError
 
     manifest, meta = run_dir / "manifest.jsonl", run_dir / RUN_FILE
@@ -286,9 +286,7 @@ def open_run_dir(cfg: DictConfig, run_dir: Path) -> dict[int, dict]:
             raise ConfigError(f"resume=false: {run_dir} already holds this run's outputs; use a new run dir, "
                               "resume=true to continue it, or overwrite=true to start again")
         else:
-            from stablefused.tasks import get_task
-
-            done = _keep_images(run_dir, get_task(cfg.task).output_type)
+            done = _keep_images(run_dir, output_type)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = meta.with_name(meta.name + ".tmp")
     tmp.write_text(strict_json({"written_by": OWNER, "config": fp}))
@@ -591,15 +589,6 @@ def image_record(run: Run, cell: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- metrics
-def metric_keys(records: list[dict]) -> list[str]:
-    keys: dict[str, None] = {}
-    for r in records:
-        for k, v in r.items():
-            if k not in RECORD_KEYS and not isinstance(v, bool) and (v is None or isinstance(v, (int, float))):
-                keys.setdefault(k)
-    return list(keys)
-
-
 def means(records: list[dict]) -> dict[str, float]:
     """Mean of every metric over ``records`` (None values skipped; NaN when none has a value)."""
     out = {}
@@ -633,35 +622,13 @@ def summarise_metrics(run: Run, key: str = "guidance_scale", label: str = "guida
                         for g, vals in summary.items() for m, v in vals.items()})
     if len(summary) > 1:
         plot_name = "adherence.png" if key == "guidance_scale" else f"{filename}.png"
-        plot = plot_metrics(summary, run.path(plot_name), title=f"{run.cfg.model.name}: metrics vs {label}",
+        plot = metric_lines(summary, run.path(plot_name), title=f"{run.cfg.model.name}: metrics vs {label}",
                             xlabel=label)
         run.add_artifact(plot, "plot", caption=f"mean metric per {label}", log_key=Path(plot_name).stem)
         for m in mkeys:
             run.logger.line_plot(f"{m}_vs_{key}", [key, m], [[g, vals[m]] for g, vals in summary.items()], key, m,
                                  title=f"{m} vs {label}")
     return summary
-
-
-def plot_metrics(summary: dict[Any, dict[str, float]], path: Path, title: str, xlabel: str = "guidance scale") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = list(summary)
-    keys = list(next(iter(summary.values())))
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for k in keys:
-        ax.plot(xs, [summary[x].get(k, float("nan")) for x in xs], marker="o", label=k)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("mean value")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
-    return path
 
 
 # ------------------------------------------------------------------------------------------- W&B

@@ -21,7 +21,8 @@ asks the walker (one per walk, ``walker=<name>``, ``plugins/walkers/<name>.py`` 
 Frames that need the previous frame's image (a ``zoom`` walker: each frame is the previous one zoomed and
 outpainted): set ``needs_previous_image = True``. The task then makes the frames one at a time, in order,
 and passes the previous frame's image (a PIL image read back from its PNG, so a resumed walk sees the same)
-to :meth:`condition`, whose returned dict is added to :meth:`stablefused.pipeline.Sampler.sample`'s
+and a :class:`WalkContext` (the frame size, a ``paint`` callable through the one loop, ``path`` and
+``add_artifact`` for files) to :meth:`condition`, whose returned dict is added to :meth:`stablefused.pipeline.Sampler.sample`'s
 keyword arguments: ``latents`` (replaces the walker's noise, e.g. the zoomed image encoded and noised to
 ``start_step``), ``start_step``, ``extra_channels`` (an inpainting UNet's mask + masked latents), ``hooks``
 (added to the recorders). Frame 0 gets ``previous=None``. A walker that makes a frame without the loop
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -74,6 +76,23 @@ class Frame:
     position: float  # 0..1 along the segment; 0 is the keyframe itself
     time: float = 0.0  # seconds into the video
     meta: dict = field(default_factory=dict)  # extra manifest keys (caption, angle, ...)
+
+
+@dataclass
+class WalkContext:
+    """What the task hands a walker that makes its own images (:meth:`Walker.condition`): the frame size, a
+    ``paint`` callable that runs the one loop, and the run dir's files. Not the run, not a task's code."""
+
+    height: int
+    width: int
+    latent_pixel: int  # pixels per latent pixel (the VAE's factor): a mask on this grid is exact in latents
+    # paint(prompt, seed, image=None, mask=None, strength=1.0) -> (float images (1, H, W, 3) in [0, 1], UNet work
+    # {"unet_rows", "model_calls"}): text-to-image without an image, else ``image`` inpainted where ``mask``
+    # ("L", white = paint) is, as task=inpaint does it (not pasted back: :func:`stablefused.masks.paste_back`)
+    paint: Callable[..., tuple[np.ndarray, dict]]
+    path: Callable[..., Path]  # path("zoom", "keyframe_000.png"): a file under the run dir, its folder made
+    add_artifact: Callable[..., None]  # add_artifact(path, kind, caption=, log_key=, **record keys): manifest + W&B
+    tag: str  # the run's output settings, hashed: a file that carries it was made by this config
 
 
 @dataclass
@@ -137,6 +156,7 @@ class Walker:
     needs_previous_image = False  # True: frames one at a time, in order; see condition()
     makes_frames = False  # True: condition() returns the frames' images (no loop, nothing for recorders)
     min_keyframes = 2  # fewer in an open walk is a config error (a loop needs one)
+    caption_size = 0.06  # captions (a frame's meta "caption") burned into the video: fraction of its height
 
     def __init__(self, text: str = "slerp", easing: str = "linear"):
         check_choice(text, TEXT_MODES, "walker.text")
@@ -207,8 +227,9 @@ class Walker:
             return [b], [1.0]
         return [a, b], [round(1 - w, 6), round(w, 6)]
 
-    def condition(self, frames: Sequence[Frame], previous: Any | None, keys: Keys, run: Any) -> dict:
-        """Extra keyword arguments for ``Sampler.sample`` (walkers with ``needs_previous_image``)."""
+    def condition(self, frames: Sequence[Frame], previous: Any | None, keys: Keys, ctx: WalkContext) -> dict:
+        """Extra keyword arguments for ``Sampler.sample`` (walkers with ``needs_previous_image``); ``ctx``:
+        what the task lends (size, ``paint``, files)."""
         return {}
 
     # ------------------------------------------------------------------ video

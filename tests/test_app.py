@@ -142,7 +142,7 @@ def test_png_parameters_name_the_sampler(tmp_path, scheduler, label):
 
 
 def test_sampler_label_from_scheduler_class_and_config():
-    from stablefused.samplers import sampler_label
+    from stablefused.scheduler_names import sampler_label
 
     assert sampler_label("EulerAncestralDiscreteScheduler") == "Euler a"
     assert sampler_label("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}) == "DPM++ 2M Karras"
@@ -156,7 +156,7 @@ def test_every_scheduler_config_label_matches_its_scheduler(tiny):
     from omegaconf import OmegaConf
 
     from stablefused.paths import config_dir
-    from stablefused.samplers import sampler_label
+    from stablefused.scheduler_names import sampler_label
 
     for path in sorted((config_dir() / "scheduler").glob("*.yaml")):
         c = OmegaConf.load(path)

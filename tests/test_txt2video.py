@@ -106,7 +106,7 @@ def test_guidance_zero_and_one_are_honoured(video_folder, video):
 
 
 def run_cfg(folder, *overrides):
-    cfg = compose_cfg("task=txt2video", f"frames={FRAMES}", "fps=4", f"steps={STEPS}", "seeds=[5]",
+    cfg = compose_cfg("task=txt2video", f"video_frames={FRAMES}", "video_fps=4", f"steps={STEPS}", "seeds=[5]",
                       "guidance_scales=[1.0,7.5]", "batch_size=2", *overrides)
     cfg.model = model_cfg(folder)
     return cfg
@@ -176,10 +176,10 @@ def test_rerun_resumes_videos_and_keeps_their_records(video_folder, video, tmp_p
 
 
 def test_bad_settings_and_image_models(tmp_path):
-    with pytest.raises(ConfigError, match=r"frames=0: must be an integer >= 1"):
-        app.run(compose_cfg("task=txt2video", "frames=0"), tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"video_frames=0: must be an integer >= 1"):
+        app.run(compose_cfg("task=txt2video", "video_frames=0"), tmp_path / "a")
     with pytest.raises(ConfigError, match=r"task=txt2video: model tiny_random has a UNet2DConditionModel"):
-        app.run(compose_cfg("task=txt2video", "frames=2", "steps=1", "seeds=[0]"), tmp_path / "b")
+        app.run(compose_cfg("task=txt2video", "video_frames=2", "steps=1", "seeds=[0]"), tmp_path / "b")
 
 
 def test_recorders_and_previews_on_video_latents(video_folder, video, tmp_path):

@@ -18,7 +18,7 @@ from stablefused.walkers import Keys, Walk, Walker, default_keyframes, lerp, sle
 from tests.conftest import compose_cfg
 
 P1, P2, P3 = "a red circle", "a blue square on black", "a small green triangle"
-BASE = ["task=walk", "steps=3", "frames=3"]
+BASE = ["task=walk", "steps=3", "segment_frames=3"]
 
 
 def walk_cfg(*overrides):
@@ -87,11 +87,11 @@ def test_frame_count_exact_no_duplicate_at_joins_or_seam(name):
 
 
 def test_frame_count_on_disk_and_video(tmp_path):
-    r = run(walk_cfg(f"prompts=[{P1},{P2},{P3}]", "seeds=[1,2,3]", "frames=3"), tmp_path / "open")
+    r = run(walk_cfg(f"prompts=[{P1},{P2},{P3}]", "seeds=[1,2,3]", "segment_frames=3"), tmp_path / "open")
     assert len(frame_records(tmp_path / "open")) == 7 == len(list((tmp_path / "open" / "frames").glob("*.png")))
     assert len(video_frames(tmp_path / "open" / "walk.mp4")) == 7
     assert r.images == []  # frames are not kept in memory
-    run(walk_cfg(f"prompts=[{P1},{P2},{P3}]", "seeds=[1,2,3]", "frames=3", "loop=true"), tmp_path / "loop")
+    run(walk_cfg(f"prompts=[{P1},{P2},{P3}]", "seeds=[1,2,3]", "segment_frames=3", "loop=true"), tmp_path / "loop")
     recs = frame_records(tmp_path / "loop")
     assert len(recs) == 9 and [r["frame"] for r in recs] == list(range(9))
     # no duplicate frame at the seam: the last frame is not the first keyframe again
@@ -114,7 +114,7 @@ def test_keyframe_frames_equal_txt2img_pixel_for_pixel(tmp_path, setup, request)
     t2i = {(r["prompt"], r["seed"]): r["path"] for r in
            [json.loads(x) for x in (tmp_path / "t2i" / "manifest.jsonl").read_text().splitlines()]
            if r["type"] == "image"}
-    run(walk_cfg(f"prompts=[{P1},{P2}]", "seeds=[11,22]", "frames=4", *steps, *extra), tmp_path / "walk")
+    run(walk_cfg(f"prompts=[{P1},{P2}]", "seeds=[11,22]", "segment_frames=4", *steps, *extra), tmp_path / "walk")
     recs = frame_records(tmp_path / "walk")
     for i, key in ((0, (P1, 11)), (4, (P2, 22))):
         assert recs[i]["prompt_weights"] == [1.0]
@@ -143,7 +143,7 @@ def test_slerp_keeps_the_noise_norm_lerp_does_not():
 # ------------------------------------------------------------------------------------------- chunks
 @pytest.mark.parametrize("scheduler", ["default", "dpm_sde"])  # dpm_sde: per-frame Brownian noise seeds
 def test_frame_depends_only_on_config_and_index_chunks_of_1_and_8(tmp_path, scheduler):
-    common = [f"prompts=[{P1},{P2}]", "seeds=[1,2]", "frames=5", "loop=true", f"scheduler={scheduler}"]
+    common = [f"prompts=[{P1},{P2}]", "seeds=[1,2]", "segment_frames=5", "loop=true", f"scheduler={scheduler}"]
     run(walk_cfg(*common, "batch_size=1"), tmp_path / "b1")
     run(walk_cfg(*common, "batch_size=8"), tmp_path / "b8")
     a, b = sorted((tmp_path / "b1" / "frames").glob("*.png")), sorted((tmp_path / "b8" / "frames").glob("*.png"))
@@ -184,7 +184,7 @@ def test_walker_noise_independent_of_chunking(name):
 def test_interrupted_walk_resumes_to_the_same_frames_and_video(tmp_path, monkeypatch):
     from stablefused.tasks import walk as walk_task
 
-    common = [f"prompts=[{P1},{P2},{P3}]", "seeds=[1,2,3]", "frames=4", "loop=true", "batch_size=3"]
+    common = [f"prompts=[{P1},{P2},{P3}]", "seeds=[1,2,3]", "segment_frames=4", "loop=true", "batch_size=3"]
     run(walk_cfg(*common), tmp_path / "full")
 
     real, calls = walk_task.render, {"n": 0}
@@ -221,7 +221,7 @@ def test_interrupted_walk_resumes_to_the_same_frames_and_video(tmp_path, monkeyp
 def test_story_walk_captions_srt_and_sample_story(tmp_path):
     story = tmp_path / "story.txt"
     story.write_text(f"# comment\n1 | {P1} | First scene\n\n0.5 | {P2} | Second, longer caption here\n1 | {P3}\n")
-    run(walk_cfg("walker=story", f"story={story}", "fps=4", "loop=true", "gif=true", "logger=wandb"), tmp_path / "run")
+    run(walk_cfg("walker=story", f"story={story}", "walk_fps=4", "loop=true", "gif=true", "logger=wandb"), tmp_path / "run")
     recs = frame_records(tmp_path / "run")
     assert len(recs) == 4 + 2 + 4  # seconds x fps per scene, in a loop
     assert [r["caption"] for r in recs[:5]] == ["First scene"] * 4 + ["Second, longer caption here"]
@@ -230,7 +230,7 @@ def test_story_walk_captions_srt_and_sample_story(tmp_path):
     assert srt[0] == "1\n00:00:00,000 --> 00:00:01,000\nFirst scene"
     assert srt[1] == "2\n00:00:01,000 --> 00:00:01,500\nSecond, longer caption here" and len(srt) == 2
     # captions are burned into the video frames, not into the PNGs
-    from stablefused.tasks.walk import video_frame
+    from stablefused.video import video_frame
 
     png = tmp_path / "run" / recs[0]["path"]
     plain, captioned = video_frame(png, 16, 256, 256, None, 0.06), video_frame(png, 16, 256, 256, "First scene", 0.06)
@@ -315,7 +315,7 @@ def test_audio_walk_mp4_carries_the_audio(tmp_path):
     import imageio_ffmpeg
 
     wav = click_track(tmp_path / "clicks.wav", seconds=2.0, clicks=(0.5, 1.5))
-    run(walk_cfg("walker=audio", f"audio={wav}", "fps=6", f"prompts=[{P1},{P2}]", "seeds=[1,2]"), tmp_path / "run")
+    run(walk_cfg("walker=audio", f"audio={wav}", "walk_fps=6", f"prompts=[{P1},{P2}]", "seeds=[1,2]"), tmp_path / "run")
     assert len(frame_records(tmp_path / "run")) == 12
     probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(tmp_path / "run" / "walk.mp4")],
                            capture_output=True, text=True).stderr
@@ -336,9 +336,9 @@ def test_audio_without_librosa_is_one_line(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------------------------------- config
 @pytest.mark.parametrize("overrides, message", [
-    (["frames=0"], "frames=0: must be an integer >= 1"),
+    (["segment_frames=0"], "segment_frames=0: must be an integer >= 1"),
     (["pacing=fast"], "pacing='fast': must be uniform or even"),
-    (["fps=0"], "fps=0: must be a number > 0"),
+    (["walk_fps=0"], "walk_fps=0: must be a number > 0"),
     (["guidance_scales=[1,7]"], "a walk uses one guidance scale"),
     ([f"prompts=[{P1},{P2},{P3}]", "seeds=[1,2]"], "seeds: 2 seeds for 3 prompts"),
     ([f"prompts=[{P1}]", "seeds=[1]"], "1 keyframe(s); walker=interpolate needs at least 2"),
@@ -363,9 +363,9 @@ def test_one_seed_for_all_or_one_prompt_for_all():
 
 # ------------------------------------------------------------------------------------------- pacing
 def test_even_pacing_makes_consecutive_frames_more_equally_different(tmp_path):
-    from stablefused.tasks.walk import frame_distances
+    from stablefused.pacing import frame_distances
 
-    common = [f"prompts=[{P1},{P2}]", "seeds=[1,2]", "frames=8", "steps=4"]
+    common = [f"prompts=[{P1},{P2}]", "seeds=[1,2]", "segment_frames=8", "steps=4"]
     cv = {}
     for pacing in ("uniform", "even"):
         run(walk_cfg(*common, f"pacing={pacing}"), tmp_path / pacing)

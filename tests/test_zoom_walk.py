@@ -14,7 +14,7 @@ from stablefused.errors import ConfigError
 from tests.conftest import compose_cfg
 
 PROMPTS = "prompts=[a red circle,a blue square on black,a small green triangle]"
-BASE = ["task=walk", "walker=zoom", "steps=3", "frames=4", PROMPTS, "seeds=[1,2,3]", "walker.mask_blur=0"]
+BASE = ["task=walk", "walker=zoom", "steps=3", "segment_frames=4", PROMPTS, "seeds=[1,2,3]", "walker.mask_blur=0"]
 
 
 def frames(run_dir):
@@ -105,7 +105,7 @@ def test_inpainting_model_zooms(tmp_path):
     from stablefused.models import save_components
 
     folder = save_components(build_tiny_inpainting(), tmp_path / "inpainting")
-    run(compose_cfg(*BASE[:-3], "frames=2", "prompts=[a red circle,a blue square on black]", "seeds=[1,2]",
+    run(compose_cfg(*BASE[:-3], "segment_frames=2", "prompts=[a red circle,a blue square on black]", "seeds=[1,2]",
                     "walker.mask_blur=0", f"model.path={folder}", "model.name=tiny_inpainting"), tmp_path / "run")
     ks = keyframes(tmp_path / "run")
     small = np.asarray(Image.fromarray(ks[0]).resize((8, 8), Image.LANCZOS))

@@ -56,6 +56,18 @@ class ShapesAdherence:
                               "[x0, y0, x1, y1], e.g. mask_box")
         self.against, self.region = against, region
 
+    def summaries(self) -> dict[str, dict]:
+        """The keys a task summarises (img2img's trade-off): each text's ``/mean``; against the prompt it is
+        the edit, against the source the faithfulness (:mod:`stablefused.scores`)."""
+        out = {}
+        for key in self.against:
+            prefix = NAME if key == "prompt" else f"{NAME}_{key}"
+            role, title = {"prompt": ("edit", "edit: adherence to the target prompt"),
+                           "source": ("faithful", "faithfulness: adherence to the source")}.get(
+                               key, (None, f"adherence to the {key}"))
+            out[f"{prefix}/mean"] = {"title": title, **({"role": role} if role else {})}
+        return out
+
     def __call__(self, images, records):
         out = []
         for image, rec in zip(images, records):

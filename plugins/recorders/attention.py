@@ -48,6 +48,8 @@ class Attention(BaseHook):
     ranges = {"every": (1, None), "steps": (0, None), "samples": (0, None)}
     RESUME_STATE = ("used_layers", "tracker.start_step")  # with the chunks: what a resumed run needs
 
+    run_params = {"samples": "images", "every": "every", "steps": "steps", "layers": "list"}
+
     def __init__(self, layers: list[str] | str | None = None, every: int = 1, steps: list[int] | None = None,
                  samples: list[int] | int | None = None, dtype: Literal["float16", "bfloat16", "float32"] | None = "float32"):
         from stablefused.records import _check_dtype
@@ -191,7 +193,7 @@ class Attention(BaseHook):
 
     @staticmethod
     def _token_strings(run: Any, indices: list[int]) -> dict[str, list[str]]:
-        tok = run.components.tokenizer
+        tok = run.tokenizer
         prompt_of = {int(r["index"]): r["prompt"] for r in run.records}
         out = {}
         for i in indices:

@@ -28,6 +28,8 @@ class AttentionMaps:
 
     ranges = {"samples": (0, None), "alpha": (0, 1), "min_cell": (1, 4096)}
 
+    run_params = {"tokens": "list", "samples": "images"}
+
     def __init__(self, tokens: list[str] | None = None, samples: list[int] | None = None, alpha: float = 0.6,
                  cmap: str = "jet", min_cell: int = 96, filename: str = "attention_maps"):
         self.tokens = None if tokens is None else [str(t).lower() for t in tokens]

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import numpy as np
 
 from stablefused import records as rec_io
-from stablefused.outputs import write_mp4
+from stablefused.video import write_mp4
 from stablefused.preview import compose, decode_to_pil, decoder_for, fit_size, hstack, one_frame
 from stablefused.registry import PluginError, register
 
@@ -36,6 +36,8 @@ class DenoiseVideo:
 
     ranges = {"rows": (0, None), "samples": (0, None), "sample": (0, None), "fps": (1, 120), "hold": (0, 1000),
               "min_cell": (1, 4096), "max_cell": (1, 4096)}
+
+    run_params = {"samples": "images", "sample": "images", "rows": "rows", "panels": "list"}
 
     def __init__(self, panels: list[Literal["x_t", "x0", "x_prev"]] | Literal["x_t", "x0", "x_prev"] = ("x_t", "x0"),
                  layout: Literal["grid", "square", "sample"] = "grid", rows: list[int] | None = None,
@@ -183,6 +185,4 @@ def _image_size(run: Any, rec: rec_io.Records) -> tuple[int, int]:
     h, w = rec.index.get("height"), rec.index.get("width")
     if h and w:
         return int(h), int(w)
-    from stablefused.runs import image_size
-
-    return image_size(run.cfg)
+    return run.image_size

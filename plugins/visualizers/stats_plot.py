@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -8,8 +7,9 @@ from typing import Any, Literal
 import numpy as np
 
 from stablefused import records as rec_io
+from stablefused.plots import step_panels
 from stablefused.registry import PluginError, register
-from stablefused.samplers import sampler_label
+from stablefused.scheduler_names import sampler_label
 
 X_AXES = ("step", "t", "sigma")
 GROUPS = ("guidance_scale", "sample", "prompt")
@@ -24,6 +24,8 @@ class StatsPlot:
     per guidance_scale (mean over its samples), per prompt, or per sample. ``log_y``: log-scale y axes.
     Needs recorder ``stats``.
     """
+
+    run_params = {"stats": "list"}
 
     def __init__(self, stats: list[str] | str = ("guidance_delta_norm", "latent_std", "x0_std", "x0_change"),
                  x: Literal["step", "t", "sigma"] = "step", group: Literal["guidance_scale", "sample", "prompt"] = "guidance_scale",
@@ -69,35 +71,10 @@ class StatsPlot:
         rec_io.require(run, "stats_plot", ["stats"])
         rec = rec_io.from_run(run)
         series = self.series(rec)
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        n = len(self.stats)
-        ncols = min(2, n)
-        nrows = math.ceil(n / ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.2 * nrows), dpi=110, squeeze=False)
-        for ax, stat in zip(axes.flat, self.stats):
-            for label, (xs, ys) in series[stat].items():
-                ax.plot(xs, ys, marker=".", label=label)  # NaN (a skipped pass, no previous x̂0) is a gap
-            ax.set_title(stat)
-            ax.set_xlabel({"step": "step", "t": "timestep t", "sigma": "σ"}[self.x])
-            if self.x in ("t", "sigma"):
-                ax.invert_xaxis()  # time runs from noise (left) to clean (right)
-            if self.log_y:
-                ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[n:]:
-            ax.axis("off")
-        handles, labels = axes.flat[0].get_legend_handles_labels()
-        if len(labels) > 1:
-            fig.legend(handles, labels, loc="upper right", fontsize=7, title=self.group)
         sampler = run.cfg.scheduler.get("label") or sampler_label(run.sampler.scheduler)
-        fig.suptitle(f"{run.cfg.name}: denoising statistics ({sampler}, {rec.index.get('steps')} steps)")
-        fig.tight_layout(rect=(0, 0, 0.88 if len(labels) > 1 else 1, 1))
-        path = run.path(f"{self.name}.png")
-        fig.savefig(path, metadata={"Software": None})
-        plt.close(fig)
+        path = step_panels({stat: series[stat] for stat in self.stats}, run.path(f"{self.name}.png"),
+                           f"{run.cfg.name}: denoising statistics ({sampler}, {rec.index.get('steps')} steps)",
+                           {"step": "step", "t": "timestep t", "sigma": "σ"}[self.x],
+                           reverse_x=self.x in ("t", "sigma"), log_y=self.log_y, legend_title=self.group)
         run.add_artifact(path, "plot", caption=f"step statistics by {self.group}", log_key=self.name)
         return [path]

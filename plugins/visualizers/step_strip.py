@@ -27,6 +27,8 @@ class StepStrip:
 
     ranges = {"steps": (0, None), "count": (1, None), "samples": (0, None), "min_cell": (1, 4096), "max_cell": (1, 4096)}
 
+    run_params = {"samples": "images", "steps": "steps"}
+
     def __init__(self, source: Literal["x0", "x_t", "x_prev"] = "x0", steps: list[int] | None = None, count: int = 8,
                  samples: list[int] | None = None, final: bool = True, decode: Literal["vae", "linear", "auto"] = "vae",
                  min_cell: int = 96, max_cell: int | None = 192, filename: str | None = None,
@@ -70,9 +72,7 @@ class StepStrip:
         cols = self.pick(recorded)
         h, w = int(rec.index.get("height") or 0), int(rec.index.get("width") or 0)
         if not (h and w):
-            from stablefused.runs import image_size
-
-            h, w = image_size(run.cfg)
+            h, w = run.image_size
         dims = rec.index["tensors"][self.source]["dims"]
         lat = one_frame(rec[self.source][pos][:, cols], dims, self.frame)  # (n, k, C, h, w)
         fit = (one_frame(rec["x0"][pos], rec.index["tensors"]["x0"]["dims"], self.frame).flatten(0, 1).float()

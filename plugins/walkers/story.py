@@ -55,7 +55,7 @@ class Story(Walker):
 
     paces_itself = True
 
-    def __init__(self, text: str = "slerp", easing: str = "cosine", caption_size: float = 0.06):
+    def __init__(self, text: str = "slerp", easing: str = "cosine", caption_size: float = Walker.caption_size):
         super().__init__(text=text, easing=easing)
         if not isinstance(caption_size, (int, float)) or not 0 < caption_size < 1:
             raise PluginError(f"walker.caption_size={caption_size!r}: must be a fraction of the frame height, in (0, 1)")
@@ -79,7 +79,7 @@ class Story(Walker):
         for i, k in enumerate(keyframes, 1):  # every scene, the last one too, lasts its seconds
             if k.seconds * walk.fps < 0.5:  # it would still get one frame: the video would not last the story
                 problems.append(f"story={walk.story}: scene {i} ({k.prompt[:40]!r}) lasts {k.seconds:g} s, less than "
-                                f"one frame at fps={walk.fps:g} ({1 / walk.fps:g} s); lengthen it or raise fps")
+                                f"one frame at walk_fps={walk.fps:g} ({1 / walk.fps:g} s); lengthen it or raise walk_fps")
                 break
 
     def segment_frames(self, walk, keyframes):

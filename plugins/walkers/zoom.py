@@ -9,8 +9,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from stablefused.registry import register
-from stablefused.tasks.inpaint import unet_kind
-from stablefused.walkers import Frame, Walker, check_choice
+from stablefused import masks as mk
+from stablefused.outputs import to_uint8
+from stablefused.walkers import Frame, WalkContext, Walker, check_choice
 
 log = logging.getLogger(__name__)
 MODES = ("zoom", "pan")
@@ -140,7 +141,7 @@ class Zoom(Walker):
         src, mask = shift(image, d[0] * n, d[1] * n)
         return src, mask, (d[0] * n, d[1] * n)
 
-    def keyframe(self, j: int, keys, run) -> tuple[Image.Image, dict]:
+    def keyframe(self, j: int, keys, ctx: WalkContext) -> tuple[Image.Image, dict]:
         """Keyframe ``j``'s image: text-to-image for the first, then each outpainted from the one before (read
         back from ``zoom/keyframe_<j>.png`` when a resumed walk already made it). Returns the UNet work spent."""
         stats = {"unet_rows": 0, "model_calls": 0}
@@ -148,78 +149,47 @@ class Zoom(Walker):
             return self.images[j], stats
         prev = None
         if j > 0:
-            prev, s = self.keyframe(j - 1, keys, run)
+            prev, s = self.keyframe(j - 1, keys, ctx)
             stats = {k: stats[k] + s[k] for k in stats}
-        path = run.path("zoom", f"keyframe_{j:03d}.png")
-        cfg, f = run.cfg, run.components.vae_scale_factor
-        from stablefused.runs import image_size
-
-        h, w = image_size(cfg)
+        path = ctx.path("zoom", f"keyframe_{j:03d}.png")
         prompt, seed = self.prompts[j], keys.seeds[j]
         if prev is not None:
-            src, mask, where = self._step(prev, f)
+            src, mask, where = self._step(prev, ctx.latent_pixel)
             self.boxes[j] = where
-        tag = self._tag(run, j)
+        tag = f"{ctx.tag}:{j}"  # what made keyframe j: the run's output settings (as resume compares them) and j
         img = None
         if path.is_file():  # a resumed walk's keyframe, if this config made it (not a stale one left behind)
             with Image.open(path) as old:
                 img = old.convert("RGB") if getattr(old, "text", {}).get(TAG_KEY) == tag else None
         if img is None:
-            scale, neg = float(cfg.guidance_scales[0]), cfg.negative_prompt
-            if prev is None and unet_kind(run.components) == 9:  # an inpainting model: paint a whole blank image
-                from stablefused.tasks.inpaint import inpaint
-
-                gen = inpaint(run.sampler, [Image.new("RGB", (w, h))], [Image.new("L", (w, h), 255)], [prompt],
-                              [seed], [scale], 1.0, neg, steps=int(cfg.steps), guidance=run.guidance, eta=cfg.eta,
-                              progress=cfg.progress)
-                arr = gen.images
-            elif prev is None:
-                gen = run.sampler.txt2img([prompt], [seed], [scale], neg, steps=int(cfg.steps), height=h, width=w,
-                                          guidance=run.guidance, eta=cfg.eta, progress=cfg.progress)
-                arr = gen.images
+            if prev is None:
+                arr, spent = ctx.paint(prompt, seed)
             else:
-                from stablefused import masks as mk
-                from stablefused.tasks.inpaint import inpaint
-
                 soft = mask.filter(ImageFilter.GaussianBlur(self.mask_blur)) if self.mask_blur > 0 else mask
-                gen = inpaint(run.sampler, [src], [soft], [prompt], [seed], [scale], self.strength, neg,
-                              steps=int(cfg.steps), guidance=run.guidance, eta=cfg.eta, progress=cfg.progress)
-                arr = mk.paste_back(gen.images, [src], [soft])
+                arr, spent = ctx.paint(prompt, seed, src, soft, self.strength)
+                arr = mk.paste_back(arr, [src], [soft])
             for k in stats:
-                stats[k] += gen.context.stats[k]
-            from stablefused.outputs import to_uint8
-
+                stats[k] += spent[k]
             from PIL.PngImagePlugin import PngInfo
 
             img = Image.fromarray(to_uint8(arr)[0])
             info = PngInfo()
             info.add_text(TAG_KEY, tag)
             img.save(path, pnginfo=info)
-        run.add_artifact(path, "image", caption=f"zoom keyframe {j}: {prompt} (seed {seed})", log_key=f"keyframe_{j:03d}",
+        ctx.add_artifact(path, "image", caption=f"zoom keyframe {j}: {prompt} (seed {seed})", log_key=f"keyframe_{j:03d}",
                          keyframe=j, prompt=prompt, seed=seed)
         self.images[j] = img
         return img, stats
 
-    @staticmethod
-    def _tag(run, j: int) -> str:
-        """What made keyframe ``j``: the run's output settings (as resume compares them) and ``j``."""
-        import hashlib
-        import json
-
-        from stablefused.runs import fingerprint
-
-        text = json.dumps(fingerprint(run.cfg), sort_keys=True, default=str)
-        return f"{hashlib.sha1(text.encode()).hexdigest()[:16]}:{j}"
-
-    def condition(self, frames, previous, keys, run) -> dict:
+    def condition(self, frames, previous, keys, ctx: WalkContext) -> dict:
         out, stats = [], {"unet_rows": 0, "model_calls": 0}
         for fr in frames:
             a, b = fr.segment, fr.segment + 1
-            first, s1 = self.keyframe(a, keys, run)
+            first, s1 = self.keyframe(a, keys, ctx)
             if fr.position <= 0:
                 img, s2 = first, {}
             else:
-                second, s2 = self.keyframe(b, keys, run)
+                second, s2 = self.keyframe(b, keys, ctx)
                 if self.mode == "zoom":
                     img = zoom_frame(first, second, self.boxes[b], fr.position)
                 else:

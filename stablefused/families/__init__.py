@@ -258,7 +258,7 @@ def register_family(cls: type[Family]) -> type[Family]:
 
 
 def _load_all() -> None:
-    from stablefused.families import sd  # noqa: F401  (registers sd, video)
+    __import__(f"{__name__}.sd")  # registers sd, video (found by name, as tasks and plugins are: no import circle)
 
     for name in ("sdxl", "sd3", "flux", "gmm"):
         try:

@@ -15,8 +15,8 @@ Writing a task::
         "One line shown by `python -m stablefused tasks`."
 
         def validate(self, cfg, problems):      # cheap checks, before the model loads
-            if cfg.frames < 1:
-                problems.append(f"frames={cfg.frames}: must be >= 1")
+            if cfg.video_frames < 1:
+                problems.append(f"video_frames={cfg.video_frames}: must be >= 1")
 
         def run(self, run):                     # cells -> run.generate(cells, make_batch) -> grids/plots
             ...

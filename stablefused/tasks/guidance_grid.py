@@ -22,7 +22,6 @@ import json
 import logging
 from typing import Any
 
-import numpy as np
 from omegaconf import ListConfig, OmegaConf
 from PIL import Image
 
@@ -30,6 +29,7 @@ from stablefused import registry
 from stablefused.errors import ConfigError
 from stablefused.guidance import Guidance
 from stablefused.outputs import strict_json
+from stablefused.plots import metric_bars
 from stablefused.runs import Run, log_samples_table, means, prompt_seed_rows, row_label, wrap
 from stablefused.tasks import Task, register_task
 from stablefused.tasks.txt2img import grid_image_count, guidance_cells, txt2img_batch
@@ -180,28 +180,5 @@ def _report(run: Run, summary: list[dict]) -> None:
     mkeys = [k for k in summary[0] if k not in ("variant", "unet_rows", "model_calls", "full_cfg_rows", "images",
                                                 "saving")]
     if mkeys:
-        plot = _plot(summary, mkeys, run.path("metrics_by_variant.png"), f"{run.cfg.model.name}: metrics per variant")
+        plot = metric_bars(summary, mkeys, run.path("metrics_by_variant.png"), f"{run.cfg.model.name}: metrics per variant")
         run.add_artifact(plot, "plot", caption="mean metric per guidance variant", log_key="metrics_by_variant")
-
-
-def _plot(summary: list[dict], keys: list[str], path, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [s["variant"] for s in summary]
-    x = np.arange(len(labels))
-    width = 0.8 / len(keys)
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(labels)), 4.0), dpi=120)
-    for i, k in enumerate(keys):
-        ax.bar(x + i * width - 0.4 + width / 2, [s.get(k, float("nan")) for s in summary], width, label=k)
-    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("mean value")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
-    return path

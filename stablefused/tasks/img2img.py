@@ -16,20 +16,19 @@ written (``metrics_by_strength.json``, plot).
 from __future__ import annotations
 
 import logging
-import math
 from numbers import Real
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from stablefused import images as im
 from stablefused.errors import ConfigError
 from stablefused.pipeline import Generation, Sampler
 from stablefused.sampling import Request
-from stablefused.runs import Run, image_record, log_samples_table, prompt_seed_rows, row_label, summarise_metrics, wrap
-from stablefused.tasks import Task, register_task
+from stablefused.runs import Run, log_samples_table, summarise_metrics
+from stablefused.source_images import SourceImageTask, selected_recorders, strength_problems
+from stablefused.tasks import register_task
 
 log = logging.getLogger(__name__)
 
@@ -79,32 +78,8 @@ def img2img(
     return sampler.sample(request, guidance=guidance, hooks=hooks, progress=progress)
 
 
-def _strength_problems(cfg: Any) -> list[str]:
-    v = cfg.get("strengths")
-    if isinstance(v, Real) and not isinstance(v, bool):
-        return [f"strengths={v}: must be a list, e.g. strengths=[{v}]"]
-    if isinstance(v, (str, bool)) or OmegaConf.is_dict(v) or isinstance(v, dict):
-        return [f"strengths={v!r}: must be a list of numbers in (0, 1], e.g. strengths=[0.3,0.6,0.9]"]
-    try:
-        items = list(v)
-    except TypeError:
-        return [f"strengths={v!r}: must be a list of numbers in (0, 1], e.g. strengths=[0.3,0.6,0.9]"]
-    if not items:
-        return ["strengths=[]: give at least one strength in (0, 1], e.g. strengths=[0.6]"]
-    out = []
-    steps = cfg.get("steps")
-    for s in items:
-        if isinstance(s, bool) or not isinstance(s, Real) or not math.isfinite(s) or not 0 < s <= 1:
-            out.append(f"strengths: {s!r} is not in (0, 1]; 0 would return the source unchanged, 1 noises it fully "
-                       "(use e.g. strengths=[0.3,0.6,0.9])")
-        elif isinstance(steps, int) and int(s * steps) < 1:
-            out.append(f"strengths: {s:g} x steps={steps} runs no denoising step (int(strength*steps) = 0); "
-                       f"use strength >= {1 / steps:g} or more steps")
-    return out
-
-
 @register_task("img2img")
-class Img2Img(Task):
+class Img2Img(SourceImageTask):
     """Image to image (SDEdit): rows = source image x prompt/seed, columns = source | strength x guidance."""
 
     types = {"init_image": Union[str, list[str], None], "max_size": Real}
@@ -112,7 +87,7 @@ class Img2Img(Task):
     input_settings = ("init_image",)
 
     def validate(self, cfg: Any, problems: list[str]) -> None:
-        problems += _strength_problems(cfg)
+        problems += strength_problems(cfg)
         if cfg.get("resize") not in im.RESIZE_POLICIES:
             problems.append(f"resize={cfg.get('resize')!r}: must be one of {', '.join(im.RESIZE_POLICIES)}")
         max_size = cfg.get("max_size")
@@ -136,98 +111,10 @@ class Img2Img(Task):
             except ConfigError as e:
                 problems.append(str(e))
         strengths = cfg.get("strengths")
-        if cfg.get("recorders") and _selected_recorders(cfg) and len(list(strengths or [])) > 1:
+        if cfg.get("recorders") and selected_recorders(cfg) and len(list(strengths or [])) > 1:
             problems.append(f"strengths={list(strengths)}: recorders keep one step axis per run, and each strength "
                             "runs a different number of steps; record one strength at a time (e.g. "
                             f"strengths=[{list(strengths)[-1]}]) or drop the recorders")
-
-    @staticmethod
-    def max_pixels_problems(cfg: Any, found: list, height: int, width: int) -> list[str]:
-        """``max_pixels`` against the size the run really makes (from the first source when height/width are
-        unset) times the images of one batch."""
-        limit, batch = cfg.get("max_pixels"), cfg.get("batch_size")
-        if not (isinstance(limit, int) and isinstance(batch, int) and batch >= 1) or isinstance(limit, bool):
-            return []
-        try:
-            prompts = len(list(cfg.prompts or cfg.model.example_prompts or [None]))
-            cells = len(found) * prompts * len(list(cfg.seeds)) * len(list(cfg.strengths)) * len(list(cfg.guidance_scales))
-        except TypeError:
-            cells = batch
-        per_batch = max(1, min(batch, cells))
-        total = height * width * per_batch
-        if total <= limit:
-            return []
-        return [f"max_pixels={limit:,}: {per_batch} output(s) per batch of {width}x{height} (the size "
-                f"{'init_image=' + found[0][0] + ' gives' if cfg.get('height') is None or cfg.get('width') is None else 'set'}) "
-                f"are {total:,} pixels; set a smaller height/width or batch_size, or raise max_pixels"]
-
-    @staticmethod
-    def output_size(cfg: Any, name: str, size: tuple[int, int], max_size: float) -> tuple[int, int]:
-        """(height, width) of every output: ``height``/``width`` where given, else the first image's size after
-        the resize policy (as diffusers sizes a list of images by its first)."""
-        mult = int(cfg.model.get("size_multiple") or 8)
-        out = im.target_size(size, cfg.resize, mult, cfg.get("height"), cfg.get("width"))
-        im.check_size(name, size, out, cfg.model, float(max_size))
-        return out
-
-    # ---- shared with task=inpaint (a subclass): inputs, cells and the grid of a source-image task
-    @staticmethod
-    def save_input(run: Run, i: int, source: Any, image: Image.Image, height: int, width: int) -> None:
-        """Source ``i`` as the model sees it (fitted), listed in the manifest before any output."""
-        path = run.path("inputs", f"source_{i:02d}.png")
-        image.save(path)
-        run.add_artifact(path, "input", caption=source.description or source.spec, log_key=f"source_{i:02d}",
-                         init_image=source.spec, source=source.description, original_size=list(source.image.size),
-                         converted=source.converted, resize=run.cfg.resize, height=height, width=width)
-
-    @staticmethod
-    def rows(run: Run, sources: list) -> list[tuple[int, str, int]]:
-        """Grid rows: (source index, prompt, seed) for every source x prompt/seed row."""
-        return [(i, p, s) for i in range(len(sources)) for p, s in prompt_seed_rows(run.cfg)]
-
-    @staticmethod
-    def strength_cells(run: Run, rows: list, sources: list, height: int, width: int,
-                       **extra: Callable[[int], Any]) -> list[tuple[float, list[dict]]]:
-        """The cells of each strength (one strength per batch: it sets where the loop starts). Column 0 is the
-        source; ``extra``: record keys computed from the source index."""
-        cfg = run.cfg
-        strengths, scales = [float(s) for s in cfg.strengths], [float(g) for g in cfg.guidance_scales]
-        per_row = len(strengths) * len(scales)
-        run.total = len(rows) * per_row
-        out = []
-        for si, strength in enumerate(strengths):
-            cells = []
-            for r, (i, p, seed) in enumerate(rows):
-                for gi, g in enumerate(scales):
-                    col = si * len(scales) + gi
-                    cells.append(dict(index=r * per_row + col, row=r, col=1 + col, prompt=p, seed=seed,
-                                      guidance_scale=g, strength=strength, init_image=sources[i].spec,
-                                      source=sources[i].description, resize=cfg.resize, height=height,
-                                      width=width, **{k: f(i) for k, f in extra.items()}, source_index=i))
-            out.append((strength, cells))
-        return out
-
-    @staticmethod
-    def record(run: Run, cell: dict) -> dict:
-        return image_record(run, {k: v for k, v in cell.items() if k != "source_index"})
-
-    @staticmethod
-    def save_grid(run: Run, rows: list, sources: list, first: list[Image.Image], first_label: str,
-                  caption: str) -> None:
-        """Rows = source x prompt/seed; column 0 = ``first[source]``, then strength x guidance."""
-        cfg = run.cfg
-        strengths, scales = [float(s) for s in cfg.strengths], [float(g) for g in cfg.guidance_scales]
-        ncols = 1 + len(strengths) * len(scales)
-        cells: list[Image.Image | None] = [None] * (len(rows) * ncols)
-        for r, (i, _, _) in enumerate(rows):
-            cells[r * ncols] = first[i]
-        for img, rec in zip(run.images, run.records):
-            cells[rec["row"] * ncols + rec["col"]] = img
-        col_labels = [first_label] + [f"strength {s:g}" + (f"\nw={g:g}" if len(scales) > 1 else "")
-                                      for s in strengths for g in scales]
-        row_labels = [wrap(f"{sources[i].description or sources[i].spec.split('/')[-1]}\n-> {p}\nseed {s}")
-                      if len(sources) > 1 or sources[i].description else row_label(p, s) for i, p, s in rows]
-        run.save_grid(cells, len(rows), ncols, row_labels, col_labels, caption=caption)
 
     def run(self, run: Run) -> None:
         cfg = run.cfg
@@ -261,12 +148,16 @@ class Img2Img(Task):
 
 
 def tradeoff(run: Run) -> dict | None:
-    """Mean of each metric's ``/mean`` (e.g. edit = ``shapes_adherence/mean`` against the prompt, faithfulness
-    = ``shapes_adherence_source/mean`` against the source) per strength and guidance scale: ``tradeoff.json``,
-    ``tradeoff.md`` (a table) and ``tradeoff.png`` (one panel per metric, one line per guidance scale)."""
-    from stablefused.runs import metric_keys
+    """Mean of the keys the metrics ask to summarise (``summaries()``, :mod:`stablefused.scores`; e.g.
+    ``shapes_adherence``: edit = adherence to the prompt, faithful = to the source), else of every metric key,
+    per strength and guidance scale: ``tradeoff.json`` (with the crossover strength when an ``edit`` and a
+    ``faithful`` key are there), ``tradeoff.md`` (a table) and ``tradeoff.png`` (a panel per key, a line per
+    guidance scale)."""
+    from stablefused.scores import declared_summaries, metric_keys
 
-    keys = [k for k in metric_keys(run.records) if k.endswith("/mean")] or metric_keys(run.records)
+    present, declared = metric_keys(run.records), declared_summaries(run.metrics.values())
+    keys = [k for k in declared if k in present] or present
+    roles = {declared[k]["role"]: k for k in keys if declared.get(k, {}).get("role")}
     if not keys:
         return None
     strengths = sorted({float(r["strength"]) for r in run.records})
@@ -280,11 +171,12 @@ def tradeoff(run: Run) -> dict | None:
                 table[(k, g, s)] = sum(vals) / len(vals) if vals else float("nan")
     out = {"strengths": strengths, "guidance_scales": scales,
            "means": {k: {f"{g:g}": [table[(k, g, s)] for s in strengths] for g in scales} for k in keys}}
-    edit, faith = "shapes_adherence/mean", "shapes_adherence_source/mean"
-    if edit in keys and faith in keys:  # the first strength at which the target wins over the source
+    edit, faith = roles.get("edit"), roles.get("faithful")
+    if edit and faith:  # the first strength at which the target wins over the source
         out["crossover"] = {f"{g:g}": next((s for s in strengths if table[(edit, g, s)] > table[(faith, g, s)]), None)
                             for g in scales}
-    head = "| strength | " + " | ".join(f"{_short(k)} w={g:g}" for k in keys for g in scales) + " |"
+    short = {k: r for r, k in roles.items()}
+    head = "| strength | " + " | ".join(f"{short.get(k, k)} w={g:g}" for k in keys for g in scales) + " |"
     lines = [head, "|---" * (1 + len(keys) * len(scales)) + "|"]
     lines += [f"| {s:g} | " + " | ".join(f"{table[(k, g, s)]:.2f}" for k in keys for g in scales) + " |"
               for s in strengths]
@@ -303,42 +195,11 @@ def tradeoff(run: Run) -> dict | None:
     log.info("strength trade-off:\n%s", md)
     run.logger.table("tradeoff", ["metric", "guidance_scale", "strength", "value"],
                      [[k, g, s, table[(k, g, s)]] for k in keys for g in scales for s in strengths])
-    _plot_tradeoff(out, run.path("tradeoff.png"), f"{run.cfg.model.name}: image-to-image, {run.cfg.steps} steps")
+    from stablefused.plots import panels
+
+    panels(out["strengths"], {k: {f"guidance {g}": ys for g, ys in out["means"][k].items()} for k in keys},
+           run.path("tradeoff.png"), f"{run.cfg.model.name}: image-to-image, {run.cfg.steps} steps", "strength",
+           "mean (0-1)", {k: v["title"] for k, v in declared.items() if "title" in v})
     run.add_artifact(run.path("tradeoff.png"), "plot", caption="metrics vs strength, one line per guidance scale",
                      log_key="tradeoff")
     return out
-
-
-def _short(key: str) -> str:
-    return {"shapes_adherence/mean": "edit", "shapes_adherence_source/mean": "faithful"}.get(key, key)
-
-
-def _plot_tradeoff(out: dict, path, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(out["means"])
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), dpi=100, sharey=True, squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        for g, ys in out["means"][k].items():
-            ax.plot(out["strengths"], ys, marker="o", label=f"guidance {g}")
-        name = {"shapes_adherence/mean": "edit: adherence to the target prompt",
-                "shapes_adherence_source/mean": "faithfulness: adherence to the source"}.get(k, k)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("strength")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("mean (0-1)")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
-    return path
-
-
-def _selected_recorders(cfg: Any) -> list[str]:
-    from stablefused import registry
-
-    return list(registry.selected(cfg, "recorders"))

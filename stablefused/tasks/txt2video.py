@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from stablefused.errors import ConfigError
-from stablefused.outputs import save_png, to_uint8, write_mp4
+from stablefused.outputs import save_png, to_uint8
+from stablefused.video import write_mp4
 from stablefused.pipeline import Generation, Sampler
 from stablefused.sampling import Request
 from stablefused.runs import (
@@ -58,7 +59,7 @@ def frame_path(cell: dict, frame: int | None = None) -> str:
     return stem if frame is None else f"{stem}/frame_{frame:03d}.png"
 
 
-def write_video(run: Run, cell: dict, frames: np.ndarray) -> None:
+def save_video(run: Run, cell: dict, frames: np.ndarray) -> None:
     """One video's frame PNGs (+ manifest lines), MP4 and frame strip; ``frames`` (F, H, W, 3) in [0, 1]."""
     cfg = run.cfg
     frames8 = to_uint8(frames)
@@ -67,9 +68,9 @@ def write_video(run: Run, cell: dict, frames: np.ndarray) -> None:
         save_png(img, run.run_dir / rec["path"], rec)
         run.manifest.append(rec)
     about = dict(index=cell["index"], prompt=cell["prompt"], seed=cell["seed"], guidance_scale=cell["guidance_scale"],
-                 frames=len(frames8), fps=int(cfg.fps))
+                 frames=len(frames8), fps=int(cfg.video_fps))
     caption = f"{cell['prompt']} | seed {cell['seed']} | guidance {cell['guidance_scale']:g}"
-    mp4 = write_mp4(run.path(frame_path(cell) + ".mp4"), list(frames8), int(cfg.fps), macro_block_size=2)
+    mp4 = write_mp4(run.path(frame_path(cell) + ".mp4"), list(frames8), int(cfg.video_fps), macro_block_size=2)
     run.add_artifact(mp4, "video", caption=caption, log_key=f"video_{cell['index']:04d}", **about)
     strip = run.path(frame_path(cell) + "_strip.png")
     save_png(np.concatenate(list(frames8), axis=1), strip, image_record(run, cell))
@@ -85,7 +86,7 @@ class Txt2Video(Task):
         return cfg.frames if isinstance(cfg.get("frames"), int) and not isinstance(cfg.get("frames"), bool) else 1
 
     def validate(self, cfg: Any, problems: list[str]) -> None:
-        for key in ("frames", "fps"):
+        for key in ("video_frames", "video_fps"):
             v = cfg.get(key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 problems.append(f"{key}={v!r}: must be an integer >= 1")
@@ -99,17 +100,17 @@ class Txt2Video(Task):
                               "TextToVideoSDPipeline folder>")
         height, width = image_size(cfg)
         rows, scales = prompt_seed_rows(cfg), [float(g) for g in cfg.guidance_scales]
-        middle = int(cfg.frames) // 2
+        middle = int(cfg.video_frames) // 2
 
         def make(chunk: list[dict]) -> Generation:
             gen = txt2video(
                 run.sampler, [x["prompt"] for x in chunk], [x["seed"] for x in chunk],
-                [x["guidance_scale"] for x in chunk], cfg.negative_prompt, frames=int(cfg.frames), steps=cfg.steps,
+                [x["guidance_scale"] for x in chunk], cfg.negative_prompt, frames=int(cfg.video_frames), steps=cfg.steps,
                 height=height, width=width, guidance=run.guidance, hooks=list(run.recorders.values()),
                 samples=chunk, eta=cfg.eta, progress=cfg.progress,
             )
             for cell, frames in zip(chunk, gen.images):
-                write_video(run, cell, frames)
+                save_video(run, cell, frames)
             return Generation(gen.images[:, middle], gen.latents, gen.context)  # the image records: middle frames
 
         def record(cell: dict) -> dict:
