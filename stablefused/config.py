@@ -110,7 +110,9 @@ def _check_keys(cfg: DictConfig, problems: list[str]) -> None:
 
     get_task(cfg.task)  # an unknown task is one line with the closest name
     _unknown(cfg.keys(), CORE_KEYS | task_keys(cfg.task), "", task=cfg.task)
-    _unknown(cfg.model.keys(), MODEL_KEYS, "model.")
+    from stablefused.families import family_settings
+
+    _unknown(cfg.model.keys(), MODEL_KEYS | family_settings(), "model.")
 
 
 def _collect(problems: list[str], *checks: Any) -> None:

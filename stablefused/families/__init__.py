@@ -100,6 +100,9 @@ class Family:
     pipelines: tuple[str, ...] = ()
     reference = ""
     attention = "cross"  # text→image attention: "cross" (UNet attn2), "joint" (MMDiT), None
+    # model-level settings the family reads from the model config (``model.<key>``; None there = this default),
+    # e.g. SDXL's original_size. They reach the adapter as ``components.info["model"]``.
+    settings: dict[str, Any] = {}
 
     def __init__(self, c: Any):
         self.c = c
@@ -234,6 +237,12 @@ class Family:
         kind = "UNet" if "UNet" in type(self.network).__name__ else "transformer"
         return f"its {kind} takes {need} input channels, this task gives it {have}{hint}"
 
+    def latent_rgb(self) -> tuple[Any, Any, str] | None:
+        """Published linear latent→RGB coefficients for this model's VAE: (weight (C, 3), bias (3,), source),
+        mapping scaled latents to RGB in [-1, 1]; None to let the preview fit them
+        (:mod:`stablefused.preview`)."""
+        return None
+
     # ------------------------------------------------------------------ what works where
     def unsupported(self, cfg: Any) -> list[str]:
         """One line per setting this family cannot do (checked before the model loads where possible)."""
@@ -268,6 +277,12 @@ def family_class(name: str) -> type[Family]:
 def family_names() -> list[str]:
     _load_all()
     return sorted(_FAMILIES)
+
+
+def family_settings() -> set[str]:
+    """Every family's model-level setting names (allowed ``model.<key>`` beyond the loader's own)."""
+    _load_all()
+    return {k for cls in _FAMILIES.values() for k in cls.settings}
 
 
 def family_for_pipeline(pipeline_class: str | None, network_class: str | None = None) -> str:
