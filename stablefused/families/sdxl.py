@@ -24,6 +24,7 @@ positive one), ``aesthetic_score`` / ``negative_aesthetic_score`` (refiner-style
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Sequence
 
@@ -74,7 +75,7 @@ class SDXL(Family):
         value = (self.c.info.get("model") or {}).get(key)
         return self.settings[key] if value is None else value
 
-    @property
+    @functools.cached_property
     def aesthetic(self) -> bool:
         """Whether the UNet's time_ids are ``original_size + crops + (aesthetic_score,)`` (refiner) instead of
         ``original_size + crops + target_size``: read from its added-embedding width, as the pipeline checks."""
@@ -116,23 +117,26 @@ class SDXL(Family):
         """``StableDiffusionXLPipeline.encode_prompt`` (no clip skip): both encoders' ``hidden_states[-2]``
         concatenated, the second's pooled projection; empty negatives zeroed where the config says so."""
         c, prompts = self.c, list(prompts)
-        pairs = [(c.modules.get("tokenizer"), c.modules.get("text_encoder")),
-                 (c.modules["tokenizer_2"], c.modules["text_encoder_2"])]
-        hidden, pooled = [], None
-        for tokenizer, encoder in pairs:
-            if tokenizer is None or encoder is None:
-                continue
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids
-            out = encoder(ids.to(encoder.device), output_hidden_states=True)
-            if pooled is None and out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
-                pooled = out[0]
-            hidden.append(out.hidden_states[-2])
-        embeds = torch.cat(hidden, dim=-1)
-        if negative and self.force_zeros:
-            empty = torch.tensor([p == "" for p in prompts], device=embeds.device)
-            embeds = torch.where(empty[:, None, None], torch.zeros_like(embeds), embeds)
-            pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+        pairs = [(tok, enc) for tok, enc in ((c.modules.get("tokenizer"), c.modules.get("text_encoder")),
+                                             (c.modules["tokenizer_2"], c.modules["text_encoder_2"]))
+                 if tok is not None and enc is not None]
+        zero = [negative and p == "" and self.force_zeros for p in prompts]  # the pipeline's zeros_like: not encoded
+        todo = [p for p, z in zip(prompts, zero) if not z]
+        length = pairs[-1][0].model_max_length
+        embeds = torch.zeros(len(prompts), length, sum(e.config.hidden_size for _, e in pairs), device=c.device)
+        pooled = torch.zeros(len(prompts), pairs[-1][1].config.projection_dim, device=c.device)
+        if todo:
+            hidden, pool = [], None
+            for tokenizer, encoder in pairs:
+                ids = tokenizer(todo, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                                return_tensors="pt").input_ids
+                out = encoder(ids.to(encoder.device), output_hidden_states=True)
+                if pool is None and out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
+                    pool = out[0]
+                hidden.append(out.hidden_states[-2])
+            rows = torch.tensor([i for i, z in enumerate(zero) if not z], device=c.device)
+            embeds = embeds.to(hidden[0].dtype).index_copy(0, rows, torch.cat(hidden, dim=-1))
+            pooled = pooled.to(pool.dtype).index_copy(0, rows, pool)
         time_ids = torch.tensor([self.time_ids(negative)] * len(prompts), device=c.device)
         return Conditioning({"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids}).to(
             c.device, c.dtype)
