@@ -311,3 +311,24 @@ def test_every_guidance_schedule_and_rule_on_tiny_sdxl(tmp_path, grid):
     run(compose_cfg(*SDXL_RUN, "task=guidance_grid", f"guidance={grid}", "guidance_scales=[0,1,5]"), tmp_path)
     n = {"schedules": 6, "rules": 5}[grid]
     _images_decode(tmp_path, 3 * n)
+
+
+# ------------------------------------------------------------------------------------------- base + refiner
+@pytest.mark.parametrize("sched,handover", [("euler", 0.8), ("dpmpp_2m", 0.6)])
+def test_refiner_handover_parity(models, sched, handover):
+    """denoising_end on the base, denoising_start on the refiner, latents handed over undecoded."""
+    from stablefused.families.sdxl import txt2img_refined
+
+    base, refiner, cls = models["base"], models["refiner"], SCHEDULERS[sched]
+    gens = _gens()
+    latents = _pipe(StableDiffusionXLPipeline, base, cls.from_config(base.scheduler_config))(
+        PROMPTS, num_inference_steps=STEPS + 3, guidance_scale=7.5, height=H, width=W, generator=gens,
+        denoising_end=handover, output_type="latent").images
+    ref = _pipe(StableDiffusionXLImg2ImgPipeline, refiner, cls.from_config(refiner.scheduler_config))(
+        PROMPTS, image=latents, num_inference_steps=STEPS + 3, guidance_scale=7.5, generator=gens,
+        denoising_start=handover, output_type="np").images
+    ours = txt2img_refined(Sampler(base, cls.from_config(base.scheduler_config)),
+                           Sampler(refiner, cls.from_config(refiner.scheduler_config)), PROMPTS, SEEDS, 7.5,
+                           steps=STEPS + 3, handover=handover, height=H, width=W, progress=False)
+    assert np.abs(ours.images - ref).max() <= 1e-5
+    assert 0 < ours.context.stats["model_calls"] < STEPS + 3  # the refiner ran only the tail of the schedule

@@ -196,6 +196,53 @@ class SDXL(Family):
         return super().decode((latents * stats[1] / scale + stats[0]) * scale, batch_size)
 
 
+# ---------------------------------------------------------------------------------------------- base + refiner
+def handover_steps(scheduler: Any, fraction: float) -> int:
+    """How many steps of ``scheduler``'s current schedule the base runs before the refiner takes over at
+    ``fraction`` of the noise schedule: diffusers' ``denoising_end`` (the timesteps at or above
+    ``round((1 - fraction) * num_train_timesteps)``), which is also where ``denoising_start`` begins."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"refiner handover {fraction!r}: must be in (0, 1), e.g. 0.8")
+    if scheduler.order != 1:
+        raise ValueError(f"refiner handover: {type(scheduler).__name__} is a second-order scheduler; use a "
+                         "first-order one (euler, dpmpp_2m, ddim, ...)")
+    cutoff = int(round(scheduler.config.num_train_timesteps * (1 - fraction)))
+    return int((scheduler.timesteps >= cutoff).sum())
+
+
+@torch.no_grad()
+def txt2img_refined(base: Any, refiner: Any, prompts: Sequence[str], seeds: Sequence[int],
+                    guidance_scales: Sequence[float] | float, negative_prompts: Sequence[str] | str = "", *,
+                    steps: int = 20, handover: float = 0.8, height: int | None = None, width: int | None = None,
+                    hooks: Sequence[Any] = (), refiner_hooks: Sequence[Any] = (), **loop_kw: Any) -> Any:
+    """SDXL base + refiner as an ensemble of expert denoisers: the base (a :class:`Sampler`) denoises the first
+    ``handover`` of the schedule (``denoising_end``), the refiner (another Sampler) the rest from the base's
+    latents (``denoising_start``, no new noise), as ``StableDiffusionXLPipeline(..., denoising_end=f,
+    output_type="latent")`` followed by ``StableDiffusionXLImg2ImgPipeline(image=latents, denoising_start=f)``.
+    Each image's generator carries on from the base into the refiner. Both use ``steps``. Returns the
+    refiner's :class:`~stablefused.pipeline.Generation` (its context counts the refiner's steps)."""
+    from stablefused.sampling import Request, denoise
+
+    n = len(prompts)
+    negative_prompts = [negative_prompts] * n if isinstance(negative_prompts, str) else list(negative_prompts)
+    scales = [float(guidance_scales)] * n if isinstance(guidance_scales, (int, float)) else list(guidance_scales)
+    height, width = height or base.family.default_size, width or base.family.default_size
+    cond, uncond = base.encode(prompts), base.encode(negative_prompts, negative=True)
+    latents, generators = base.initial_latents(seeds, height, width, steps=steps)
+    end = handover_steps(base.scheduler, handover)
+    latents, _ = denoise(base.family, base.scheduler, Request(latents, cond, uncond, scales, steps,
+                                                              generators=generators, end_step=end),
+                         hooks=hooks, **loop_kw)  # latents, not decoded (the pipeline's output_type="latent")
+    cond, uncond = refiner.encode(prompts), refiner.encode(negative_prompts, negative=True)
+    refiner.prepare(steps, seeds, start_step=end, height=height, width=width)
+    if handover_steps(refiner.scheduler, handover) != end:
+        raise ValueError("refiner handover: the base and the refiner schedulers split the schedule differently; "
+                         "give both the same scheduler")
+    latents = refiner.family.from_spatial(base.family.to_spatial(latents))
+    return refiner.sample(Request(latents, cond, uncond, scales, steps, start_step=end, generators=generators),
+                          hooks=refiner_hooks, **loop_kw)
+
+
 # ---------------------------------------------------------------------------------------------- tiny models
 def build_tiny_sdxl(seed: int = 0, refiner: bool = False) -> Any:
     """A tiny SDXL-shaped model with random weights, built in code (tests and plumbing): the shapes of
