@@ -238,14 +238,17 @@ def test_folders_are_recognised_from_model_index(models):
                            info={"pipeline_class": "StableDiffusionXLImg2ImgPipeline"})).force_zeros
 
 
-def test_sdxl_offline_is_one_clear_line():
+@pytest.mark.parametrize("model,hub_id", [("sdxl", "stabilityai/stable-diffusion-xl-base-1.0"),
+                                          ("sdxl_refiner", "stabilityai/stable-diffusion-xl-refiner-1.0")])
+def test_sdxl_offline_is_one_clear_line(model, hub_id):
     from stablefused.config import validate
     from stablefused.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        validate(compose_cfg("model=sdxl"))
-    assert str(e.value).splitlines()[0].startswith("model=sdxl: stabilityai/stable-diffusion-xl-base-1.0 is not "
-                                                   "downloaded and the hub is offline")
+        validate(compose_cfg(f"model={model}", "model.original_size=[1024,1024]"))
+    assert str(e.value).splitlines() == [
+        f"model={model}: {hub_id} is not downloaded and the hub is offline (HF_HUB_OFFLINE); run `hf download "
+        f"{hub_id}` with network, or set model.path=<local diffusers folder or .safetensors file>"]
 
 
 def test_linear_preview_uses_sdxl_coefficients():
@@ -332,3 +335,17 @@ def test_refiner_handover_parity(models, sched, handover):
                            steps=STEPS + 3, handover=handover, height=H, width=W, progress=False)
     assert np.abs(ours.images - ref).max() <= 1e-5
     assert 0 < ours.context.stats["model_calls"] < STEPS + 3  # the refiner ran only the tail of the schedule
+
+
+def test_bad_micro_conditioning_settings_are_one_line_each():
+    from stablefused.config import validate
+    from stablefused.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg("model=tiny_sdxl", "model.original_size=[1024]", "model.crops_coords_top_left=[-1,0]",
+                             "model.aesthetic_score=high"))
+    assert str(e.value).splitlines() == [
+        "model.original_size=[1024]: must be two integers, [height, width] in pixels, e.g. model.original_size=[1024,1024]",
+        "model.crops_coords_top_left=[-1, 0]: must be two integers, [top, left] pixel offsets >= 0, e.g. "
+        "model.crops_coords_top_left=[0,0]",
+        "model.aesthetic_score='high': must be a number (SDXL's default 6.0)"]

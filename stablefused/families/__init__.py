@@ -237,6 +237,12 @@ class Family:
         kind = "UNet" if "UNet" in type(self.network).__name__ else "transformer"
         return f"its {kind} takes {need} input channels, this task gives it {have}{hint}"
 
+    @classmethod
+    def setting_problems(cls, model_cfg: Any) -> list[str]:
+        """One line per bad value of this family's :attr:`settings` in the model config (checked before the
+        model loads)."""
+        return []
+
     def latent_rgb(self) -> tuple[Any, Any, str] | None:
         """Published linear latent→RGB coefficients for this model's VAE: (weight (C, 3), bias (3,), source),
         mapping scaled latents to RGB in [-1, 1]; None to let the preview fit them
@@ -283,6 +289,12 @@ def family_settings() -> set[str]:
     """Every family's model-level setting names (allowed ``model.<key>`` beyond the loader's own)."""
     _load_all()
     return {k for cls in _FAMILIES.values() for k in cls.settings}
+
+
+def settings_problems(model_cfg: Any) -> list[str]:
+    """Every family's complaints about its settings in ``model_cfg`` (:meth:`Family.setting_problems`)."""
+    _load_all()
+    return [line for cls in _FAMILIES.values() for line in cls.setting_problems(model_cfg)]
 
 
 def family_for_pipeline(pipeline_class: str | None, network_class: str | None = None) -> str:

@@ -64,6 +64,30 @@ class SDXL(Family):
         "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5,
     }
 
+    @classmethod
+    def setting_problems(cls, model_cfg: Any) -> list[str]:
+        from numbers import Real
+
+        out = []
+        for key in cls.settings:
+            v = model_cfg.get(key)
+            if v is None:
+                continue
+            if key.endswith("aesthetic_score"):
+                if isinstance(v, bool) or not isinstance(v, Real):
+                    out.append(f"model.{key}={v!r}: must be a number (SDXL's default {cls.settings[key]})")
+                continue
+            least = 0 if "crops" in key else 1
+            try:
+                ok = len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x >= least for x in v)
+            except TypeError:
+                ok = False
+            if not ok:
+                what = "[top, left] pixel offsets >= 0" if least == 0 else "[height, width] in pixels"
+                out.append(f"model.{key}={v!r}: must be two integers, {what}, e.g. model.{key}="
+                           f"{'[0,0]' if least == 0 else '[1024,1024]'}")
+        return out
+
     def __init__(self, c: Any):
         super().__init__(c)
         vae = c.vae
