@@ -349,3 +349,20 @@ def test_bad_micro_conditioning_settings_are_one_line_each():
         "model.crops_coords_top_left=[-1, 0]: must be two integers, [top, left] pixel offsets >= 0, e.g. "
         "model.crops_coords_top_left=[0,0]",
         "model.aesthetic_score='high': must be a number (SDXL's default 6.0)"]
+
+
+def test_float16_runs_the_vae_in_float32_as_the_pipeline_upcasts_it():
+    """force_upcast in the VAE config (SDXL's VAE overflows in float16): the pipeline decodes (and img2img
+    encodes) in float32; so does the family. A VAE without it stays in float16."""
+    comps = build_tiny_sdxl()
+    for m in (comps.unet, comps.vae, comps.text_encoder, comps.modules["text_encoder_2"]):
+        m.to(torch.float16)
+    comps.dtype = torch.float16
+    fam = comps.family
+    assert comps.vae.dtype == torch.float32 and comps.unet.dtype == torch.float16
+    images = fam.decode(torch.randn(1, 4, 8, 8, dtype=torch.float16))
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+    comps.vae.to(torch.float16)
+    comps.vae.register_to_config(force_upcast=False)
+    comps.family
+    assert comps.vae.dtype == torch.float16
