@@ -366,3 +366,19 @@ def test_float16_runs_the_vae_in_float32_as_the_pipeline_upcasts_it():
     comps.vae.register_to_config(force_upcast=False)
     comps.family
     assert comps.vae.dtype == torch.float16
+
+
+def test_vae_latents_mean_std_parity(tmp_path):
+    """A VAE whose config has latents_mean/latents_std (Playground-v2.5-style): the pipelines normalise the
+    encoded latents with them and denormalise before decoding; so do we."""
+    comps = build_tiny_sdxl(seed=9)
+    comps.vae.register_to_config(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 1.5, 1.0, 2.0])
+    comps = _save_and_load(comps, tmp_path / "sdxl_latents_stats")
+    assert comps.vae.config.latents_std == [0.5, 1.5, 1.0, 2.0]
+    assert txt2img_error(comps) <= 1e-5
+    ref = _pipe(StableDiffusionXLImg2ImgPipeline, comps, EulerDiscreteScheduler.from_config(comps.scheduler_config))(
+        PROMPTS, image=_sources(), strength=0.6, num_inference_steps=STEPS, guidance_scale=7.5, generator=_gens(),
+        output_type="np").images
+    ours = img2img(Sampler(comps, EulerDiscreteScheduler.from_config(comps.scheduler_config)), _sources(), PROMPTS,
+                   SEEDS, [7.5, 7.5], 0.6, "", steps=STEPS, progress=False).images
+    assert np.abs(ours - ref).max() <= 1e-5
