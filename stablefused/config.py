@@ -266,7 +266,10 @@ def _check_keys(cfg: DictConfig, problems: list[str]) -> None:
 
     get_task(cfg.task)  # an unknown task is one line with the closest name
     _unknown(cfg.keys(), CORE_KEYS | task_keys(cfg.task), "", task=cfg.task)
-    _unknown(cfg.model.keys(), MODEL_KEYS, "model.")
+    from stablefused.families import family_settings, settings_problems
+
+    _unknown(cfg.model.keys(), MODEL_KEYS | family_settings(), "model.")
+    problems += settings_problems(cfg.model)
 
 
 def _collect(problems: list[str], *checks: Any) -> None:

@@ -221,8 +221,16 @@ def load_components(model_cfg: Any, device: str = "auto", dtype: str = "float32"
         log.info("Loaded model %s from %s (%s, %s)", comps.name, source, dev, dt)
         _CACHE[key] = comps
     comps = _CACHE[key]
-    # Each run gets its own copy of the scheduler config; the modules are shared (read-only).
-    return replace(comps, scheduler_config=copy.deepcopy(comps.scheduler_config))
+    # Each run gets its own copy of the scheduler config; the modules are shared (read-only). The model's
+    # config goes along in info["model"]: a family reads its model-level settings there (Family.settings).
+    return replace(comps, scheduler_config=copy.deepcopy(comps.scheduler_config),
+                   info={**comps.info, "model": _plain(model_cfg)})
+
+
+def _plain(cfg: Any) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
 def model_source(model_cfg: Any) -> str:
@@ -341,7 +349,11 @@ def _load_folder(source: str, name: str, revision: str | None, local_only: bool,
         extra = {} if part.startswith("tokenizer") else kw
         modules[part] = cls.from_pretrained(source, subfolder=part, **{**common, **extra})
     scheduler_config = dict(DDIMScheduler.load_config(source, subfolder="scheduler", **common))  # any class reads it
-    return Components(name, modules, scheduler_config, torch.device("cpu"), torch.float32, family_name=family.name)
+    # the pipeline's own settings in model_index.json (SDXL: force_zeros_for_empty_prompt, requires_aesthetics_score)
+    info = {"pipeline_class": index.get("_class_name"),
+            "pipeline_config": {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}}
+    return Components(name, modules, scheduler_config, torch.device("cpu"), torch.float32, info=info,
+                      family_name=family.name)
 
 
 # an SD folder without model_index.json: the classes SD's index names
@@ -435,7 +447,8 @@ def save_components(comps: Components, folder: str | Path) -> Path:
     import diffusers
 
     folder = Path(folder)
-    index: dict[str, Any] = {"_class_name": comps.family.reference, "_diffusers_version": diffusers.__version__}
+    index: dict[str, Any] = {"_class_name": comps.info.get("pipeline_class") or comps.family.reference,
+                             "_diffusers_version": diffusers.__version__, **comps.info.get("pipeline_config", {})}
     if comps.family.name == "sd":
         index.update(feature_extractor=[None, None], safety_checker=[None, None], requires_safety_checker=False,
                      image_encoder=[None, None])

@@ -6,7 +6,8 @@
   (:data:`SD_LATENT_RGB`, as used by ComfyUI's latent previews); for any other VAE (the tiny and bundled
   models) ``W, b`` are fitted by least squares: decode a few latents with the VAE, average-pool the images to
   latent resolution, solve. Fits are cached per model for the process.
-* ``auto``: ``linear`` for the SD 1.x/2.x VAE, ``vae`` otherwise.
+  A family may ship its VAE's known coefficients (``Family.latent_rgb``: SDXL's, from ComfyUI).
+* ``auto``: ``linear`` where coefficients are known, ``vae`` otherwise.
 
 Also here: :func:`compose`, the labelled frame/strip layout the visualizers share, and :func:`one_frame`:
 video runs record (..., C, F, h, w) latents; the visualizers show one frame of them (the middle one unless
@@ -94,11 +95,24 @@ def is_sd_vae(vae: Any) -> bool:
 _FITS: dict[tuple, LinearPreview] = {}
 
 
-def linear_preview(sampler: Any, fit_latents: torch.Tensor | None = None) -> LinearPreview:
-    """Known coefficients for the SD VAE, else a least-squares fit (cached per model and latent shape)."""
-    c = sampler.c
-    if is_sd_vae(c.vae):
+def known_preview(sampler: Any) -> LinearPreview | None:
+    """Published coefficients for the model's VAE: SD 1.x/2.x's, or the family's
+    (:meth:`stablefused.families.Family.latent_rgb`); None if there are none."""
+    if is_sd_vae(sampler.c.vae):
         return LinearPreview.sd()
+    known = getattr(sampler.family, "latent_rgb", lambda: None)()
+    if known is None:
+        return None
+    weight, bias, source = known  # rgb in [-1, 1]: fold in the (x + 1) / 2 range map
+    return LinearPreview(torch.as_tensor(weight) / 2, torch.as_tensor(bias) / 2 + 0.5, source=source)
+
+
+def linear_preview(sampler: Any, fit_latents: torch.Tensor | None = None) -> LinearPreview:
+    """Known coefficients for the model's VAE, else a least-squares fit (cached per model and latent shape)."""
+    c = sampler.c
+    known = known_preview(sampler)
+    if known is not None:
+        return known
     key = (c.source or c.name, str(c.dtype), tuple(fit_latents.shape[1:]) if fit_latents is not None else None)
     if key not in _FITS:
         _FITS[key] = LinearPreview.fit(sampler, fit_latents)
@@ -112,7 +126,7 @@ def make_decoder(sampler: Any, mode: str = "vae", fit_latents: torch.Tensor | No
     if mode not in DECODE_MODES:
         raise ValueError(f"decode={mode!r}: must be one of {', '.join(DECODE_MODES)}")
     if mode == "auto":
-        mode = "linear" if is_sd_vae(sampler.c.vae) else "vae"
+        mode = "linear" if known_preview(sampler) is not None else "vae"
     if mode == "linear":
         return linear_preview(sampler, fit_latents)
     c = sampler.c

@@ -180,6 +180,7 @@ class Request:
     generators: list[torch.Generator] | None = None
     samples: list[dict] | None = None
     eta: float = 0.0
+    end_step: int | None = None  # stop before this step of the schedule (SDXL's denoising_end: a refiner goes on)
 
 
 def denoise(
@@ -203,9 +204,10 @@ def denoise(
         raise ValueError(f"the scheduler is set to {getattr(scheduler, 'num_inference_steps', None)} steps, the "
                          f"request asks for {request.steps}: call Sampler.prepare first")
     begin = request.start_step * scheduler.order
-    timesteps = scheduler.timesteps[begin:]
+    end = None if request.end_step is None else request.end_step * scheduler.order
+    timesteps = scheduler.timesteps[begin:end]
     all_sigmas = family.sigmas(scheduler)
-    sigmas = all_sigmas[begin:]
+    sigmas = all_sigmas[begin:end]
     prediction_type = family.prediction_type
     step_kwargs = _step_kwargs(scheduler, request.generators, request.eta)
     scale_input = getattr(scheduler, "scale_model_input", None) or (lambda x, t: x)  # flow matching: none

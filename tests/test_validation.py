@@ -318,7 +318,7 @@ def test_cli_misspelt_key_and_options_are_one_line_each():
         "error: guidance_scale: unknown setting. Did you mean guidance_scales?",
         "error: scheduler=eulr: no such scheduler option (conf/scheduler/eulr.yaml). Closest: euler.",
         "error: model=nosuch: no such model option (conf/model/nosuch.yaml). Options: "
-        + ", ".join(sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))) + ".",
+        + ", ".join(sorted(f.stem for f in (ROOT / "conf" / "model").glob("*.yaml"))) + ".",
         "error: recorders=stat: no such recorders option (conf/recorders/stat.yaml). Closest: stats.",
     ]
 

@@ -105,6 +105,9 @@ class Family:
     pipelines: tuple[str, ...] = ()
     reference = ""
     attention = "cross"  # text→image attention: "cross" (UNet attn2), "joint" (MMDiT), None
+    # model-level settings the family reads from the model config (``model.<key>``; None there = this default),
+    # e.g. SDXL's original_size. They reach the adapter as ``components.info["model"]``.
+    settings: dict[str, Any] = {}
 
     def __init__(self, c: Any):
         self.c = c
@@ -241,6 +244,18 @@ class Family:
         kind = "UNet" if "UNet" in type(self.network).__name__ else "transformer"
         return f"its {kind} takes {need} input channels, this task gives it {have}{hint}"
 
+    @classmethod
+    def setting_problems(cls, model_cfg: Any) -> list[str]:
+        """One line per bad value of this family's :attr:`settings` in the model config (checked before the
+        model loads)."""
+        return []
+
+    def latent_rgb(self) -> tuple[Any, Any, str] | None:
+        """Published linear latent→RGB coefficients for this model's VAE: (weight (C, 3), bias (3,), source),
+        mapping scaled latents to RGB in [-1, 1]; None to let the preview fit them
+        (:mod:`stablefused.preview`)."""
+        return None
+
     # ------------------------------------------------------------------ what works where
     @classmethod
     def unsupported(cls, cfg: Any) -> list[str]:
@@ -277,6 +292,18 @@ def family_class(name: str) -> type[Family]:
 def family_names() -> list[str]:
     _load_all()
     return sorted(_FAMILIES)
+
+
+def family_settings() -> set[str]:
+    """Every family's model-level setting names (allowed ``model.<key>`` beyond the loader's own)."""
+    _load_all()
+    return {k for cls in _FAMILIES.values() for k in cls.settings}
+
+
+def settings_problems(model_cfg: Any) -> list[str]:
+    """Every family's complaints about its settings in ``model_cfg`` (:meth:`Family.setting_problems`)."""
+    _load_all()
+    return [line for cls in _FAMILIES.values() for line in cls.setting_problems(model_cfg)]
 
 
 def family_for_pipeline(pipeline_class: str | None, network_class: str | None = None) -> str:

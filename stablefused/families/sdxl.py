@@ -1,0 +1,340 @@
+"""SDXL (``StableDiffusionXLPipeline`` and its img2img/inpaint pipelines; the refiner): a UNet conditioned on
+two CLIP text encoders and on micro-conditioning added to its time embedding.
+
+What differs from SD 1.x/2.x, each as the pipeline does it (``encode_prompt``, ``_get_add_time_ids``,
+the denoising loop's ``added_cond_kwargs``):
+
+* the text sequence is the penultimate hidden state (``hidden_states[-2]``) of ``text_encoder``
+  (``CLIPTextModel``) and of ``text_encoder_2`` (``CLIPTextModelWithProjection``), concatenated on the feature
+  axis; the refiner has only the second encoder;
+* the pooled, projected embedding of ``text_encoder_2`` goes to the UNet as ``text_embeds``;
+* ``time_ids``: ``original_size + crops_coords_top_left + target_size`` (6 numbers), or for a UNet trained
+  with aesthetic scores (the refiner, ``requires_aesthetics_score``) ``original_size + crops_coords_top_left +
+  (aesthetic_score,)`` (5 numbers). Which one a UNet takes is read from its added-embedding width, as the
+  pipeline checks it. Sizes left unset are the image's (height, width), as in the pipeline;
+* an empty negative prompt is all zeros (text and pooled) where the pipeline config says
+  ``force_zeros_for_empty_prompt`` (SDXL base: yes; the refiner: no);
+* the VAE: in float16 with ``force_upcast`` in its config (SDXL's VAE overflows in float16) the VAE runs in
+  float32, as the pipeline's upcast does; ``latents_mean``/``latents_std`` in its config are applied.
+
+Model-level settings (``model.<key>``, defaults in :attr:`SDXL.settings`): ``original_size``,
+``crops_coords_top_left``, ``target_size`` and their ``negative_*`` counterparts (each defaults to the
+positive one), ``aesthetic_score`` / ``negative_aesthetic_score`` (refiner-style UNets only).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from stablefused.families import Conditioning, Family, register_family
+
+
+def pipeline_config(c: Any) -> dict:
+    """The pipeline's registered config (``force_zeros_for_empty_prompt``, ``requires_aesthetics_score``): its
+    class's ``__init__`` defaults overridden by what the model folder's ``model_index.json`` says, as
+    ``DiffusionPipeline.from_pretrained`` builds it."""
+    import diffusers
+
+    cls = getattr(diffusers, c.info.get("pipeline_class") or SDXL.reference, None)
+    defaults = {}
+    if cls is not None:
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                    if isinstance(p.default, (bool, int, float, str))}
+    return {**defaults, **c.info.get("pipeline_config", {})}
+
+
+@register_family
+class SDXL(Family):
+    """Stable Diffusion XL base and refiner: ``StableDiffusionXLPipeline``, ``StableDiffusionXLImg2ImgPipeline``,
+    ``StableDiffusionXLInpaintPipeline``."""
+
+    name = "sdxl"
+    components = ("tokenizer_2", "text_encoder_2", "unet", "vae")
+    optional = ("tokenizer", "text_encoder")  # the refiner has only the second encoder
+    pipelines = ("StableDiffusionXL",)
+    reference = "StableDiffusionXLPipeline"
+    settings = {
+        "original_size": None, "crops_coords_top_left": (0, 0), "target_size": None,
+        "negative_original_size": None, "negative_crops_coords_top_left": None, "negative_target_size": None,
+        "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5,
+    }
+
+    @classmethod
+    def setting_problems(cls, model_cfg: Any) -> list[str]:
+        from numbers import Real
+
+        out = []
+        for key in cls.settings:
+            v = model_cfg.get(key)
+            if v is None:
+                continue
+            if key.endswith("aesthetic_score"):
+                if isinstance(v, bool) or not isinstance(v, Real):
+                    out.append(f"model.{key}={v!r}: must be a number (SDXL's default {cls.settings[key]})")
+                continue
+            least = 0 if "crops" in key else 1
+            try:
+                ok = len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x >= least for x in v)
+            except TypeError:
+                ok = False
+            if not ok:
+                what = "[top, left] pixel offsets >= 0" if least == 0 else "[height, width] in pixels"
+                out.append(f"model.{key}={v!r}: must be two integers, {what}, e.g. model.{key}="
+                           f"{'[0,0]' if least == 0 else '[1024,1024]'}")
+        return out
+
+    def __init__(self, c: Any):
+        super().__init__(c)
+        vae = c.vae
+        if vae is not None and vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
+            vae.to(dtype=torch.float32)  # the pipeline's upcast_vae: SDXL's VAE overflows in float16
+
+    # ------------------------------------------------------------------ settings
+    def setting(self, key: str) -> Any:
+        value = (self.c.info.get("model") or {}).get(key)
+        return self.settings[key] if value is None else value
+
+    @functools.cached_property
+    def aesthetic(self) -> bool:
+        """Whether the UNet's time_ids are ``original_size + crops + (aesthetic_score,)`` (refiner) instead of
+        ``original_size + crops + target_size``: read from its added-embedding width, as the pipeline checks."""
+        unet = self.network
+        expected = unet.add_embedding.linear_1.in_features
+        per_id, proj = unet.config.addition_time_embed_dim, self.c.modules["text_encoder_2"].config.projection_dim
+        if expected == 5 * per_id + proj:
+            return True
+        if expected == 6 * per_id + proj:
+            return False
+        raise ValueError(f"model={self.c.name}: its UNet's added embedding takes {expected} values; SDXL gives it "
+                         f"{6 * per_id + proj} (6 time ids) or {5 * per_id + proj} (5, with an aesthetic score)")
+
+    def time_ids(self, negative: bool) -> list[float]:
+        """This side's micro-conditioning; a size left unset is 0 here and becomes the image's size when the
+        UNet is called (:meth:`__call__`)."""
+        s = self.setting
+        size = lambda v: [0.0, 0.0] if v is None else [float(x) for x in v]  # noqa: E731
+        orig, crops, target = s("original_size"), s("crops_coords_top_left"), s("target_size")
+        if negative:
+            orig = s("negative_original_size") or orig
+            crops = s("negative_crops_coords_top_left") or crops
+            target = s("negative_target_size") or target
+        last = [float(s("negative_aesthetic_score" if negative else "aesthetic_score"))] if self.aesthetic \
+            else size(target)
+        return size(orig) + size(crops) + last
+
+    @property
+    def force_zeros(self) -> bool:
+        return bool(pipeline_config(self.c).get("force_zeros_for_empty_prompt", True))
+
+    # ------------------------------------------------------------------ text
+    @property
+    def tokenizer(self) -> Any:
+        return self.c.modules.get("tokenizer") or self.c.modules["tokenizer_2"]
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], negative: bool = False) -> Conditioning:
+        """``StableDiffusionXLPipeline.encode_prompt`` (no clip skip): both encoders' ``hidden_states[-2]``
+        concatenated, the second's pooled projection; empty negatives zeroed where the config says so."""
+        c, prompts = self.c, list(prompts)
+        pairs = [(tok, enc) for tok, enc in ((c.modules.get("tokenizer"), c.modules.get("text_encoder")),
+                                             (c.modules["tokenizer_2"], c.modules["text_encoder_2"]))
+                 if tok is not None and enc is not None]
+        zero = [negative and p == "" and self.force_zeros for p in prompts]  # the pipeline's zeros_like: not encoded
+        todo = [p for p, z in zip(prompts, zero) if not z]
+        length = pairs[-1][0].model_max_length
+        embeds = torch.zeros(len(prompts), length, sum(e.config.hidden_size for _, e in pairs), device=c.device)
+        pooled = torch.zeros(len(prompts), pairs[-1][1].config.projection_dim, device=c.device)
+        if todo:
+            hidden, pool = [], None
+            for tokenizer, encoder in pairs:
+                ids = tokenizer(todo, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                                return_tensors="pt").input_ids
+                out = encoder(ids.to(encoder.device), output_hidden_states=True)
+                if pool is None and out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
+                    pool = out[0]
+                hidden.append(out.hidden_states[-2])
+            rows = torch.tensor([i for i, z in enumerate(zero) if not z], device=c.device)
+            embeds = embeds.to(hidden[0].dtype).index_copy(0, rows, torch.cat(hidden, dim=-1))
+            pooled = pooled.to(pool.dtype).index_copy(0, rows, pool)
+        time_ids = torch.tensor([self.time_ids(negative)] * len(prompts), device=c.device)
+        return Conditioning({"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids}).to(
+            c.device, c.dtype)
+
+    # ------------------------------------------------------------------ the network
+    def _image_size_ids(self, time_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Unset sizes (0) in ``time_ids`` → this batch's image size (height, width)."""
+        f = self.vae_scale_factor
+        hw = time_ids.new_tensor([x.shape[-2] * f, x.shape[-1] * f])
+        sizes = [0, 1] if self.aesthetic else [0, 1, 4, 5]  # original_size (and target_size)
+        fill = torch.zeros_like(time_ids[0])
+        fill[sizes] = hw.repeat(len(sizes) // 2)
+        return torch.where((time_ids == 0) & (fill > 0), fill, time_ids)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        added = {"text_embeds": cond.rows["text_embeds"], "time_ids": self._image_size_ids(cond.rows["time_ids"], x)}
+        return self.network(x, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added, return_dict=False)[0]
+
+    # ------------------------------------------------------------------ images
+    def latent_rgb(self) -> tuple[list, list, str] | None:
+        """SDXL's VAE (4 channels, scaling factor 0.13025, 128-256-512-512 blocks): ComfyUI's published
+        coefficients (``comfy/latent_formats.py``, class ``SDXL``). Other VAEs: fitted."""
+        cfg = self.c.vae.config
+        if (cfg.latent_channels == 4 and abs(float(cfg.scaling_factor) - 0.13025) < 1e-6
+                and tuple(cfg.block_out_channels) == (128, 256, 512, 512)):
+            return SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS, "sdxl known coefficients (ComfyUI)"
+        return None
+
+    def _latents_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        cfg = self.c.vae.config
+        mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+        if mean is None or std is None:
+            return None
+        shape = (1, len(mean), 1, 1)
+        return (torch.tensor(mean).view(shape).to(like.device, like.dtype),
+                torch.tensor(std).view(shape).to(like.device, like.dtype))
+
+    def image_latents(self, encoded: Sequence[Any], generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """``StableDiffusionXLImg2ImgPipeline.prepare_latents``: the VAE sample (VAE in float32 where it is
+        upcast), cast to the model's dtype, then normalised by ``latents_mean``/``latents_std`` if the VAE's
+        config has them, else times ``scaling_factor``."""
+        from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import retrieve_latents
+
+        latents = torch.cat([retrieve_latents(e, generator=g) for e, g in zip(encoded, generators)]).to(self.c.dtype)
+        scale, stats = self.c.vae.config.scaling_factor, self._latents_stats(latents)
+        if stats is not None:
+            return (latents - stats[0]) * scale / stats[1]
+        return scale * latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
+        stats = self._latents_stats(latents)
+        if stats is None:
+            return super().decode(latents, batch_size)
+        # denormalise, then the base decode's division by scaling_factor is undone by scaling first
+        scale = self.c.vae.config.scaling_factor
+        return super().decode((latents * stats[1] / scale + stats[0]) * scale, batch_size)
+
+
+# ---------------------------------------------------------------------------------------------- base + refiner
+def handover_steps(scheduler: Any, fraction: float) -> int:
+    """How many steps of ``scheduler``'s current schedule the base runs before the refiner takes over at
+    ``fraction`` of the noise schedule: diffusers' ``denoising_end`` (the timesteps at or above
+    ``round((1 - fraction) * num_train_timesteps)``), which is also where ``denoising_start`` begins."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"refiner handover {fraction!r}: must be in (0, 1), e.g. 0.8")
+    if scheduler.order != 1:
+        raise ValueError(f"refiner handover: {type(scheduler).__name__} is a second-order scheduler; use a "
+                         "first-order one (euler, dpmpp_2m, ddim, ...)")
+    cutoff = int(round(scheduler.config.num_train_timesteps * (1 - fraction)))
+    return int((scheduler.timesteps >= cutoff).sum())
+
+
+@torch.no_grad()
+def txt2img_refined(base: Any, refiner: Any, prompts: Sequence[str], seeds: Sequence[int],
+                    guidance_scales: Sequence[float] | float, negative_prompts: Sequence[str] | str = "", *,
+                    steps: int = 20, handover: float = 0.8, height: int | None = None, width: int | None = None,
+                    hooks: Sequence[Any] = (), refiner_hooks: Sequence[Any] = (), **loop_kw: Any) -> Any:
+    """SDXL base + refiner as an ensemble of expert denoisers: the base (a :class:`Sampler`) denoises the first
+    ``handover`` of the schedule (``denoising_end``), the refiner (another Sampler) the rest from the base's
+    latents (``denoising_start``, no new noise), as ``StableDiffusionXLPipeline(..., denoising_end=f,
+    output_type="latent")`` followed by ``StableDiffusionXLImg2ImgPipeline(image=latents, denoising_start=f)``.
+    Each image's generator carries on from the base into the refiner. Both use ``steps``. Returns the
+    refiner's :class:`~stablefused.pipeline.Generation` (its context counts the refiner's steps)."""
+    from stablefused.sampling import Request, denoise
+
+    n = len(prompts)
+    negative_prompts = [negative_prompts] * n if isinstance(negative_prompts, str) else list(negative_prompts)
+    scales = [float(guidance_scales)] * n if isinstance(guidance_scales, (int, float)) else list(guidance_scales)
+    height, width = height or base.family.default_size, width or base.family.default_size
+    cond, uncond = base.encode(prompts), base.encode(negative_prompts, negative=True)
+    latents, generators = base.initial_latents(seeds, height, width, steps=steps)
+    end = handover_steps(base.scheduler, handover)
+    latents, _ = denoise(base.family, base.scheduler, Request(latents, cond, uncond, scales, steps,
+                                                              generators=generators, end_step=end),
+                         hooks=hooks, **loop_kw)  # latents, not decoded (the pipeline's output_type="latent")
+    cond, uncond = refiner.encode(prompts), refiner.encode(negative_prompts, negative=True)
+    refiner.prepare(steps, seeds, start_step=end, height=height, width=width)
+    if handover_steps(refiner.scheduler, handover) != end:
+        raise ValueError("refiner handover: the base and the refiner schedulers split the schedule differently; "
+                         "give both the same scheduler")
+    latents = refiner.family.from_spatial(base.family.to_spatial(latents))
+    return refiner.sample(Request(latents, cond, uncond, scales, steps, start_step=end, generators=generators),
+                          hooks=refiner_hooks, **loop_kw)
+
+
+# ---------------------------------------------------------------------------------------------- tiny models
+def build_tiny_sdxl(seed: int = 0, refiner: bool = False) -> Any:
+    """A tiny SDXL-shaped model with random weights, built in code (tests and plumbing): the shapes of
+    diffusers' own SDXL fast-test components (two CLIP encoders of different widths, the second with a
+    projection; a ``text_time`` UNet with linear-projection transformers, 1 and 2 per block), SDXL's
+    scheduler config (EulerDiscrete, leading spacing, steps_offset 1) and VAE scaling factor 0.13025.
+    ``refiner``: the refiner's shape (second encoder only, aesthetic-score time ids, no zeroed negatives)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from stablefused.models import TINY_WORDS, Components, _scheduler_dict
+    from stablefused.text import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(TINY_WORDS, model_max_length=16)
+    torch.manual_seed(seed)
+
+    def clip(width: int, projection: bool) -> Any:
+        cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=width, intermediate_size=37,
+                             num_attention_heads=4, num_hidden_layers=3, vocab_size=len(tokenizer) + 8,
+                             max_position_embeddings=16, projection_dim=16, hidden_act="gelu")
+        return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+
+    text_encoder = None if refiner else clip(16, False)
+    text_encoder_2 = clip(32, True)
+    time_ids = 5 if refiner else 6
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=time_ids * 8 + 16, cross_attention_dim=32 if refiner else 48,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1, sample_size=16,
+        scaling_factor=0.13025, force_upcast=True,
+    )
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
+    modules = dict(tokenizer=None if refiner else tokenizer, text_encoder=text_encoder, tokenizer_2=tokenizer,
+                   text_encoder_2=text_encoder_2, unet=unet, vae=vae)
+    name = "tiny_sdxl_refiner" if refiner else "tiny_sdxl"
+    info = ({"pipeline_class": "StableDiffusionXLImg2ImgPipeline",
+             "pipeline_config": {"requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False}}
+            if refiner else {"pipeline_class": "StableDiffusionXLPipeline",
+                             "pipeline_config": {"force_zeros_for_empty_prompt": True}})
+    return Components(name, modules, _scheduler_dict(scheduler), torch.device("cpu"), torch.float32,
+                      source=f"builtin:{name}", info=info, family_name="sdxl")
+
+
+# scaled SDXL latents -> RGB in [-1, 1]: rows = latent channels, columns = R, G, B (ComfyUI latent_formats.SDXL)
+SDXL_LATENT_RGB = [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362],
+                   [-0.3165, -0.2492, -0.2188]]
+SDXL_LATENT_RGB_BIAS = [0.1084, -0.0175, -0.0011]
+
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json (diffusers-relevant keys)
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
+    timestep_spacing="leading", interpolation_type="linear", prediction_type="epsilon", use_karras_sigmas=False,
+)
+
+
+def _register() -> None:
+    from stablefused.models import BUILTIN_MODELS
+
+    BUILTIN_MODELS["tiny_sdxl"] = build_tiny_sdxl
+    BUILTIN_MODELS["tiny_sdxl_refiner"] = lambda seed=0: build_tiny_sdxl(seed, refiner=True)
+
+
+_register()
