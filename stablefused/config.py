@@ -26,10 +26,10 @@ CORE_KEYS = {
 }
 MODEL_KEYS = {
     "name", "builtin", "bundled", "hub_id", "path", "config", "revision", "allow_pickle", "prediction_type",
-    "seed", "size_multiple", "height", "width", "example_prompts",
+    "seed", "size_multiple", "height", "width", "example_prompts", "family", "dtype", "max_sequence_length",
 }
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "auto")  # auto: model.dtype on a GPU, else float32
 PREDICTION_TYPES = (None, "epsilon", "v_prediction", "sample")
 MAX_GUIDANCE = 1e4  # |w| beyond this only saturates the latents to inf/NaN (black images)
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
@@ -95,8 +95,8 @@ def _list(cfg: Any, key: str, item_type: type | tuple, what: str, allow_none: bo
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming every problem found (one line each); cheap checks only (no model loads)."""
     problems: list[str] = []
-    for check in (_check_keys, _check_sampling, _check_size, _check_runtime, _check_model, _check_plugins,
-                  _check_task, _check_finite, _check_xyz):
+    for check in (_check_keys, _check_sampling, _check_size, _check_runtime, _check_model, _check_family,
+                  _check_plugins, _check_task, _check_finite, _check_xyz):
         try:
             check(cfg, problems)
         except (ConfigError, registry.PluginError) as e:
@@ -247,6 +247,8 @@ def _check_runtime(cfg: DictConfig, problems: list[str]) -> None:
         (device == "cpu" and cfg.dtype == "float16",
          "dtype=float16: half precision is not supported on the CPU"
          + (" (device=auto found no GPU)" if cfg.device == "auto" else "") + "; use dtype=float32 or bfloat16"),
+        (model.get("dtype") not in (None, *DTYPES[:3]),
+         f"model.dtype={model.get('dtype')!r}: must be null, {', '.join(DTYPES[:3])} (used on a GPU with dtype=auto)"),
         (model.get("prediction_type") not in PREDICTION_TYPES,
          f"model.prediction_type={model.get('prediction_type')!r}: must be epsilon, v_prediction or sample"),
     ]
@@ -348,6 +350,20 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
 
 
 _A = {str: "a string", bool: "true or false", int: "an integer"}
+
+
+def _check_family(cfg: DictConfig, problems: list[str]) -> None:
+    """What the model's family cannot do (``Family.unsupported``), where the family is known before loading
+    (``model.family``, or the model_index.json of a local folder or cached hub model)."""
+    from stablefused.families import family_class, family_names, family_of_model_cfg
+
+    name = family_of_model_cfg(cfg.model)
+    if name is None:
+        return
+    if name not in family_names():
+        problems.append(f"model.family={name!r}: unknown; families: {', '.join(family_names())}")
+        return
+    problems += family_class(name).unsupported(cfg)
 
 
 def _cached_hub_file(repo: str, filename: str, revision: str | None) -> str | None:

@@ -176,7 +176,10 @@ def quiet_libraries() -> None:
 def load_components(model_cfg: Any, device: str = "auto", dtype: str = "float32") -> Components:
     """Load (or fetch from the cache) the components that ``model_cfg`` names."""
     quiet_libraries()
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    dev = resolve_device(device)
+    if dtype == "auto":  # the model's own GPU dtype (model.dtype, e.g. bfloat16) on a GPU, float32 elsewhere
+        dtype = (model_cfg.get("dtype") or "float32") if dev.type == "cuda" else "float32"
+    dt = resolve_dtype(dtype)
     source = model_source(model_cfg)
     key = (source, model_cfg.get("prediction_type"), bool(model_cfg.get("allow_pickle")), str(dev), str(dt))
     if key not in _CACHE:
@@ -197,8 +200,10 @@ def load_components(model_cfg: Any, device: str = "auto", dtype: str = "float32"
         log.info("Loaded model %s from %s (%s, %s)", comps.name, source, dev, dt)
         _CACHE[key] = comps
     comps = _CACHE[key]
-    # Each run gets its own copy of the scheduler config; the modules are shared (read-only).
-    return replace(comps, scheduler_config=copy.deepcopy(comps.scheduler_config))
+    # Each run gets its own copy of the scheduler config; the modules are shared (read-only). Model config
+    # keys the family reads (Family.options, e.g. SD3's max_sequence_length) go into its info when set.
+    options = {k: model_cfg.get(k) for k in comps.family.options if model_cfg.get(k) is not None}
+    return replace(comps, scheduler_config=copy.deepcopy(comps.scheduler_config), info={**comps.info, **options})
 
 
 def model_source(model_cfg: Any) -> str:

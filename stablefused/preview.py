@@ -3,10 +3,11 @@
 * ``vae``: :meth:`stablefused.pipeline.Sampler.decode` in batches; images at full resolution.
 * ``linear``: ``rgb = latent · W + b`` per latent pixel (one matrix product), at latent resolution (upscale
   for display). For the Stable Diffusion 1.x/2.x VAE (also SD-Turbo) the known coefficients are shipped
-  (:data:`SD_LATENT_RGB`, as used by ComfyUI's latent previews); for any other VAE (the tiny and bundled
-  models) ``W, b`` are fitted by least squares: decode a few latents with the VAE, average-pool the images to
-  latent resolution, solve. Fits are cached per model for the process.
-* ``auto``: ``linear`` for the SD 1.x/2.x VAE, ``vae`` otherwise.
+  (:data:`SD_LATENT_RGB`, as used by ComfyUI's latent previews), and for the SD3/3.5 VAE (16 channels, scaling
+  1.5305, shift 0.0609) ComfyUI's SD3 coefficients (:data:`SD3_LATENT_RGB`, comfy/latent_formats.py ``SD3``);
+  for any other VAE (the tiny and bundled models) ``W, b`` are fitted by least squares: decode a few latents
+  with the VAE, average-pool the images to latent resolution, solve. Fits are cached per model for the process.
+* ``auto``: ``linear`` for a VAE with known coefficients (SD 1.x/2.x, SD3), ``vae`` otherwise.
 
 Also here: :func:`compose`, the labelled frame/strip layout the visualizers share, and :func:`one_frame`:
 video runs record (..., C, F, h, w) latents; the visualizers show one frame of them (the middle one unless
@@ -36,6 +37,15 @@ SD_LATENT_RGB = torch.tensor([
     [-0.2829, 0.1762, 0.2721],
     [-0.2120, -0.2616, -0.7177],
 ])
+# Stable Diffusion 3/3.5 VAE (16 channels; latents in the model's space, (z - 0.0609) * 1.5305), as ComfyUI's
+# latent previews (comfy/latent_formats.py, class SD3): rgb in [-1, 1] = latents · W + b.
+SD3_LATENT_RGB = torch.tensor([
+    [-0.0922, -0.0175, 0.0749], [0.0311, 0.0633, 0.0954], [0.1994, 0.0927, 0.0458], [0.0856, 0.0339, 0.0902],
+    [0.0587, 0.0272, -0.0496], [-0.0006, 0.1104, 0.0309], [0.0978, 0.0306, 0.0427], [-0.0042, 0.1038, 0.1358],
+    [-0.0194, 0.0020, 0.0669], [-0.0488, 0.0130, -0.0268], [0.0922, 0.0988, 0.0951], [-0.0278, 0.0524, -0.0542],
+    [0.0332, 0.0456, 0.0895], [-0.0069, -0.0030, -0.0810], [-0.0596, -0.0465, -0.0293], [-0.1448, -0.1463, -0.1189],
+])
+SD3_LATENT_RGB_BIAS = torch.tensor([0.2394, 0.2135, 0.1925])
 DECODE_MODES = ("vae", "linear", "auto")
 
 
@@ -91,14 +101,31 @@ def is_sd_vae(vae: Any) -> bool:
             and tuple(cfg.block_out_channels) == (128, 256, 512, 512))
 
 
+def is_sd3_vae(vae: Any) -> bool:
+    """The Stable Diffusion 3/3.5 autoencoder (16 latent channels, scaling 1.5305, shift 0.0609, 4 blocks)."""
+    cfg = vae.config
+    return (cfg.latent_channels == 16 and abs(float(cfg.scaling_factor) - 1.5305) < 1e-6
+            and abs(float(cfg.get("shift_factor") or 0.0) - 0.0609) < 1e-6 and len(cfg.block_out_channels) == 4)
+
+
+def known_preview(vae: Any) -> LinearPreview | None:
+    """The shipped coefficients for a VAE that has them (SD 1.x/2.x, SD3/3.5), else None."""
+    if is_sd_vae(vae):
+        return LinearPreview.sd()
+    if is_sd3_vae(vae):  # ComfyUI's range map (x + 1) / 2 folded in, as for SD
+        return LinearPreview(SD3_LATENT_RGB / 2, SD3_LATENT_RGB_BIAS / 2 + 0.5, source="sd3 known coefficients")
+    return None
+
+
 _FITS: dict[tuple, LinearPreview] = {}
 
 
 def linear_preview(sampler: Any, fit_latents: torch.Tensor | None = None) -> LinearPreview:
-    """Known coefficients for the SD VAE, else a least-squares fit (cached per model and latent shape)."""
+    """Known coefficients (SD, SD3 VAEs), else a least-squares fit (cached per model and latent shape)."""
     c = sampler.c
-    if is_sd_vae(c.vae):
-        return LinearPreview.sd()
+    known = known_preview(c.vae)
+    if known is not None:
+        return known
     key = (c.source or c.name, str(c.dtype), tuple(fit_latents.shape[1:]) if fit_latents is not None else None)
     if key not in _FITS:
         _FITS[key] = LinearPreview.fit(sampler, fit_latents)
@@ -112,7 +139,7 @@ def make_decoder(sampler: Any, mode: str = "vae", fit_latents: torch.Tensor | No
     if mode not in DECODE_MODES:
         raise ValueError(f"decode={mode!r}: must be one of {', '.join(DECODE_MODES)}")
     if mode == "auto":
-        mode = "linear" if is_sd_vae(sampler.c.vae) else "vae"
+        mode = "linear" if known_preview(sampler.c.vae) is not None else "vae"
     if mode == "linear":
         return linear_preview(sampler, fit_latents)
     c = sampler.c

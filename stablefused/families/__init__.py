@@ -100,6 +100,7 @@ class Family:
     pipelines: tuple[str, ...] = ()
     reference = ""
     attention = "cross"  # text→image attention: "cross" (UNet attn2), "joint" (MMDiT), None
+    options: dict[str, Any] = {}  # model config keys this family reads (name → default), copied into Components.info
 
     def __init__(self, c: Any):
         self.c = c
@@ -170,12 +171,20 @@ class Family:
         """Set ``scheduler`` to ``steps`` for an image of this size: the one place a run's timesteps are set."""
         scheduler.set_timesteps(steps, device=self.c.device)
 
+    def first_step(self, steps: int, strength: float) -> int:
+        """The first of ``steps`` steps an image-to-image run at ``strength`` runs: the family's img2img
+        pipeline's ``get_timesteps`` (SD/SDXL: ``steps - int(steps * strength)``)."""
+        return max(steps - min(int(steps * strength), steps), 0)
+
     def sigmas(self, scheduler: Any) -> list[float]:
         """Noise level of every loop iteration in the x = x0 + σ·ε convention (what guidance schedules and
-        recorders read), whatever the scheduler's own parameterisation."""
+        recorders read), whatever the scheduler's own parameterisation. Flow matching (x = (1−s)·x0 + s·ε):
+        σ = s / (1 − s), infinite at s = 1."""
         sigmas = getattr(scheduler, "sigmas", None)
         n = len(scheduler.timesteps)
         if sigmas is not None and len(sigmas) >= n:
+            if self.prediction_type == "flow":
+                return [float(s) / (1 - float(s)) if float(s) < 1 else float("inf") for s in sigmas[:n]]
             return [float(s) for s in sigmas[:n]]
         ac = scheduler.alphas_cumprod
         out = []
@@ -235,8 +244,10 @@ class Family:
         return f"its {kind} takes {need} input channels, this task gives it {have}{hint}"
 
     # ------------------------------------------------------------------ what works where
-    def unsupported(self, cfg: Any) -> list[str]:
-        """One line per setting this family cannot do (checked before the model loads where possible)."""
+    @classmethod
+    def unsupported(cls, cfg: Any) -> list[str]:
+        """One line per setting of the composed config this family cannot do: a classmethod, so that it is
+        checked before the model loads (:func:`stablefused.config.validate`, by :func:`family_of_model_cfg`)."""
         return []
 
 
@@ -279,6 +290,36 @@ def family_for_pipeline(pipeline_class: str | None, network_class: str | None = 
     if matches:  # the longest prefix: StableDiffusionXL... is SDXL, not SD
         return max(matches)[1]
     return _BY_NETWORK.get(network_class or "", "sd")
+
+
+def family_of_model_cfg(model: Any) -> str | None:
+    """The family a model config names, without loading it (for the checks before the model loads):
+    ``model.family`` if set, else the pipeline class in its local folder's (or the hub cache's)
+    ``model_index.json``; None when that is not known without loading (a single file, an uncached hub id)."""
+    import json
+    from pathlib import Path
+
+    if model.get("family"):
+        return str(model.get("family"))
+    index = None
+    if model.get("path"):
+        index = Path(str(model.get("path"))).expanduser() / "model_index.json"
+    elif model.get("hub_id"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(str(model.get("hub_id")), "model_index.json", revision=model.get("revision"))
+        except Exception:  # not a valid repo id: the model check says so
+            found = None
+        index = Path(found) if isinstance(found, str) else None
+    try:
+        data = json.loads(index.read_text()) if index is not None and index.is_file() else None
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict):
+        return None
+    network = data.get("unet") or data.get("transformer") or [None, None]
+    return family_for_pipeline(data.get("_class_name"), network[-1] if isinstance(network, list) else None)
 
 
 _BY_NETWORK = {"UNet3DConditionModel": "video", "SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
