@@ -322,7 +322,8 @@ def test_cli_txt2img_img2img_walk_with_recorders(tmp_path):
     assert x0.shape[-3:] == (16, 8, 8) and torch.isfinite(x0).all()
 
     run(compose_cfg(*SMALL, "task=img2img", "init_image=shapes:a red circle", "strengths=[0.5]",
-                    "guidance_scales=[3]", "recorders=[x0]", "visualizers=[step_strip]"), tmp_path / "i2i")
+                    "guidance_scales=[3]", "recorders=[x0]", "visualizers=[step_strip]", "scheduler=flow_heun"),
+        tmp_path / "i2i")
     assert _decodes(tmp_path / "i2i" / "grid.png") and _decodes(tmp_path / "i2i" / "step_strip_x0.png")
 
     run(compose_cfg("model=tiny_sd3", "steps=3", "task=walk", "prompts=[a red circle,a blue square]",
