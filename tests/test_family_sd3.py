@@ -342,18 +342,55 @@ def test_cli_inpaint(tmp_path):
 
 
 def test_what_sd3_cannot_do_is_one_line_before_the_model_loads(models):
-    for overrides, text in ((["recorders=[attention]"], "recorders=attention / visualizers=attention_maps: not "
-                                                        "available on sd3 models"),
-                            (["scheduler=euler"], "scheduler=euler: EulerDiscreteScheduler is not a flow-matching "
-                                                  "scheduler")):
+    for overrides, text in ((["scheduler=euler"], "scheduler=euler: EulerDiscreteScheduler is not a flow-matching "
+                                                  "scheduler"),
+                            (["task=txt2video"], "task=txt2video: needs a text-to-video model")):
         with pytest.raises(ConfigError, match=text):
             validate(compose_cfg(*SMALL, *overrides))
     # a model folder is recognised from its model_index.json, without loading it
     cfg = compose_cfg("model=tiny_random", f"model.path={models['t5_folder']}", "model.builtin=null",
-                      "recorders=[attention]")
+                      "scheduler=ddim")
     assert family_of_model_cfg(cfg.model) == "sd3"
-    with pytest.raises(ConfigError, match="not available on sd3"):
+    with pytest.raises(ConfigError, match="DDIMScheduler is not a flow-matching scheduler"):
         validate(cfg)
+
+
+def test_attention_maps_from_joint_attention(models, tmp_path):
+    """The attention recorder on SD3's joint attention: the image queries' softmax over the text keys (the
+    projections the transformer itself computed, captured here), conditional rows, on the latent grid; the
+    images do not change by a bit; the CLI draws the maps."""
+    registry.discover()
+    comps = models["t5"]
+    attn = comps.network.transformer_blocks[0].attn
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            seen.setdefault(name, out)  # the first call: step 0
+        return hook
+
+    handles = [attn.to_q.register_forward_hook(keep("q")), attn.add_k_proj.register_forward_hook(keep("k"))]
+    rec = registry.create("recorders", "attention", layers=["transformer_blocks.0.attn"], steps=[0])
+    try:
+        gen = Sampler(comps).txt2img(PROMPTS, SEEDS, 5.0, NEG, steps=STEPS, progress=False, hooks=[rec])
+    finally:
+        for h in handles:
+            h.remove()
+    plain = Sampler(comps).txt2img(PROMPTS, SEEDS, 5.0, NEG, steps=STEPS, progress=False)
+    assert np.array_equal(gen.images, plain.images)
+    maps = rec.result()[0]["attention"][0]
+    assert rec.used_layers == ["transformer_blocks.0.attn"] and maps.shape == (2, 16 + MSL, 8, 8)
+    b, h = 2 * len(PROMPTS), attn.heads
+    q = attn.norm_q(seen["q"].view(b, -1, h, 8).transpose(1, 2))
+    k = attn.norm_added_k(seen["k"].view(b, -1, h, 8).transpose(1, 2))
+    probs = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1).mean(1)[len(PROMPTS):]  # cond rows
+    want = torch.nn.functional.interpolate(probs.transpose(1, 2).reshape(2, -1, 4, 4), size=(8, 8), mode="bilinear")
+    torch.testing.assert_close(maps, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(maps.sum(1), torch.ones(2, 8, 8), rtol=0, atol=1e-4)
+
+    run(compose_cfg(*SMALL, "guidance_scales=[5]", "recorders=[attention]", "visualizers=[attention_maps]"),
+        tmp_path / "cli")
+    assert _decodes(tmp_path / "cli" / "attention_maps.png")
 
 
 # ------------------------------------------------------------------------------------------------ preview

@@ -126,10 +126,6 @@ class SD3(Family):
             out.append(f"scheduler={cfg.scheduler.get('name', sched)}: {sched} is not a flow-matching scheduler; an "
                        f"{cls.name} model needs one: scheduler=default (its FlowMatchEulerDiscreteScheduler) or "
                        "scheduler=flow_heun")
-        rec, vis = cfg.get("recorders") or {}, cfg.get("visualizers") or {}
-        if "attention" in rec or "attention_maps" in vis:
-            out.append(f"recorders=attention / visualizers=attention_maps: not available on {cls.name} models (joint "
-                       "text-image attention, no cross-attention layers to record); drop them")
         if cfg.get("task") == "txt2video":
             out.append(f"task=txt2video: needs a text-to-video model (model=zeroscope), not an {cls.name} model")
         if (cfg.get("model") or {}).get("prediction_type"):
