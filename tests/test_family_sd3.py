@@ -344,7 +344,9 @@ def test_cli_inpaint(tmp_path):
 def test_what_sd3_cannot_do_is_one_line_before_the_model_loads(models):
     for overrides, text in ((["scheduler=euler"], "scheduler=euler: EulerDiscreteScheduler is not a flow-matching "
                                                   "scheduler"),
-                            (["task=txt2video"], "task=txt2video: needs a text-to-video model")):
+                            (["task=txt2video"], "task=txt2video: needs a text-to-video model"),
+                            (["model.max_sequence_length=600"], r"model.max_sequence_length=600: T5 tokens, an "
+                                                                r"integer in 1..512")):
         with pytest.raises(ConfigError, match=text):
             validate(compose_cfg(*SMALL, *overrides))
     # a model folder is recognised from its model_index.json, without loading it

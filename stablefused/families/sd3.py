@@ -128,6 +128,9 @@ class SD3(Family):
                        "scheduler=flow_heun")
         if cfg.get("task") == "txt2video":
             out.append(f"task=txt2video: needs a text-to-video model (model=zeroscope), not an {cls.name} model")
+        msl = (cfg.get("model") or {}).get("max_sequence_length")
+        if msl is not None and (isinstance(msl, bool) or not isinstance(msl, int) or not 1 <= msl <= 512):
+            out.append(f"model.max_sequence_length={msl!r}: T5 tokens, an integer in 1..512 (null: 256)")
         if (cfg.get("model") or {}).get("prediction_type"):
             out.append(f"model.prediction_type={cfg.model.prediction_type}: {cls.name} models predict flow; leave it "
                        "null")
