@@ -29,7 +29,7 @@ from stablefused.families import sd3 as sd3_module
 from stablefused.families.sd3 import SD3, build_tiny
 from stablefused.guidance import Guidance
 from stablefused.hooks import BaseHook
-from stablefused.models import load_components, save_components
+from stablefused.models import build_tiny_random, load_components, save_components
 from stablefused.pipeline import Sampler
 from stablefused.tasks.img2img import img2img
 from stablefused.tasks.inpaint import inpaint
@@ -355,6 +355,10 @@ def test_what_sd3_cannot_do_is_one_line_before_the_model_loads(models):
     assert family_of_model_cfg(cfg.model) == "sd3"
     with pytest.raises(ConfigError, match="DDIMScheduler is not a flow-matching scheduler"):
         validate(cfg)
+    # and the other way round: a flow-matching scheduler on an SD model folder
+    sd_folder = save_components(build_tiny_random(), models["t5_folder"].parent / "sd")
+    with pytest.raises(ConfigError, match="FlowMatchHeunDiscreteScheduler is a flow-matching scheduler"):
+        validate(compose_cfg("model=tiny_random", f"model.path={sd_folder}", "model.builtin=null", "scheduler=flow_heun"))
 
 
 def test_attention_maps_from_joint_attention(models, tmp_path):

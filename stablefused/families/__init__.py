@@ -248,6 +248,10 @@ class Family:
     def unsupported(cls, cfg: Any) -> list[str]:
         """One line per setting of the composed config this family cannot do: a classmethod, so that it is
         checked before the model loads (:func:`stablefused.config.validate`, by :func:`family_of_model_cfg`)."""
+        sched = (cfg.get("scheduler") or {}).get("cls")
+        if sched and str(sched).startswith("FlowMatch"):  # σ-free flow schedulers on an ε/v model: silent noise
+            return [f"scheduler={cfg.scheduler.get('name', sched)}: {sched} is a flow-matching scheduler (SD3, Flux); "
+                    f"this is an {cls.name} model: use scheduler=default or another of conf/scheduler/"]
         return []
 
 
