@@ -28,14 +28,14 @@ CORE_KEYS = {
 }
 MODEL_KEYS = {
     "name", "builtin", "bundled", "hub_id", "path", "config", "revision", "allow_pickle", "prediction_type",
-    "seed", "size_multiple", "height", "width", "example_prompts",
+    "seed", "size_multiple", "height", "width", "example_prompts", "family", "dtype",
 }
 # Settings renamed so that one name means one thing (``frames``/``fps`` meant per-segment/walk video in
 # task=walk and per-video/MP4 in task=txt2video): old name -> {task: new name}.
 RENAMED = {"frames": {"walk": "segment_frames", "txt2video": "video_frames"},
            "fps": {"walk": "walk_fps", "txt2video": "video_fps"}}
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "auto")  # auto: model.dtype on a GPU, else float32
 PREDICTION_TYPES = (None, "epsilon", "v_prediction", "sample")
 MAX_GUIDANCE = 1e4  # |w| beyond this only saturates the latents to inf/NaN (black images)
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
@@ -245,8 +245,8 @@ def validate(cfg: DictConfig) -> None:
     problems: list[str] = []
     typed: list[str] = []
     _check_types(cfg, typed)
-    for check in (_check_keys, _check_sampling, _check_size, _check_runtime, _check_model, _check_plugins,
-                  _check_task, _check_finite, _check_xyz, _check_logger):
+    for check in (_check_keys, _check_sampling, _check_size, _check_runtime, _check_model, _check_family,
+                  _check_plugins, _check_task, _check_finite, _check_xyz, _check_logger):
         try:
             check(cfg, problems)
         except (ConfigError, registry.PluginError) as e:
@@ -420,6 +420,8 @@ def _check_runtime(cfg: DictConfig, problems: list[str]) -> None:
         (device == "cpu" and cfg.dtype == "float16",
          "dtype=float16: half precision is not supported on the CPU"
          + (" (device=auto found no GPU)" if cfg.device == "auto" else "") + "; use dtype=float32 or bfloat16"),
+        (model.get("dtype") not in (None, *DTYPES[:3]),
+         f"model.dtype={model.get('dtype')!r}: must be null, {', '.join(DTYPES[:3])} (used on a GPU with dtype=auto)"),
         (model.get("prediction_type") not in PREDICTION_TYPES,
          f"model.prediction_type={model.get('prediction_type')!r}: must be epsilon, v_prediction or sample"),
     ]
@@ -487,11 +489,6 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
     except Exception as e:  # ModelLoadError: no source at all
         problems.append(str(e))
         return
-    from stablefused.families import family_class, family_of_source
-
-    family = family_of_source(source)
-    if family:
-        problems += family_class(family).unsupported(cfg)
     sched_json = None
     if source.startswith("builtin:"):
         train_steps = TINY_RANDOM_TRAIN_STEPS
@@ -531,6 +528,20 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
 
 
 _A = {str: "a string", bool: "true or false", int: "an integer"}
+
+
+def _check_family(cfg: DictConfig, problems: list[str]) -> None:
+    """What the model's family cannot do (``Family.unsupported``), where the family is known before loading
+    (``model.family``, or the model_index.json of a local folder or cached hub model)."""
+    from stablefused.families import family_class, family_names, family_of_model_cfg
+
+    name = family_of_model_cfg(cfg.model)
+    if name is None:
+        return
+    if name not in family_names():
+        problems.append(f"model.family={name!r}: unknown; families: {', '.join(family_names())}")
+        return
+    problems += family_class(name).unsupported(cfg)
 
 
 def _cached_hub_file(repo: str, filename: str, revision: str | None) -> str | None:

@@ -200,7 +200,10 @@ def quiet_libraries() -> None:
 def load_components(model_cfg: Any, device: str = "auto", dtype: str = "float32") -> Components:
     """Load (or fetch from the cache) the components that ``model_cfg`` names."""
     quiet_libraries()
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    dev = resolve_device(device)
+    if dtype == "auto":  # the model's own GPU dtype (model.dtype, e.g. bfloat16) on a GPU, float32 elsewhere
+        dtype = (model_cfg.get("dtype") or "float32") if dev.type == "cuda" else "float32"
+    dt = resolve_dtype(dtype)
     source = model_source(model_cfg)
     key = (source, model_cfg.get("prediction_type"), bool(model_cfg.get("allow_pickle")), str(dev), str(dt))
     if key not in _CACHE:

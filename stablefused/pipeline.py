@@ -98,6 +98,12 @@ class Sampler:
             self.scheduler.noise_sampler_seed = [int(s) for s in seeds]
         return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
+    @property
+    def init_noise_sigma(self) -> float:
+        """The scheduler's initial noise scale; flow-matching schedulers have none (their pipelines start
+        from unit noise): 1."""
+        return float(getattr(self.scheduler, "init_noise_sigma", 1.0))
+
     def initial_latents(self, seeds: Sequence[int], height: int, width: int, frames: int | None = None, *,
                         steps: int) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Noise per image from its own CPU generator, times ``init_noise_sigma``: an image depends on its seed
@@ -105,7 +111,7 @@ class Sampler:
         scheduler's noise."""
         generators = self.prepare(steps, seeds, height=height, width=width)
         latents = self.family.noise(generators, height, width, frames)
-        return latents * getattr(self.scheduler, "init_noise_sigma", 1.0), generators  # flow matching: none
+        return latents * self.init_noise_sigma, generators
 
     def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
         """Spatial latents (B, C, H, W) → float images (B, H, W, 3) in [0, 1] (video: (B, F, H, W, 3))."""

@@ -3,10 +3,10 @@
 * ``vae``: :meth:`stablefused.pipeline.Sampler.decode` in batches; images at full resolution.
 * ``linear``: ``rgb = latent · W + b`` per latent pixel (one matrix product), at latent resolution (upscale
   for display). For the Stable Diffusion 1.x/2.x VAE (also SD-Turbo) the known coefficients are shipped
-  (:data:`SD_LATENT_RGB`, as used by ComfyUI's latent previews); for any other VAE (the tiny and bundled
-  models) ``W, b`` are fitted by least squares: decode a few latents with the VAE, average-pool the images to
-  latent resolution, solve. Fits are cached per model for the process.
-  A family may ship its VAE's known coefficients (``Family.latent_rgb``: SDXL's, from ComfyUI).
+  (:data:`SD_LATENT_RGB`, as used by ComfyUI's latent previews); a family may ship its VAE's known coefficients
+  (``Family.latent_rgb``: SDXL's and SD3's, from ComfyUI's ``comfy/latent_formats.py``); for any other VAE
+  (the tiny and bundled models) ``W, b`` are fitted by least squares: decode a few latents with the VAE,
+  average-pool the images to latent resolution, solve. Fits are cached per model for the process.
 * ``auto``: ``linear`` where coefficients are known, ``vae`` otherwise.
 
 Also here: :func:`compose`, the labelled frame/strip layout the visualizers share, and :func:`one_frame`:
@@ -37,6 +37,8 @@ SD_LATENT_RGB = torch.tensor([
     [-0.2829, 0.1762, 0.2721],
     [-0.2120, -0.2616, -0.7177],
 ])
+# Stable Diffusion 3/3.5 VAE (16 channels; latents in the model's space, (z - 0.0609) * 1.5305), as ComfyUI's
+# latent previews (comfy/latent_formats.py, class SD3): rgb in [-1, 1] = latents · W + b.
 DECODE_MODES = ("vae", "linear", "auto")
 
 

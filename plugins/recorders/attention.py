@@ -31,7 +31,9 @@ class MapProcessor:
 
 @register("recorders", "attention")
 class Attention(BaseHook):
-    """Cross-attention maps per prompt token (DAAM-style), accumulated over chosen layers and steps.
+    """Cross-attention maps per prompt token (DAAM-style), accumulated over chosen layers and steps; on SD3's
+    joint attention, the image queries' attention to the text tokens (softmax over the text keys alone; the
+    token strings name the CLIP positions, the T5 positions after them are recorded unnamed).
 
     Tensor ``attention`` (N, T, H, W) at the latent resolution, T = the tokenizer's max length (BOS, the
     prompt's tokens, EOS, padding; their strings are in the index under ``tokens``). Each value is the mean,
@@ -79,8 +81,10 @@ class Attention(BaseHook):
         procs = dict(unet.attn_processors)
         # a run that crashed mid-loop may have left wrappers behind: unwrap them first
         procs = {k: (p.original if isinstance(p, MapProcessor) else p) for k, p in procs.items()}
-        cross = [f"{n}.processor" for n, m in unet.named_modules()
-                 if getattr(m, "is_cross_attention", False) and f"{n}.processor" in procs]
+        # UNet attn2, or SD3's joint attention (not Flux's: its processor rotates q/k, which is not done here)
+        cross = [f"{n}.processor" for n, m in unet.named_modules() if f"{n}.processor" in procs and (
+                 getattr(m, "is_cross_attention", False) or (getattr(m, "add_k_proj", None) is not None
+                                                             and "JointAttnProcessor" in type(procs[f"{n}.processor"]).__name__))]
         chosen = [k for k in cross if self.layers is None or any(s in k for s in self.layers)]
         if not chosen:
             raise PluginError(f"recorders.attention: layers={self.layers} matches no cross-attention layer; "
@@ -115,6 +119,10 @@ class Attention(BaseHook):
     def add(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> None:
         """Head-averaged attention probabilities (rows, T, H, W) of one layer, added to this call's buffer."""
         x = hidden_states
+        if getattr(attn, "add_k_proj", None) is not None:  # joint attention (SD3's MMDiT)
+            probs = self._joint_probs(attn, x, encoder_hidden_states)
+            rows, hw, tokens = probs.shape
+            return self._add_maps(probs, rows, hw, tokens)
         if x.ndim == 4:
             b, c, h, w = x.shape
             x = x.view(b, c, h * w).transpose(1, 2)
@@ -127,7 +135,26 @@ class Attention(BaseHook):
         k = attn.head_to_batch_dim(attn.to_k(ctx))
         probs = attn.get_attention_scores(q, k, None)  # (rows*heads, HW, T)
         rows, hw, tokens = x.shape[0], probs.shape[1], probs.shape[2]
-        probs = probs.view(rows, attn.heads, hw, tokens).mean(1).float()
+        self._add_maps(probs.view(rows, attn.heads, hw, tokens).mean(1).float(), rows, hw, tokens)
+
+    @staticmethod
+    def _joint_probs(attn: Any, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Joint attention (``JointAttnProcessor2_0``): the image queries' softmax over the text keys alone
+        (= their attention to the text, renormalised over the text tokens), averaged over heads:
+        (rows, image tokens, text tokens)."""
+        b, heads = x.shape[0], attn.heads
+        q = attn.to_q(x)
+        d = q.shape[-1] // heads
+        q = q.view(b, -1, heads, d).transpose(1, 2)
+        k = attn.add_k_proj(context).view(b, -1, heads, d).transpose(1, 2)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_added_k is not None:
+            k = attn.norm_added_k(k)
+        return torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1).mean(1)
+
+    def _add_maps(self, probs: torch.Tensor, rows: int, hw: int, tokens: int) -> None:
+        """Per-layer maps (rows, image tokens, T) onto the latent grid, added to this call's buffer."""
         h, w = self._grid(hw)
         maps = probs.transpose(1, 2).reshape(rows, tokens, h, w)
         if (h, w) != self._size:

@@ -178,9 +178,15 @@ class Family:
         """Set ``scheduler`` to ``steps`` for an image of this size: the one place a run's timesteps are set."""
         scheduler.set_timesteps(steps, device=self.c.device)
 
+    def first_step(self, steps: int, strength: float) -> int:
+        """The first of ``steps`` steps an image-to-image run at ``strength`` runs: the family's img2img
+        pipeline's ``get_timesteps`` (SD/SDXL: ``steps - int(steps * strength)``)."""
+        return max(steps - min(int(steps * strength), steps), 0)
+
     def sigmas(self, scheduler: Any) -> list[float]:
         """Noise level of every loop iteration in the x = x0 + σ·ε convention (what guidance schedules and
-        recorders read), whatever the scheduler's own parameterisation."""
+        recorders read), whatever the scheduler's own parameterisation. Flow matching (x = (1−s)·x0 + s·ε):
+        σ = s / (1 − s), infinite at s = 1."""
         sigmas = getattr(scheduler, "sigmas", None)
         n = len(scheduler.timesteps)
         if is_flow(scheduler):  # s → σ = s/(1−s): the same noise-to-signal ratio as x = x0 + σ·ε
@@ -259,8 +265,13 @@ class Family:
     # ------------------------------------------------------------------ what works where
     @classmethod
     def unsupported(cls, cfg: Any) -> list[str]:
-        """One line per setting this family cannot do. Checked before the model loads when the family is known
-        from the model's folder or name (:func:`family_of_source`), else right after loading."""
+        """One line per setting of the composed config this family cannot do: a classmethod, so that it is
+        checked before the model loads where the family is known then (:func:`family_of_model_cfg`), and
+        right after loading otherwise (a hub model)."""
+        sched = (cfg.get("scheduler") or {}).get("cls")
+        if sched and str(sched).startswith("FlowMatch"):  # σ-free flow schedulers on an ε/v model: silent noise
+            return [f"scheduler={cfg.scheduler.get('name', sched)}: {sched} is a flow-matching scheduler (SD3, Flux); "
+                    f"this is an {cls.name} model: use scheduler=default or another of conf/scheduler/"]
         return []
 
 
@@ -317,26 +328,46 @@ def family_for_pipeline(pipeline_class: str | None, network_class: str | None = 
     return _BY_NETWORK.get(network_class or "", "sd")
 
 
-_BY_NETWORK = {"UNet3DConditionModel": "video", "SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
-
-
-def family_of_source(source: str) -> str | None:
-    """The family of a model source without loading it: a built-in model's (``gmm``, ``tiny_<family>``; other
-    built-ins are SD), a local folder's from its ``model_index.json``; None when unknown (a hub id)."""
+def family_of_model_cfg(model: Any) -> str | None:
+    """The family a model config names, without loading it (for the checks before the model loads):
+    ``model.family`` if set, a built-in model's, else the pipeline class in its local or bundled folder's (or
+    the hub cache's) ``model_index.json``; None when that is not known without loading (a single file, an
+    uncached hub id)."""
     import json
     from pathlib import Path
 
+    if model.get("family"):
+        return str(model.get("family"))
     _load_all()
-    if source.startswith("builtin:"):
-        name = source.removeprefix("builtin:")
-        return next((n for n in (name, name.removeprefix("tiny_")) if n in _FAMILIES), "sd")
-    index = Path(source) / "model_index.json"
+    if model.get("builtin"):  # gmm, tiny_<family>[_variant]; other built-ins are SD
+        name = str(model.get("builtin"))
+        return next((n for n in (name, name.removeprefix("tiny_"), name.removeprefix("tiny_").split("_")[0])
+                     if n in _FAMILIES), "sd")
+    index = None
+    if model.get("path") or model.get("bundled"):
+        from stablefused.paths import bundled_models_dir
+
+        folder = Path(str(model.get("path"))).expanduser() if model.get("path") else bundled_models_dir() / str(model.get("bundled"))
+        index = folder / "model_index.json"
+    elif model.get("hub_id"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(str(model.get("hub_id")), "model_index.json", revision=model.get("revision"))
+        except Exception:  # not a valid repo id: the model check says so
+            found = None
+        index = Path(found) if isinstance(found, str) else None
     try:
-        spec = json.loads(index.read_text())
+        data = json.loads(index.read_text()) if index is not None and index.is_file() else None
     except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict):
         return None
-    net = spec.get("unet") or spec.get("transformer") or [None, None]
-    return family_for_pipeline(spec.get("_class_name"), net[1] if isinstance(net, list) and len(net) > 1 else None)
+    network = data.get("unet") or data.get("transformer") or [None, None]
+    return family_for_pipeline(data.get("_class_name"), network[-1] if isinstance(network, list) else None)
+
+
+_BY_NETWORK = {"UNet3DConditionModel": "video", "SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 
 
 def family_of_network(network: Any) -> str:

@@ -46,13 +46,9 @@ class GuidanceTruth(Task):
         n = cfg.get("points")
         if isinstance(n, bool) or not isinstance(n, Integral) or not 50 <= n <= 200_000:
             problems.append(f"points={n!r}: must be an integer in [50, 200000] (samples per prompt, variant and scale)")
-        from stablefused.families import family_of_source
-        from stablefused.models import model_source
+        from stablefused.families import family_of_model_cfg
 
-        try:
-            family = family_of_source(model_source(cfg.model))
-        except Exception:  # no model source: the model checks say so
-            family = None
+        family = family_of_model_cfg(cfg.model)
         if family not in (None, "gmm"):
             problems.append(f"task=guidance_truth: needs model=gmm (a model whose true distribution is known), not "
                             f"model={cfg.model.get('name')} (a {family} model)")

@@ -1,11 +1,12 @@
 """``task=img2img``: SDEdit. Each source image is encoded, noised to a strength, and denoised towards the
 prompt through the one loop, as ``StableDiffusionImg2ImgPipeline.__call__`` does it step for step:
 
-1. ``get_timesteps(steps, strength)``: ``t_start = steps - int(strength * steps)``; :meth:`Sampler.prepare`
-   sets the timesteps and the begin index ``t_start * scheduler.order`` (``set_begin_index``);
+1. ``get_timesteps(steps, strength)``: ``t_start`` = :meth:`~stablefused.families.Family.first_step` (SD:
+   ``steps - int(strength * steps)``); :meth:`Sampler.prepare` sets the timesteps and the begin index
+   ``t_start * scheduler.order`` (``set_begin_index``);
 2. per image, from its own generator: the VAE latent sample, then the noise; ``add_noise`` at the first
    timestep that runs;
-3. :meth:`Sampler.sample` with ``start_step=t_start``: only the last ``int(strength * steps)`` steps run.
+3. :meth:`Sampler.sample` with ``start_step=t_start``: only the last ``steps - t_start`` steps run.
 
 Grid rows = source image x prompt/seed; column 0 shows the source (after the ``resize`` policy), then one
 column per strength x guidance scale. Records carry ``init_image``, ``source`` (its description, when
@@ -33,11 +34,6 @@ from stablefused.tasks import register_task
 log = logging.getLogger(__name__)
 
 
-def first_step(steps: int, strength: float) -> int:
-    """``StableDiffusionImg2ImgPipeline.get_timesteps``: the first of ``steps`` steps that runs at ``strength``."""
-    return max(steps - min(int(steps * strength), steps), 0)
-
-
 @torch.no_grad()
 def img2img(
     sampler: Sampler,
@@ -63,12 +59,12 @@ def img2img(
     n = len(prompts)
     if isinstance(negative_prompts, str):
         negative_prompts = [negative_prompts] * n
-    if int(steps * strength) < 1:
+    if steps - sampler.family.first_step(steps, strength) < 1:
         raise ValueError(f"strength {strength} x steps {steps} runs no step")
     if encoded is None:
         encoded = im.encode(c.vae, im.to_pixels(sources, c.vae_scale_factor))
     cond, uncond = sampler.encode(prompts), sampler.encode(negative_prompts, negative=True)
-    t_start = first_step(steps, strength)
+    t_start = sampler.family.first_step(steps, strength)
     generators = sampler.prepare(steps, seeds, start_step=t_start, height=sources[0].height, width=sources[0].width)
     init = sampler.family.image_latents(encoded, generators)
     latents, _ = im.noised_latents(scheduler, init, generators, scheduler.timesteps[t_start * scheduler.order:][:1])

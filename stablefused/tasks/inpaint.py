@@ -10,7 +10,7 @@ does it step for step, through the one loop, with either kind of UNet:
 Which one runs follows from the loaded model's UNet (``model.path=<inpainting folder>`` picks the first by
 itself). The random draws per image, from its own generator, are the pipeline's: the source's VAE sample
 (when needed: 4-channel UNets, or strength < 1), the noise, the masked image's VAE sample. ``strength`` as
-in img2img (``first_step``); 1.0 starts from pure noise. Masks: :mod:`stablefused.masks`.
+in img2img (``Family.first_step``); 1.0 starts from pure noise. Masks: :mod:`stablefused.masks`.
 
 With ``paste_back`` (default) every output is laid back over its source through the (blurred) mask: pixels
 the mask keeps entirely are the source's exactly. Records carry ``mask``, ``mask_blur``, ``mask_box`` (the
@@ -36,7 +36,7 @@ from stablefused.pipeline import Generation, Sampler
 from stablefused.runs import Run, log_samples_table, summarise_metrics
 from stablefused.tasks import register_task
 from stablefused.sampling import Request
-from stablefused.tasks.img2img import Img2Img, first_step
+from stablefused.tasks.img2img import Img2Img
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def inpaint(
     n = len(prompts)
     if isinstance(negative_prompts, str):
         negative_prompts = [negative_prompts] * n
-    if int(steps * strength) < 1:
+    if steps - sampler.family.first_step(steps, strength) < 1:
         raise ValueError(f"strength {strength} x steps {steps} runs no step")
     kind, f = unet_kind(c), c.vae_scale_factor
     pixels = im.to_pixels(sources, f).to(torch.float32)
@@ -111,7 +111,7 @@ def inpaint(
     mask_cond = mk.processor(f).preprocess(list(masks), height=height, width=width)  # (B, 1, H, W) in {0, 1}
     cond, uncond = sampler.encode(prompts), sampler.encode(negative_prompts, negative=True)
 
-    t_start = first_step(steps, strength)
+    t_start = sampler.family.first_step(steps, strength)
     generators = sampler.prepare(steps, seeds, start_step=t_start, height=height, width=width)
     timesteps = scheduler.timesteps[t_start * scheduler.order:]
     is_max = strength == 1.0
@@ -126,7 +126,7 @@ def inpaint(
         image_latents = sampler.family.image_latents(encoded, generators).contiguous()
     if is_max:
         noise = randn_tensor(shape, generator=generators, device=c.device, dtype=c.dtype)
-        latents = noise * scheduler.init_noise_sigma
+        latents = noise * sampler.init_noise_sigma
     else:
         latents, noise = im.noised_latents(scheduler, image_latents, generators, timesteps[:1])
     mask = torch.nn.functional.interpolate(mask_cond, size=shape[-2:]).to(device=c.device, dtype=c.dtype)
