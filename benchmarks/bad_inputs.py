@@ -249,7 +249,7 @@ def cases() -> list[Case]:
                      ("mask", "[rect:0,0,1e400,5]"), ("mask_image", "[]")]:
         args = [a for a in INP if not a.startswith("mask=")] if key == "mask_image" else INP  # mask= would be used
         add(C(f"type:inpaint {key}={val}", "6", [*args, f"{key}={val}"], [key.split("_")[0] if key == "mask_image" else key]))
-    WALK = ["task=walk", "prompts=[a red circle on a black background,a blue square]", "seeds=[0,1]", "frames=2"]
+    WALK = ["task=walk", "prompts=[a red circle on a black background,a blue square]", "seeds=[0,1]", "segment_frames=2"]
     for key, val in [("frames", "abc"), ("frames", "[3]"), ("fps", "abc"), ("fps", "[12]"), ("loop", "2"),
                      ("gif", "yes"), ("pacing", "5"), ("audio_start", "abc"), ("audio_duration", "[1]"),
                      ("walker.text", "5"), ("walker.easing", "[linear]"), ("walker.easing", "bogus")]:
@@ -278,14 +278,14 @@ def cases() -> list[Case]:
     add(C("file:inpaint EXIF source, mask outside displayed image", "7",
           ["task=inpaint", f"init_image={F}/exif6.jpg", "mask=[rect:40,0,64,32]"], ["mask"]))
     AUD = ["task=walk", "walker=audio", "prompts=[a red circle on a black background,a blue square]", "seeds=[0,1]",
-           "fps=4"]
+           "walk_fps=4"]
     for name in ["text.wav", "noise.mp3", "silent0.wav", "blip.wav", "adir.wav"]:
         add(C(f"file:audio={name}", "7", [*AUD, f"audio={F}/{name}"], ["audio"]))
     add(C("file:audio_start past the end", "7", [*AUD, f"audio={F}/one_second.wav", "audio_start=5"], ["audio_start"]))
     add(C("file:audio_duration below one frame", "7", [*AUD, f"audio={F}/one_second.wav", "audio_duration=0.01"],
           ["audio_duration"]))
     add(C("file:audio_start=nan", "7", [*AUD, f"audio={F}/one_second.wav", "audio_start=nan"], ["audio_start"]))
-    STORY = ["task=walk", "walker=story", "fps=2"]
+    STORY = ["task=walk", "walker=story", "walk_fps=2"]
     for name, frag in [("latin1.txt", "line 2"), ("nan.txt", "line 1"), ("inf.txt", "line 2"), ("huge.txt", "story"),
                        ("many.txt", "story"), ("four.txt", "line 1"), ("binary.txt", "story"), ("comments.txt", "story"),
                        ("emptydir", "story"), ("tiny_sec.txt", "story")]:
@@ -306,7 +306,7 @@ def cases() -> list[Case]:
     add(C("size:width from source, height given small", "8", ["task=img2img", f"init_image={F}/src120.png",
                                                               "height=8"], ["height"]))
     add(C("size:walk frames over max_pixels", "8", [*WALK, "height=64", "width=64", "max_pixels=1000"], ["max_pixels"]))
-    add(C("size:txt2video frames over max_pixels", "8", ["task=txt2video", "frames=16", "max_pixels=10000"],
+    add(C("size:txt2video frames over max_pixels", "8", ["task=txt2video", "video_frames=16", "max_pixels=10000"],
           ["max_pixels"]))
     add(C("size:zoom walk over max_pixels", "8", ["experiment=zoom_walk", "height=64", "width=64", "max_pixels=2000"],
           ["max_pixels"]))
@@ -363,10 +363,10 @@ def cases() -> list[Case]:
                       ("mask=[rect:0,0,8,8]", "inpaint"), ("mask_blur=2", "inpaint"), ("paste_back=false", "inpaint"),
                       ("resize=pad", "img2img"), ("max_size=2", "img2img"), ("loop=true", "walk"), ("gif=true", "walk"),
                       ("pacing=even", "walk"), ("audio_start=1", "walk"), (f"story={F}/bom.txt", "walk"),
-                      ("walker=story", "walk"), ("walker.easing=linear", "walk"), ("fps=5", "walk"),
-                      ("frames=3", "walk")]:
+                      ("walker=story", "walk"), ("walker.easing=linear", "walk"), ("walk_fps=5", "walk"),
+                      ("segment_frames=3", "walk")]:
         add(C(f"task-key:{arg.split('=')[0]} without task", "13", [arg], [f"task={task}"]))
-    add(C("task-key:frames under task=img2img", "13", [*I2I, "frames=3"], ["task=walk"]))
+    add(C("task-key:frames under task=img2img", "13", [*I2I, "segment_frames=3"], ["task=walk"]))
     add(C("task-key:mask under task=img2img", "13", [*I2I, "mask=[rect:0,0,8,8]"], ["task=inpaint"]))
     add(C("task-key:strengths in a sweep", "13", ["-m", "strengths=[0.3],[0.6]"], ["task=img2img"]))
 

@@ -327,7 +327,7 @@ def test_cli_txt2img_img2img_walk_with_recorders(tmp_path):
     assert _decodes(tmp_path / "i2i" / "grid.png") and _decodes(tmp_path / "i2i" / "step_strip_x0.png")
 
     run(compose_cfg("model=tiny_sd3", "steps=3", "task=walk", "prompts=[a red circle,a blue square]",
-                    "seeds=[1,2]", "frames=3", "recorders=[x0]"), tmp_path / "walk")
+                    "seeds=[1,2]", "segment_frames=3", "recorders=[x0]"), tmp_path / "walk")
     frames = sorted((tmp_path / "walk" / "frames").glob("*.png"))
     assert len(frames) == 4 and all(_decodes(f) == (16, 16) for f in frames)
     assert (tmp_path / "walk" / "walk.mp4").stat().st_size > 0

@@ -305,7 +305,7 @@ def test_tasks_on_tiny_sdxl(tmp_path):
         tmp_path / "inp")
     _images_decode(tmp_path / "inp", 1)
     run(compose_cfg("model=tiny_sdxl", "steps=2", "task=walk", "prompts=[a red circle,a blue square]",
-                    "seeds=[1,2]", "frames=2", "recorders=[x0,stats]"), tmp_path / "walk")
+                    "seeds=[1,2]", "segment_frames=2", "recorders=[x0,stats]"), tmp_path / "walk")
     assert len(list((tmp_path / "walk").rglob("*.png"))) >= 3 and list((tmp_path / "walk").rglob("*.mp4"))
 
 

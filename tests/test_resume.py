@@ -100,7 +100,7 @@ def input_case(tmp_path: Path, kind: str) -> tuple[list[str], Path, callable]:
                  "prompts=[a blue square]"], f, lambda: Image.new("L", (16, 16), 128).save(f))
     f = tmp_path / "story.txt"
     f.write_text("1 | a red circle | one\n1 | a blue square | two\n")
-    return (["task=walk", "walker=story", f"story={f}", "fps=2", "steps=2"], f,
+    return (["task=walk", "walker=story", f"story={f}", "walk_fps=2", "steps=2"], f,
             lambda: f.write_text("1 | a red circle | one\n1 | a green triangle | two\n"))
 
 

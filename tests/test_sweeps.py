@@ -310,7 +310,7 @@ def test_xyz_axis_typo_is_one_line(tmp_path):
 def test_report_of_a_sweep_of_walks_counts_frames_and_videos(tmp_path):
     """A walk's outputs are frames and a video, not images: the report counts them, averages the metrics over
     the frames and shows frames in the report grid (there is no grid.png)."""
-    res = sweep(tmp_path, "task=walk", "prompts=[a red circle,a blue square]", "frames=2,3")
+    res = sweep(tmp_path, "task=walk", "prompts=[a red circle,a blue square]", "segment_frames=2,3")
     assert res.returncode == 0, res.stderr[-3000:]
     with open(tmp_path / "summary.csv") as f:
         rows = list(csv.DictReader(f))

@@ -64,10 +64,10 @@ def test_types_come_from_the_defaults_and_each_task_declares_the_rest():
     from stablefused.config import declared_types
 
     walk = declared_types("walk")
-    assert walk["frames"] is int and walk["loop"] is bool  # from conf/task/walk.yaml's defaults
+    assert walk["segment_frames"] is int and walk["loop"] is bool  # from conf/task/walk.yaml's defaults
     assert "strengths" not in walk and "strengths" in declared_types("img2img")
-    lines = problems("task=walk", "fps=[12]", "audio_duration=abc", "pacing=5")
-    assert any(x.startswith("fps=[12]: must be a number") for x in lines), lines
+    lines = problems("task=walk", "walk_fps=[12]", "audio_duration=abc", "pacing=5")
+    assert any(x.startswith("walk_fps=[12]: must be a number") for x in lines), lines
     assert any(x.startswith("audio_duration='abc'") for x in lines), lines
     assert not any("could not convert" in x for x in lines), lines  # no raw Python error after a type problem
 
@@ -155,13 +155,13 @@ def write_story(path: Path, text: bytes) -> str:
 ], ids=["latin-1", "inf", "nan", "1e9 seconds", "sub-frame scene", "binary"])
 def test_story_files_one_line(tmp_path, text, fragment):
     story = write_story(tmp_path / "s.txt", text)
-    lines = problems("task=walk", "walker=story", f"story={story}", "fps=2")
+    lines = problems("task=walk", "walker=story", f"story={story}", "walk_fps=2")
     assert len(lines) == 1 and lines[0].startswith("story=") and fragment in lines[0], lines
 
 
 def test_story_with_bom_and_crlf_is_read(tmp_path):
     story = write_story(tmp_path / "s.txt", "1 | a red circle | one\r\n1 | a blue square | two\r\n".encode("utf-8-sig"))
-    ok("task=walk", "walker=story", f"story={story}", "fps=2")
+    ok("task=walk", "walker=story", f"story={story}", "walk_fps=2")
 
 
 def _wav(path: Path, seconds: float, rate: int = 8000) -> str:
@@ -175,7 +175,7 @@ def _wav(path: Path, seconds: float, rate: int = 8000) -> str:
 
 def test_audio_is_decoded_and_long_enough_in_validation(tmp_path):
     pytest.importorskip("librosa")
-    walk = ["task=walk", "walker=audio", "prompts=[a red circle,a blue square]", "seeds=[0,1]", "fps=4"]
+    walk = ["task=walk", "walker=audio", "prompts=[a red circle,a blue square]", "seeds=[0,1]", "walk_fps=4"]
     (tmp_path / "t.wav").write_text("not audio")
     assert any(x.startswith(f"audio={tmp_path / 't.wav'}: cannot decode it as audio") for x in
                problems(*walk, f"audio={tmp_path / 't.wav'}"))
@@ -199,7 +199,7 @@ def test_max_pixels_and_minimum_size_apply_to_the_size_a_source_gives(tmp_path):
 
 
 def test_video_frames_count_towards_max_pixels():
-    lines = problems("task=txt2video", "height=16", "width=16", "frames=16", "max_pixels=2000")
+    lines = problems("task=txt2video", "height=16", "width=16", "video_frames=16", "max_pixels=2000")
     assert any("1 video(s) of 16 frames per batch of this size are 4,096 pixels" in x for x in lines), lines
 
 
@@ -281,7 +281,7 @@ def test_a_task_setting_without_its_task_names_the_task():
         "mask_blur: a setting of task=inpaint, not of task=txt2img; add task=inpaint"]
     assert override_problems(["task=img2img", "loop=true"])[0].startswith("loop: a setting of task=walk, not of "
                                                                           "task=img2img")
-    assert override_problems(["experiment=story_walk", "fps=5"]) == []  # the experiment's task has it
+    assert override_problems(["experiment=story_walk", "walk_fps=5"]) == []  # the experiment's task has it
     assert override_problems(["-m", "task=img2img", "strengths=[0.3],[0.6]"]) == []
     assert all("+" not in x for x in override_problems(["walker=story", "paste_back=false"]))
 

@@ -83,7 +83,7 @@ class Txt2Video(Task):
     """Text to video (video UNet models): rows = prompt/seed, columns = guidance scale; frames, MP4, strip."""
 
     def frames_per_output(self, cfg: Any) -> int:
-        return cfg.frames if isinstance(cfg.get("frames"), int) and not isinstance(cfg.get("frames"), bool) else 1
+        return cfg.video_frames if isinstance(cfg.get("video_frames"), int) and not isinstance(cfg.get("video_frames"), bool) else 1
 
     def validate(self, cfg: Any, problems: list[str]) -> None:
         for key in ("video_frames", "video_fps"):
