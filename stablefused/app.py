@@ -55,7 +55,7 @@ def _start(cfg: DictConfig, run_dir: Path, group: str | None, given: dict[str, A
             if cfg.logger.name == "wandb" and (note := resolve_mode(cfg.logger)[1]):
                 log.warning("%s", note)
             task = get_task(cfg.task)
-            done = open_run_dir(cfg, run_dir, task.output_type)  # refuses another config's outputs; keeps this config's (resume)
+            done = open_run_dir(cfg, run_dir, task)  # refuses another config's outputs; keeps this config's (resume)
             # Plugins first: one that cannot start (e.g. a metric without its weights) fails before the model loads.
             plugins = {kind: make_plugins(cfg, kind, given.get(kind)) for kind in ("recorders", "metrics", "visualizers")}
             guidance = given.get("guidance") or Guidance.from_config(cfg.guidance)

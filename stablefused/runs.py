@@ -200,31 +200,24 @@ RUN_FILE = "run.json"
 NOT_OUTPUT = ("progress", "logger", "batch_size", "resume", "overwrite", "hydra", "xyz", "threads")
 
 
-def fingerprint(cfg: DictConfig) -> dict:
-    """What a run's outputs depend on: its settings (less :data:`NOT_OUTPUT`) and the content of its input
-    files (``inputs``: per setting, file -> sha256), so a changed source file is a changed run."""
+def fingerprint(cfg: DictConfig, task: Any = None) -> dict:
+    """What a run's outputs depend on: its settings (less :data:`NOT_OUTPUT`) and the content of the ``task``'s
+    input files (``inputs``: per setting, file -> sha256), so a changed source file is a changed run."""
     from omegaconf import OmegaConf
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     fp = {k: v for k, v in plain.items() if k not in NOT_OUTPUT}
-    inputs = input_digests(cfg)
+    inputs = input_digests(cfg, task) if task is not None else {}
     if inputs:
         fp["inputs"] = inputs
     return fp
 
 
-def input_digests(cfg: DictConfig) -> dict[str, dict[str, str]]:
+def input_digests(cfg: DictConfig, task: Any) -> dict[str, dict[str, str]]:
     """Per input-file setting of the task (``Task.input_settings``): {file: sha256 of its bytes} ("missing"
     for a file that is not there; validation names it)."""
     import hashlib
 
-    from stablefused.errors import ConfigError
-    from stablefused.tasks import get_task
-
-    try:
-        task = get_task(cfg.task)
-    except ConfigError:
-        return {}
     out = {}
     for key in task.input_settings:
         files = {}
@@ -249,7 +242,7 @@ def _changed_inputs(old: dict, new: dict) -> list[str]:
             if a.get(k, {}).get(f) != b.get(k, {}).get(f)]
 
 
-def open_run_dir(cfg: DictConfig, run_dir: Path, output_type: str = "image") -> dict[int, dict]:
+def open_run_dir(cfg: DictConfig, run_dir: Path, task: Any) -> dict[int, dict]:
     """Prepare ``run_dir`` for a run and return the image records already there (by index).
 
     An empty dir starts fresh. A dir holding this config's outputs (``run.json``) continues: its images are
@@ -259,7 +252,7 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, output_type: str = "image") -> 
     from stablefused.errors import ConfigError
 
     manifest, meta = run_dir / "manifest.jsonl", run_dir / RUN_FILE
-    fp = fingerprint(cfg)
+    fp = fingerprint(cfg, task)
     previous = _read_run_file(meta)
     has_outputs = manifest.is_file() and manifest.stat().st_size > 0
     done: dict[int, dict] = {}
@@ -286,7 +279,7 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, output_type: str = "image") -> 
             raise ConfigError(f"resume=false: {run_dir} already holds this run's outputs; use a new run dir, "
                               "resume=true to continue it, or overwrite=true to start again")
         else:
-            done = _keep_images(run_dir, output_type)
+            done = _keep_images(run_dir, task.output_type)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = meta.with_name(meta.name + ".tmp")
     tmp.write_text(strict_json({"written_by": OWNER, "config": fp}))
@@ -500,11 +493,11 @@ def read_records(manifest: Path) -> list[dict]:
     return out
 
 
-def is_complete(cfg: DictConfig, run_dir: Path) -> bool:
+def is_complete(cfg: DictConfig, run_dir: Path, task: Any) -> bool:
     """Whether ``run_dir`` holds this config's finished run: same ``run.json`` config, the manifest's final
     ``run`` record written, and every file the manifest lists on disk (a rerun would have nothing to do)."""
     previous = _read_run_file(run_dir / RUN_FILE)
-    if previous is None or previous.get("config") != fingerprint(cfg):
+    if previous is None or previous.get("config") != fingerprint(cfg, task):
         return False
     recs = read_records(run_dir / "manifest.jsonl")
     return bool(recs) and recs[-1].get("type") == "run" and all(

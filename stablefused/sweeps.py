@@ -107,7 +107,16 @@ def finished(cfg: Any, run_dir: Path) -> dict | None:
         status = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    return status if status.get("status") == "ok" and is_complete(cfg, Path(run_dir)) else None
+    if status.get("status") != "ok":
+        return None
+    from stablefused.errors import ConfigError
+    from stablefused.tasks import get_task
+
+    try:
+        task = get_task(cfg.task)
+    except ConfigError:
+        return None
+    return status if is_complete(cfg, Path(run_dir), task) else None
 
 
 class SweepReport(Callback):

@@ -248,7 +248,9 @@ def test_old_spellings_get_one_did_you_mean_line():
 
     assert override_problems(["task=walk", "frames=3", "fps=4"]) == [
         "frames: renamed; did you mean segment_frames? (task=walk)", "fps: renamed; did you mean walk_fps? (task=walk)"]
-    assert override_problems(["experiment=zoom_walk", "frames=3"]) == [
+    assert override_problems(["experiment=zoom_walk", "frames=3"]) == [  # the experiment's task
+        "frames: renamed; did you mean segment_frames? (task=walk)"]
+    assert override_problems(["task=choice(walk,txt2video)", "frames=3"]) == [  # no one task
         "frames: renamed; did you mean segment_frames (task=walk) or video_frames (task=txt2video)?"]
     try:
         validate(compose_cfg("task=txt2video", "+frames=3"))

@@ -246,9 +246,9 @@ def test_sdxl_offline_is_one_clear_line(model, hub_id):
 
     with pytest.raises(ConfigError) as e:
         validate(compose_cfg(f"model={model}", "model.original_size=[1024,1024]"))
-    assert str(e.value).splitlines() == [
-        f"model={model}: {hub_id} is not downloaded and the hub is offline (HF_HUB_OFFLINE); run `hf download "
-        f"{hub_id}` with network, or set model.path=<local diffusers folder or .safetensors file>"]
+    lines = str(e.value).splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"model={model}: {hub_id} is not downloaded and the hub is offline")
+    assert f"hf download {hub_id}" in lines[0]
 
 
 def test_linear_preview_uses_sdxl_coefficients():

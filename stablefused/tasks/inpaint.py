@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from numbers import Real
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -158,7 +158,7 @@ class Inpaint(Img2Img):
     """Inpainting: rows = source x prompt/seed, columns = source with its mask | strength x guidance."""
 
     types = {**Img2Img.types, "mask_image": Union[str, list[str], None], "mask": Union[str, list, None],  # Hydra splits rect:4,2,14,12 into mixed items
-             "mask_blur": Real}
+             "mask_blur": Optional[Real]}
     input_settings = ("init_image", "mask_image")
 
     def validate(self, cfg: Any, problems: list[str]) -> None:
