@@ -26,10 +26,10 @@ CORE_KEYS = {
 }
 MODEL_KEYS = {
     "name", "builtin", "bundled", "hub_id", "path", "config", "revision", "allow_pickle", "prediction_type",
-    "seed", "size_multiple", "height", "width", "example_prompts",
+    "seed", "size_multiple", "height", "width", "example_prompts", "offload", "distilled_guidance", "gpu_dtype",
 }
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 PREDICTION_TYPES = (None, "epsilon", "v_prediction", "sample")
 MAX_GUIDANCE = 1e4  # |w| beyond this only saturates the latents to inf/NaN (black images)
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
@@ -95,8 +95,8 @@ def _list(cfg: Any, key: str, item_type: type | tuple, what: str, allow_none: bo
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming every problem found (one line each); cheap checks only (no model loads)."""
     problems: list[str] = []
-    for check in (_check_keys, _check_sampling, _check_size, _check_runtime, _check_model, _check_plugins,
-                  _check_task, _check_finite, _check_xyz):
+    for check in (_check_keys, _check_sampling, _check_size, _check_runtime, _check_model, _check_family,
+                  _check_plugins, _check_task, _check_finite, _check_xyz):
         try:
             check(cfg, problems)
         except (ConfigError, registry.PluginError) as e:
@@ -345,6 +345,23 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
     if train_steps and isinstance(steps, int) and not isinstance(steps, bool) and steps > train_steps:
         problems.append(f"steps={steps}: more than the {train_steps} timesteps model {model.name}'s scheduler was "
                         f"trained with; use steps <= {train_steps}")
+
+
+def _check_family(cfg: DictConfig, problems: list[str]) -> None:
+    """Settings the model's family cannot do (e.g. attention maps on Flux), where the family is known without
+    loading the model (:func:`stablefused.families.family_of_config`)."""
+    from stablefused.families import family_class, family_of_config
+    from stablefused.models import OFFLOAD_MODES
+
+    if cfg.model.get("gpu_dtype") not in (None, "float32", "float16", "bfloat16"):
+        problems.append(f"model.gpu_dtype={cfg.model.get('gpu_dtype')!r}: must be null, float32, float16 or bfloat16 "
+                        "(the model's dtype on a GPU under dtype=auto)")
+    if cfg.model.get("offload") not in OFFLOAD_MODES:
+        problems.append(f"model.offload={cfg.model.get('offload')!r}: must be null (all on the device), model (one "
+                        "module at a time on the GPU) or sequential (one layer at a time: least GPU memory)")
+    name = family_of_config(cfg.model)
+    if name is not None:
+        problems += family_class(name).unsupported(cfg)
 
 
 _A = {str: "a string", bool: "true or false", int: "an integer"}

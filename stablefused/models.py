@@ -176,9 +176,13 @@ def quiet_libraries() -> None:
 def load_components(model_cfg: Any, device: str = "auto", dtype: str = "float32") -> Components:
     """Load (or fetch from the cache) the components that ``model_cfg`` names."""
     quiet_libraries()
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    dev = resolve_device(device)
+    if dtype == "auto":  # float32, except on a GPU where the model config names its own (Flux: bfloat16)
+        dtype = (model_cfg.get("gpu_dtype") or "float32") if dev.type == "cuda" else "float32"
+    dt = resolve_dtype(dtype)
     source = model_source(model_cfg)
-    key = (source, model_cfg.get("prediction_type"), bool(model_cfg.get("allow_pickle")), str(dev), str(dt))
+    offload = model_cfg.get("offload")
+    key = (source, model_cfg.get("prediction_type"), bool(model_cfg.get("allow_pickle")), str(dev), str(dt), offload)
     if key not in _CACHE:
         if source.startswith("builtin:"):
             comps = builtin_models()[source.removeprefix("builtin:")](seed=int(model_cfg.get("seed", 0)))
@@ -190,15 +194,42 @@ def load_components(model_cfg: Any, device: str = "auto", dtype: str = "float32"
         comps.source = source
         for m in comps.modules.values():
             if isinstance(m, torch.nn.Module):
-                m.to(device=dev).eval().requires_grad_(False)
+                m.to(device="cpu" if offload else dev).eval().requires_grad_(False)
                 if m.dtype != dt:
                     m.to(dtype=dt)
+        if offload:
+            cpu_offload(comps, offload, dev)
         comps.device, comps.dtype = dev, dt
-        log.info("Loaded model %s from %s (%s, %s)", comps.name, source, dev, dt)
+        log.info("Loaded model %s from %s (%s, %s%s)", comps.name, source, dev, dt,
+                 f", {offload} CPU offload" if offload else "")
         _CACHE[key] = comps
     comps = _CACHE[key]
-    # Each run gets its own copy of the scheduler config; the modules are shared (read-only).
-    return replace(comps, scheduler_config=copy.deepcopy(comps.scheduler_config))
+    # Each run gets its own copy of the scheduler config and of the model settings its family reads (e.g.
+    # Flux's distilled_guidance); the modules are shared (read-only).
+    settings = dict(model_cfg.items()) if hasattr(model_cfg, "items") else {}
+    return replace(comps, scheduler_config=copy.deepcopy(comps.scheduler_config), info={**comps.info, "model": settings})
+
+
+OFFLOAD_MODES = (None, "model", "sequential")
+
+
+def cpu_offload(comps: Components, mode: str, device: torch.device) -> None:
+    """Keep the weights in CPU memory and move them to ``device`` only while they run (accelerate's hooks, as
+    diffusers' ``enable_model_cpu_offload`` / ``enable_sequential_cpu_offload`` install them): ``model``
+    moves one whole module at a time, in the family's component order (text encoders, network, VAE; about
+    the largest module's size on the GPU), ``sequential`` one layer at a time (least GPU memory, slowest)."""
+    from accelerate import cpu_offload as sequential, cpu_offload_with_hook
+
+    if device.type == "cpu":
+        return
+    hook = None
+    for module in comps.modules.values():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        if mode == "sequential":
+            sequential(module, execution_device=device, offload_buffers=len(module._parameters) > 0)
+        else:
+            _, hook = cpu_offload_with_hook(module, device, prev_module_hook=hook)
 
 
 def model_source(model_cfg: Any) -> str:

@@ -105,7 +105,7 @@ class Sampler:
         scheduler's noise."""
         generators = self.prepare(steps, seeds, height=height, width=width)
         latents = self.family.noise(generators, height, width, frames)
-        return latents * self.scheduler.init_noise_sigma, generators
+        return latents * getattr(self.scheduler, "init_noise_sigma", 1.0), generators  # flow matching: none
 
     def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
         """Spatial latents (B, C, H, W) → float images (B, H, W, 3) in [0, 1] (video: (B, F, H, W, 3))."""

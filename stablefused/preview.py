@@ -3,10 +3,11 @@
 * ``vae``: :meth:`stablefused.pipeline.Sampler.decode` in batches; images at full resolution.
 * ``linear``: ``rgb = latent · W + b`` per latent pixel (one matrix product), at latent resolution (upscale
   for display). For the Stable Diffusion 1.x/2.x VAE (also SD-Turbo) the known coefficients are shipped
-  (:data:`SD_LATENT_RGB`, as used by ComfyUI's latent previews); for any other VAE (the tiny and bundled
+  (:data:`SD_LATENT_RGB`, as used by ComfyUI's latent previews), and the 16-channel ones of the FLUX.1 VAE
+  (:data:`FLUX_LATENT_RGB`); for any other VAE (the tiny and bundled
   models) ``W, b`` are fitted by least squares: decode a few latents with the VAE, average-pool the images to
   latent resolution, solve. Fits are cached per model for the process.
-* ``auto``: ``linear`` for the SD 1.x/2.x VAE, ``vae`` otherwise.
+* ``auto``: ``linear`` for a VAE with known coefficients (SD 1.x/2.x, FLUX.1), ``vae`` otherwise.
 
 Also here: :func:`compose`, the labelled frame/strip layout the visualizers share, and :func:`one_frame`:
 video runs record (..., C, F, h, w) latents; the visualizers show one frame of them (the middle one unless
@@ -36,6 +37,15 @@ SD_LATENT_RGB = torch.tensor([
     [-0.2829, 0.1762, 0.2721],
     [-0.2120, -0.2616, -0.7177],
 ])
+# FLUX.1 VAE (16 channels; latents already (z - 0.1159) * 0.3611): ComfyUI's latent_formats.Flux factors and bias
+# for the same (x + 1) / 2 range map.
+FLUX_LATENT_RGB = torch.tensor([
+    [-0.0346, 0.0244, 0.0681], [0.0034, 0.0210, 0.0687], [0.0275, -0.0668, -0.0433], [-0.0174, 0.0160, 0.0617],
+    [0.0859, 0.0721, 0.0329], [0.0004, 0.0383, 0.0115], [0.0405, 0.0861, 0.0915], [-0.0236, -0.0185, -0.0259],
+    [-0.0245, 0.0250, 0.1180], [0.1008, 0.0755, -0.0421], [-0.0515, 0.0201, 0.0011], [0.0428, -0.0012, -0.0036],
+    [0.0817, 0.0765, 0.0749], [-0.1264, -0.0522, -0.1103], [-0.0280, -0.0881, -0.0499], [-0.1262, -0.0982, -0.0778],
+])
+FLUX_LATENT_RGB_BIAS = torch.tensor([-0.0329, -0.0718, -0.0851])
 DECODE_MODES = ("vae", "linear", "auto")
 
 
@@ -84,6 +94,18 @@ class LinearPreview:
         return cls(sol[:-1].float(), sol[-1].float(), source=f"least squares on {len(lat)} VAE decodes")
 
 
+def known_preview(vae: Any) -> "LinearPreview | None":
+    """The known coefficients for this autoencoder (SD 1.x/2.x, FLUX.1), or None (fit them)."""
+    if is_sd_vae(vae):
+        return LinearPreview.sd()
+    cfg = vae.config
+    if (cfg.latent_channels == 16 and abs(float(cfg.scaling_factor) - 0.3611) < 1e-6
+            and abs(float(cfg.get("shift_factor") or 0) - 0.1159) < 1e-6
+            and tuple(cfg.block_out_channels) == (128, 256, 512, 512)):
+        return LinearPreview(FLUX_LATENT_RGB / 2, (FLUX_LATENT_RGB_BIAS + 1) / 2, source="FLUX.1 known coefficients")
+    return None
+
+
 def is_sd_vae(vae: Any) -> bool:
     """The Stable Diffusion 1.x/2.x autoencoder (4 latent channels, 0.18215, 128-256-512-512 blocks)."""
     cfg = vae.config
@@ -97,8 +119,9 @@ _FITS: dict[tuple, LinearPreview] = {}
 def linear_preview(sampler: Any, fit_latents: torch.Tensor | None = None) -> LinearPreview:
     """Known coefficients for the SD VAE, else a least-squares fit (cached per model and latent shape)."""
     c = sampler.c
-    if is_sd_vae(c.vae):
-        return LinearPreview.sd()
+    known = known_preview(c.vae)
+    if known is not None:
+        return known
     key = (c.source or c.name, str(c.dtype), tuple(fit_latents.shape[1:]) if fit_latents is not None else None)
     if key not in _FITS:
         _FITS[key] = LinearPreview.fit(sampler, fit_latents)
@@ -112,7 +135,7 @@ def make_decoder(sampler: Any, mode: str = "vae", fit_latents: torch.Tensor | No
     if mode not in DECODE_MODES:
         raise ValueError(f"decode={mode!r}: must be one of {', '.join(DECODE_MODES)}")
     if mode == "auto":
-        mode = "linear" if is_sd_vae(sampler.c.vae) else "vae"
+        mode = "linear" if known_preview(sampler.c.vae) is not None else "vae"
     if mode == "linear":
         return linear_preview(sampler, fit_latents)
     c = sampler.c

@@ -170,6 +170,14 @@ class Family:
         """Set ``scheduler`` to ``steps`` for an image of this size: the one place a run's timesteps are set."""
         scheduler.set_timesteps(steps, device=self.c.device)
 
+    def first_step(self, steps: int, strength: float) -> int:
+        """The first of ``steps`` steps that image-to-image runs at ``strength``: the img2img pipeline's
+        ``get_timesteps`` (SD: ``int(strength * steps)`` steps run; the flow-matching pipelines (SD3, Flux)
+        round the first step down instead)."""
+        if self.prediction_type == "flow":
+            return int(max(steps - min(steps * strength, steps), 0))
+        return max(steps - min(int(steps * strength), steps), 0)
+
     def sigmas(self, scheduler: Any) -> list[float]:
         """Noise level of every loop iteration in the x = x0 + σ·ε convention (what guidance schedules and
         recorders read), whatever the scheduler's own parameterisation."""
@@ -235,8 +243,10 @@ class Family:
         return f"its {kind} takes {need} input channels, this task gives it {have}{hint}"
 
     # ------------------------------------------------------------------ what works where
-    def unsupported(self, cfg: Any) -> list[str]:
-        """One line per setting this family cannot do (checked before the model loads where possible)."""
+    @classmethod
+    def unsupported(cls, cfg: Any) -> list[str]:
+        """One line per setting this family cannot do; checked before the model loads, on the class (the config
+        checks find the family with :func:`family_of_config`)."""
         return []
 
 
@@ -279,6 +289,41 @@ def family_for_pipeline(pipeline_class: str | None, network_class: str | None = 
     if matches:  # the longest prefix: StableDiffusionXL... is SDXL, not SD
         return max(matches)[1]
     return _BY_NETWORK.get(network_class or "", "sd")
+
+
+def family_of_config(model_cfg: Any) -> str | None:
+    """The family a model config names, found cheaply before anything loads: a built-in model's builder
+    (its ``family`` attribute), a local folder's or an already downloaded hub model's ``model_index.json``;
+    None when it cannot be told (e.g. a hub model not downloaded, a single-file checkpoint)."""
+    import json
+    from pathlib import Path
+
+    if model_cfg.get("builtin"):
+        from stablefused.models import builtin_models
+
+        return getattr(builtin_models().get(model_cfg["builtin"]), "family", None)
+    index = None
+    if model_cfg.get("path") or model_cfg.get("bundled"):
+        from stablefused.models import model_source
+
+        index = Path(model_source(model_cfg)) / "model_index.json"
+    elif model_cfg.get("hub_id"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(str(model_cfg["hub_id"]), "model_index.json",
+                                           revision=model_cfg.get("revision"))
+        except Exception:  # not a valid repo id: the loader says what is wrong
+            return None
+        index = Path(found) if isinstance(found, str) else None
+    if index is None or not index.is_file():
+        return None
+    try:
+        spec = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return None
+    network = spec.get("unet") or spec.get("transformer") or [None, None]
+    return family_for_pipeline(spec.get("_class_name"), network[1] if isinstance(network, list) else None)
 
 
 _BY_NETWORK = {"UNet3DConditionModel": "video", "SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}

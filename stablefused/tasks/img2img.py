@@ -68,7 +68,7 @@ def img2img(
     if encoded is None:
         encoded = im.encode(c.vae, im.to_pixels(sources, c.vae_scale_factor))
     cond, uncond = sampler.encode(prompts), sampler.encode(negative_prompts, negative=True)
-    t_start = first_step(steps, strength)
+    t_start = sampler.family.first_step(steps, strength)  # the family's pipeline's get_timesteps
     generators = sampler.prepare(steps, seeds, start_step=t_start, height=sources[0].height, width=sources[0].width)
     init = sampler.family.image_latents(encoded, generators)
     latents, _ = im.noised_latents(scheduler, init, generators, scheduler.timesteps[t_start * scheduler.order:][:1])

@@ -10,7 +10,7 @@ does it step for step, through the one loop, with either kind of UNet:
 Which one runs follows from the loaded model's UNet (``model.path=<inpainting folder>`` picks the first by
 itself). The random draws per image, from its own generator, are the pipeline's: the source's VAE sample
 (when needed: 4-channel UNets, or strength < 1), the noise, the masked image's VAE sample. ``strength`` as
-in img2img (``first_step``); 1.0 starts from pure noise. Masks: :mod:`stablefused.masks`.
+in img2img (``Family.first_step``); 1.0 starts from pure noise. Masks: :mod:`stablefused.masks`.
 
 With ``paste_back`` (default) every output is laid back over its source through the (blurred) mask: pixels
 the mask keeps entirely are the source's exactly. Records carry ``mask``, ``mask_blur``, ``mask_box`` (the
@@ -35,7 +35,7 @@ from stablefused.pipeline import Generation, Sampler
 from stablefused.runs import Run, log_samples_table, summarise_metrics
 from stablefused.tasks import register_task
 from stablefused.sampling import Request
-from stablefused.tasks.img2img import Img2Img, first_step
+from stablefused.tasks.img2img import Img2Img
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def inpaint(
     mask_cond = mk.processor(f).preprocess(list(masks), height=height, width=width)  # (B, 1, H, W) in {0, 1}
     cond, uncond = sampler.encode(prompts), sampler.encode(negative_prompts, negative=True)
 
-    t_start = first_step(steps, strength)
+    t_start = sampler.family.first_step(steps, strength)
     generators = sampler.prepare(steps, seeds, start_step=t_start, height=height, width=width)
     timesteps = scheduler.timesteps[t_start * scheduler.order:]
     is_max = strength == 1.0
@@ -125,7 +125,7 @@ def inpaint(
         image_latents = sampler.family.image_latents(encoded, generators).contiguous()
     if is_max:
         noise = randn_tensor(shape, generator=generators, device=c.device, dtype=c.dtype)
-        latents = noise * scheduler.init_noise_sigma
+        latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching: none
     else:
         latents, noise = im.noised_latents(scheduler, image_latents, generators, timesteps[:1])
     mask = torch.nn.functional.interpolate(mask_cond, size=shape[-2:]).to(device=c.device, dtype=c.dtype)
@@ -141,6 +141,7 @@ def inpaint(
         for g in generators:
             randn_tensor((1, *shape[1:]), generator=g, device=c.vae.device, dtype=c.vae.dtype)
         extra, hooks = None, [BlendKnown(image_latents, noise, mask, scheduler), *hooks]
+    latents = sampler.family.from_spatial(latents)  # Flux packs after noising (BlendKnown works in spatial)
     request = Request(latents, cond, uncond, list(guidance_scales), steps, start_step=t_start, extra_channels=extra,
                       generators=generators, samples=samples, eta=eta)
     return sampler.sample(request, guidance=guidance, hooks=hooks, progress=progress)

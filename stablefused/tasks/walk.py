@@ -99,7 +99,7 @@ def make_keys(run: Run, keyframes: list, h: int, w: int) -> Keys:
     for k in keyframes:
         if k.prompt not in conds:
             conds[k.prompt] = sampler.encode([k.prompt])
-    sigma = float(sampler.scheduler.init_noise_sigma)
+    sigma = float(getattr(sampler.scheduler, "init_noise_sigma", 1.0))  # flow matching: none
 
     def extra_noise(seed: int, stream: int, n: int) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor
