@@ -197,7 +197,7 @@ def load_components(model_cfg: Any, device: str = "auto", dtype: str = "float32"
                 m.to(device="cpu" if offload else dev).eval().requires_grad_(False)
                 if m.dtype != dt:
                     m.to(dtype=dt)
-        if offload:
+        if offload and dev.type != "cpu":  # on the CPU the weights are where they run already
             cpu_offload(comps, offload, dev)
         comps.device, comps.dtype = dev, dt
         log.info("Loaded model %s from %s (%s, %s%s)", comps.name, source, dev, dt,
@@ -220,8 +220,6 @@ def cpu_offload(comps: Components, mode: str, device: torch.device) -> None:
     the largest module's size on the GPU), ``sequential`` one layer at a time (least GPU memory, slowest)."""
     from accelerate import cpu_offload as sequential, cpu_offload_with_hook
 
-    if device.type == "cpu":
-        return
     hook = None
     for module in comps.modules.values():
         if not isinstance(module, torch.nn.Module):

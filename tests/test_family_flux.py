@@ -237,6 +237,38 @@ def test_known_flux_latent_preview_coefficients():
     assert known_preview(tiny) is None  # random weights: fitted instead
 
 
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_cpu_offload_hooks_change_no_pixel(mode):
+    """accelerate's offload hooks (here with the CPU as execution device: the mechanism, not the memory) on
+    every module, in the family's order; encode, VAE encode/decode and the loop run through them."""
+    from stablefused.models import cpu_offload
+
+    plain = build_tiny_flux(seed=2)
+    hooked = build_tiny_flux(seed=2)
+    cpu_offload(hooked, mode, torch.device("cpu"))
+    assert hasattr(hooked.transformer, "_hf_hook") and hasattr(hooked.vae, "_hf_hook")
+    outs = []
+    for c in (plain, hooked):
+        s = Sampler(c)
+        outs.append(img2img(s, _sources()[:1], PROMPTS[:1], SEEDS[:1], [3.0], 0.75, NEG[:1], steps=STEPS,
+                            progress=False).images)
+    assert np.abs(outs[0] - outs[1]).max() == 0
+
+
+def test_linear_preview_of_flux_latents(dev):
+    """The linear latent→RGB preview on 16-channel spatial latents (fitted for the random tiny VAE)."""
+    from stablefused.preview import make_decoder
+
+    comps, _, _ = dev
+    sampler = Sampler(comps)
+    out = sampler.txt2img(PROMPTS, SEEDS, 3.0, NEG, steps=STEPS, height=H, width=W, progress=False)
+    preview = make_decoder(sampler, "linear", fit_latents=out.latents)(out.latents)
+    assert preview.shape == (2, H // 2, W // 2, 3) and np.isfinite(preview).all()
+    pooled = torch.nn.functional.avg_pool2d(torch.from_numpy(out.images).permute(0, 3, 1, 2), 2)
+    fitted = torch.from_numpy(preview).permute(0, 3, 1, 2)
+    assert float((pooled - fitted).abs().mean()) < float((pooled - pooled.mean()).abs().mean())  # it explains
+
+
 # ------------------------------------------------------------------------------ the app on the tiny model
 FLUX = ["model=tiny_flux", "steps=3", "seeds=[0]", "prompts=[a red circle]"]
 

@@ -119,7 +119,7 @@ BAD = [
     (["recorders=[latents,x0]", "visualizers=[denoise_video]", "visualizers.denoise_video.panels=null"],
      "visualizers.denoise_video.panels=None: must be"),
     (["recorders=[x0]", "visualizers=[step_strip]", "visualizers.step_strip.source=[x0]"], "visualizers.step_strip.source=['x0']: must be one of"),
-    (["model.builtin=x"], "model.builtin='x': the only model built in code is tiny_random"),
+    (["model.builtin=x"], "model.builtin='x': not a model built in code; those are"),
     (["model.allow_pickle=maybe"], "model.allow_pickle='maybe': must be true or false"),
     (["name=[]"], "name=[]: must be a non-empty string"),
     (["scheduler.overrides=5"], "scheduler.overrides=5: must be a mapping"),
@@ -317,7 +317,7 @@ def test_cli_misspelt_key_and_options_are_one_line_each():
     assert lines == [
         "error: guidance_scale: unknown setting. Did you mean guidance_scales?",
         "error: scheduler=eulr: no such scheduler option (conf/scheduler/eulr.yaml). Closest: euler.",
-        "error: model=nosuch: no such model option (conf/model/nosuch.yaml). Options: modelscope, sd15, sd21, sd_turbo, shapes, tiny_random, zeroscope.",
+        "error: model=nosuch: no such model option (conf/model/nosuch.yaml). Options: flux_dev, flux_schnell, modelscope, sd15, sd21, sd_turbo, shapes, tiny_flux, tiny_flux_schnell, tiny_random, zeroscope.",
         "error: recorders=stat: no such recorders option (conf/recorders/stat.yaml). Closest: stats.",
     ]
 
