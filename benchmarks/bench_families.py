@@ -1,7 +1,7 @@
 """Wall time of StableFused's one loop against each model family's diffusers pipeline, on the same components.
 
     python benchmarks/bench_families.py --family flux                 # tiny random Flux (dev-style), CPU
-    python benchmarks/bench_families.py --family flux --size 128 --batch 2
+    python benchmarks/bench_families.py --family flux --size 256 --batch 2
 
 One function per family (``bench_<family>(args)``, each returning its table rows); the main prints them.
 Same process, same components, same prompts/seeds, median of ``--repeats`` runs after one warm-up.
@@ -69,7 +69,7 @@ def bench_flux(args) -> tuple[str, list[tuple]]:
         if isinstance(m, torch.nn.Module):
             m.to(device=args.device, dtype=dtype).eval().requires_grad_(False)
     comps.device, comps.dtype = torch.device(args.device), dtype
-    size = args.size or 64
+    size = args.size or 128
     prompts, negs = ["a red circle"] * args.batch, ["blurry"] * args.batch
     seeds = list(range(args.batch))
     sampler = Sampler(comps)
@@ -101,7 +101,7 @@ FAMILIES = {"flux": bench_flux}  # the SDXL and SD3 benchmarks add bench_sdxl / 
 
 
 def main() -> None:
-    ap = model_args(__doc__, model="tiny", batch=2, repeats=5)
+    ap = model_args(__doc__, model="tiny", batch=4, repeats=5)
     ap.add_argument("--family", default="all", help=f"{', '.join(FAMILIES)} or all")
     ap.add_argument("--size", type=int, default=None, help="image size in pixels (default: per family)")
     args = ap.parse_args()

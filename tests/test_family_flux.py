@@ -324,11 +324,16 @@ def test_every_guidance_schedule_and_rule_plugin_on_flux(dev):
             assert _diff(out.latents, plain.latents) > 1e-6, f"{kind} {name} changed nothing"
 
 
-def test_img2img_and_walk_run_on_flux(tmp_path):
+def test_img2img_inpaint_and_walk_run_on_flux(tmp_path):
     cfg = compose_cfg(*FLUX, "task=img2img", "init_image=shapes:a large red circle on a black background",
                       "strengths=[0.7]", "guidance_scales=[3]", "recorders=[x0]", "height=16", "width=16")
     run(cfg, tmp_path / "i2i")
     _images_decode(tmp_path / "i2i", 1)
+    _sources()[1].save(tmp_path / "src.png")
+    cfg = compose_cfg(*FLUX, "task=inpaint", f"init_image={tmp_path / 'src.png'}", "mask=[rect:4,2,16,12]",
+                      "strengths=[1.0]", "guidance_scales=[3]", "recorders=[x0]")
+    run(cfg, tmp_path / "inp")
+    _images_decode(tmp_path / "inp", 1)
     cfg = compose_cfg("model=tiny_flux", "task=walk", "steps=3", "frames=2", "prompts=[a red circle,a blue square]",
                       "seeds=[1,2]", "walker=interpolate", "recorders=[x0]", "guidance_scales=[3]")
     run(cfg, tmp_path / "walk")

@@ -1,7 +1,8 @@
 """``task=img2img``: SDEdit. Each source image is encoded, noised to a strength, and denoised towards the
 prompt through the one loop, as ``StableDiffusionImg2ImgPipeline.__call__`` does it step for step:
 
-1. ``get_timesteps(steps, strength)``: ``t_start = steps - int(strength * steps)``; :meth:`Sampler.prepare`
+1. ``get_timesteps(steps, strength)`` (:meth:`Family.first_step`): ``t_start = steps - int(strength * steps)``
+   (flow-matching families, SD3/Flux: ``int(steps - strength * steps)``); :meth:`Sampler.prepare`
    sets the timesteps and the begin index ``t_start * scheduler.order`` (``set_begin_index``);
 2. per image, from its own generator: the VAE latent sample, then the noise; ``add_noise`` at the first
    timestep that runs;
@@ -31,11 +32,6 @@ from stablefused.runs import Run, image_record, log_samples_table, prompt_seed_r
 from stablefused.tasks import Task, register_task
 
 log = logging.getLogger(__name__)
-
-
-def first_step(steps: int, strength: float) -> int:
-    """``StableDiffusionImg2ImgPipeline.get_timesteps``: the first of ``steps`` steps that runs at ``strength``."""
-    return max(steps - min(int(steps * strength), steps), 0)
 
 
 @torch.no_grad()
