@@ -195,9 +195,9 @@ class Flux(Family):
         if "attention" in (cfg.get("recorders") or {}):
             out.append("recorders.attention: Flux has joint (MMDiT) attention, no text→image cross-attention "
                        "maps to record; drop recorders=attention for this model")
-        cls = (cfg.get("scheduler") or {}).get("cls")
-        if cls and not str(cls).startswith("FlowMatch"):
-            out.append(f"scheduler={cfg.scheduler.get('name')}: {cls} is not a flow-matching scheduler; Flux runs "
+        scheduler = (cfg.get("scheduler") or {}).get("cls")
+        if scheduler and not str(scheduler).startswith("FlowMatch"):
+            out.append(f"scheduler={cfg.scheduler.get('name')}: {scheduler} is not a flow-matching scheduler; Flux runs "
                        "FlowMatchEulerDiscreteScheduler (scheduler=default)")
         g = (cfg.get("model") or {}).get("distilled_guidance")
         if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not np.isfinite(g)):
