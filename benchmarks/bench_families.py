@@ -17,6 +17,7 @@ Each family has one ``bench_<family>(args) -> (title, rows)`` function; ``main``
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -28,10 +29,10 @@ from stablefused.sampling import Request, denoise
 
 
 def skipping_rows(sampler: Sampler, prompts: list[str], seeds: list[int], size: tuple[int, int], steps: int,
-                  repeats: int) -> dict:
+                  repeats: int, clock=time.perf_counter, negative: str = "") -> dict:
     """Seconds of the denoising loop alone at guidance 0 and 1, with half-batch skipping and always batched
     (prompts encoded and noise drawn beforehand). Shared by every family's section."""
-    cond, uncond = sampler.encode(prompts), sampler.encode([""] * len(prompts), negative=True)
+    cond, uncond = sampler.encode(prompts), sampler.encode([negative] * len(prompts), negative=True)
     latents, _ = sampler.initial_latents(seeds, *size, steps=steps)
     always = Guidance(Guidance.default().schedule, AlwaysBatchedCFG())
 
@@ -43,7 +44,7 @@ def skipping_rows(sampler: Sampler, prompts: list[str], seeds: list[int], size: 
         return run
 
     return timed({"w0": loop(0.0), "w0_full": loop(0.0, always), "w1": loop(1.0), "w1_full": loop(1.0, always)},
-                 repeats)
+                 repeats, clock)
 
 
 def skipping_table(t: dict) -> list[tuple]:
@@ -155,8 +156,93 @@ def _source(size: int):
     return img
 
 
+# ---------------------------------------------------------------------------------------------- SD3 / 3.5
+def sd3_components(args):
+    """``tiny_sd3`` (built in code) by default, else a StableDiffusion3Pipeline folder (``--model``)."""
+    from stablefused.models import load_components
+
+    if args.model in (None, "tiny_sd3"):
+        cfg = {"name": "tiny_sd3", "builtin": "tiny_sd3"}
+    else:
+        cfg = {"name": "sd3", "path": args.model}
+    return load_components(cfg, args.device, args.dtype)
+
+
+def bench_sd3(args) -> tuple[str, list[tuple]]:
+    from diffusers import StableDiffusion3Pipeline
+
+    comps = sd3_components(args)
+    m = comps.modules
+    size = args.size or comps.family.default_size
+    prompts, seeds = ["a red circle"] * args.batch, list(range(args.batch))
+    sampler = Sampler(comps)
+    pipe = StableDiffusion3Pipeline(
+        transformer=m["transformer"], scheduler=comps.make_scheduler(), vae=m["vae"], text_encoder=m["text_encoder"],
+        tokenizer=m["tokenizer"], text_encoder_2=m["text_encoder_2"], tokenizer_2=m["tokenizer_2"],
+        text_encoder_3=m["text_encoder_3"], tokenizer_3=m["tokenizer_3"])
+    pipe.set_progress_bar_config(disable=True)
+    msl = comps.family.max_sequence_length
+    clock = CLOCKS[args.clock]
+
+    def ours():
+        sampler.txt2img(prompts, seeds, 7.5, steps=args.steps, height=size, width=size, progress=False)
+
+    @torch.no_grad()
+    def theirs():
+        pipe(prompts, height=size, width=size, num_inference_steps=args.steps, guidance_scale=7.5,
+             max_sequence_length=msl, generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np")
+
+    t = timed({"ours": ours, "pipe": theirs}, args.repeats, clock)
+    t.update(skipping_rows(sampler, prompts, seeds, (size, size), args.steps, args.repeats, clock))
+    rows = [("guidance 7.5: StableFused txt2img vs StableDiffusion3Pipeline", t["ours"], t["pipe"], "<= 1.00"),
+            *skipping_table(t)]
+    return (f"sd3: {comps.name}, {size}x{size}, batch {args.batch}, {args.steps} FlowMatchEuler steps "
+            f"(shift {comps.scheduler_config.get('shift')}), T5 {'yes' if m.get('text_encoder_3') else 'no'}"), rows
+
+
+# ---------------------------------------------------------------------------------------------- Flux.1
+def bench_flux(args) -> tuple[str, list[tuple]]:
+    """Flux: our txt2img at w = 7.5 (true CFG with the negative prompt, one batched transformer call of
+    [negative, positive] rows per step) vs ``FluxPipeline(true_cfg_scale=7.5, negative_prompt=...)`` (two
+    calls per step); both dev-style (distilled guidance input 3.5)."""
+    from diffusers import FluxPipeline
+
+    from stablefused.families.flux import build_tiny_flux
+
+    comps = _on(build_tiny_flux(seed=0), args.device, args.dtype)
+    size = args.size or 128
+    prompts, negs = ["a red circle"] * args.batch, ["blurry"] * args.batch
+    seeds = list(range(args.batch))
+    sampler = Sampler(comps)
+    m = comps.modules
+    pipe = FluxPipeline(scheduler=comps.make_scheduler(), vae=m["vae"], text_encoder=m["text_encoder"],
+                        tokenizer=m["tokenizer"], text_encoder_2=m["text_encoder_2"], tokenizer_2=m["tokenizer_2"],
+                        transformer=m["transformer"])
+    pipe.set_progress_bar_config(disable=True)
+    clock = CLOCKS[args.clock]
+
+    def ours():
+        sampler.txt2img(prompts, seeds, 7.5, negs, steps=args.steps, height=size, width=size, progress=False)
+
+    @torch.no_grad()
+    def theirs():
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        pipe(prompts, negative_prompt=negs, true_cfg_scale=7.5, guidance_scale=3.5, height=size, width=size,
+             num_inference_steps=args.steps, generator=gens, output_type="np",
+             max_sequence_length=m["tokenizer_2"].model_max_length)
+
+    t = timed({"ours": ours, "pipe": theirs}, args.repeats, clock)
+    t.update(skipping_rows(sampler, prompts, seeds, (size, size), args.steps, args.repeats, clock, negative="blurry"))
+    rows = [("guidance 7.5: StableFused txt2img vs FluxPipeline (true_cfg_scale)", t["ours"], t["pipe"], "<= 1.00"),
+            *skipping_table(t)]
+    tokens = (size // sampler.family.size_multiple) ** 2
+    return (f"flux: tiny_flux (dev-style), {size}x{size} ({tokens} image tokens), batch {args.batch}, {args.steps} "
+            f"flow-matching Euler steps"), rows
+
+
 # ---------------------------------------------------------------------------------------------- main
-FAMILIES = {"sdxl": bench_sdxl}
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+FAMILIES = {"sdxl": bench_sdxl, "sd3": bench_sd3, "flux": bench_flux}
 
 
 def main() -> None:
@@ -170,12 +256,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--clock", choices=["wall", "process"], default="wall",
+                    help="wall time, or process: this process's CPU time (steadier on a shared CPU machine)")
     args = ap.parse_args()
     quiet_libraries()
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     for family in args.family or sorted(FAMILIES):
         title, rows = FAMILIES[family](args)
-        print(f"{title}, {args.dtype}, {dev}, median of {args.repeats}")
+        print(f"{title}, {args.dtype}, {dev}, median of {args.repeats} ({args.clock} clock)")
         print()
         print("| comparison | ours (s) | baseline (s) | ratio | goal |")
         print("|---|---|---|---|---|")

@@ -40,19 +40,20 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fns: dict, repeats: int) -> dict:
+def timed(fns: dict, repeats: int, clock=time.perf_counter) -> dict:
     """Median seconds per function; one warm-up each, then the repeats interleaved so that drift (clocks,
-    other processes) hits every function alike."""
+    other processes) hits every function alike. ``clock``: wall time, or ``time.process_time`` (this
+    process's CPU time: steadier on a shared CPU machine; meaningless on a GPU)."""
     for fn in fns.values():
         fn()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             sync()
-            t = time.perf_counter()
+            t = clock()
             fn()
             sync()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(clock() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

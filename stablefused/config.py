@@ -28,14 +28,14 @@ CORE_KEYS = {
 }
 MODEL_KEYS = {
     "name", "builtin", "bundled", "hub_id", "path", "config", "revision", "allow_pickle", "prediction_type",
-    "seed", "size_multiple", "height", "width", "example_prompts", "family", "dtype",
+    "seed", "size_multiple", "height", "width", "example_prompts", "family", "offload", "gpu_dtype",
 }
 # Settings renamed so that one name means one thing (``frames``/``fps`` meant per-segment/walk video in
 # task=walk and per-video/MP4 in task=txt2video): old name -> {task: new name}.
 RENAMED = {"frames": {"walk": "segment_frames", "txt2video": "video_frames"},
            "fps": {"walk": "walk_fps", "txt2video": "video_fps"}}
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("float32", "float16", "bfloat16", "auto")  # auto: model.dtype on a GPU, else float32
+DTYPES = ("float32", "float16", "bfloat16", "auto")  # auto: the model's gpu_dtype on a GPU, else float32
 PREDICTION_TYPES = (None, "epsilon", "v_prediction", "sample")
 MAX_GUIDANCE = 1e4  # |w| beyond this only saturates the latents to inf/NaN (black images)
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
@@ -420,8 +420,6 @@ def _check_runtime(cfg: DictConfig, problems: list[str]) -> None:
         (device == "cpu" and cfg.dtype == "float16",
          "dtype=float16: half precision is not supported on the CPU"
          + (" (device=auto found no GPU)" if cfg.device == "auto" else "") + "; use dtype=float32 or bfloat16"),
-        (model.get("dtype") not in (None, *DTYPES[:3]),
-         f"model.dtype={model.get('dtype')!r}: must be null, {', '.join(DTYPES[:3])} (used on a GPU with dtype=auto)"),
         (model.get("prediction_type") not in PREDICTION_TYPES,
          f"model.prediction_type={model.get('prediction_type')!r}: must be epsilon, v_prediction or sample"),
     ]
@@ -531,10 +529,18 @@ _A = {str: "a string", bool: "true or false", int: "an integer"}
 
 
 def _check_family(cfg: DictConfig, problems: list[str]) -> None:
-    """What the model's family cannot do (``Family.unsupported``), where the family is known before loading
-    (``model.family``, or the model_index.json of a local folder or cached hub model)."""
+    """The model-level GPU settings, and what the model's family cannot do (``Family.unsupported``, e.g.
+    attention maps on Flux) where the family is known before loading (``model.family``, a built-in, or the
+    model_index.json of a local folder or cached hub model)."""
     from stablefused.families import family_class, family_names, family_of_model_cfg
+    from stablefused.models import OFFLOAD_MODES
 
+    if cfg.model.get("gpu_dtype") not in (None, "float32", "float16", "bfloat16"):
+        problems.append(f"model.gpu_dtype={cfg.model.get('gpu_dtype')!r}: must be null, float32, float16 or bfloat16 "
+                        "(the model's dtype on a GPU under dtype=auto)")
+    if cfg.model.get("offload") not in OFFLOAD_MODES:
+        problems.append(f"model.offload={cfg.model.get('offload')!r}: must be null (all on the device), model (one "
+                        "module at a time on the GPU) or sequential (one layer at a time: least GPU memory)")
     name = family_of_model_cfg(cfg.model)
     if name is None:
         return

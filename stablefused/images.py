@@ -258,7 +258,10 @@ def encode(vae: Any, pixels) -> list[Any]:
     import torch
 
     with torch.no_grad():
-        pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+        from diffusers.utils.torch_utils import get_module_execution_device
+
+        # where its forward runs: with CPU offload the weights sit on the CPU (or meta) until then
+        pixels = pixels.to(device=get_module_execution_device(vae), dtype=vae.dtype)
         return [vae.encode(pixels[i : i + 1]) for i in range(len(pixels))]
 
 

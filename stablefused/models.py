@@ -201,11 +201,12 @@ def load_components(model_cfg: Any, device: str = "auto", dtype: str = "float32"
     """Load (or fetch from the cache) the components that ``model_cfg`` names."""
     quiet_libraries()
     dev = resolve_device(device)
-    if dtype == "auto":  # the model's own GPU dtype (model.dtype, e.g. bfloat16) on a GPU, float32 elsewhere
-        dtype = (model_cfg.get("dtype") or "float32") if dev.type == "cuda" else "float32"
+    if dtype == "auto":  # float32, except on a GPU where the model config names its own (Flux: bfloat16)
+        dtype = (model_cfg.get("gpu_dtype") or "float32") if dev.type == "cuda" else "float32"
     dt = resolve_dtype(dtype)
     source = model_source(model_cfg)
-    key = (source, model_cfg.get("prediction_type"), bool(model_cfg.get("allow_pickle")), str(dev), str(dt))
+    offload = model_cfg.get("offload")
+    key = (source, model_cfg.get("prediction_type"), bool(model_cfg.get("allow_pickle")), str(dev), str(dt), offload)
     if key not in _CACHE:
         if source.startswith("builtin:"):
             comps = builtin_models()[source.removeprefix("builtin:")](seed=int(model_cfg.get("seed", 0)))
@@ -217,11 +218,14 @@ def load_components(model_cfg: Any, device: str = "auto", dtype: str = "float32"
         comps.source = source
         for m in comps.modules.values():
             if isinstance(m, torch.nn.Module):
-                m.to(device=dev).eval().requires_grad_(False)
+                m.to(device="cpu" if offload else dev).eval().requires_grad_(False)
                 if m.dtype != dt:
                     m.to(dtype=dt)
+        if offload and dev.type != "cpu":  # on the CPU the weights are where they run already
+            cpu_offload(comps, offload, dev)
         comps.device, comps.dtype = dev, dt
-        log.info("Loaded model %s from %s (%s, %s)", comps.name, source, dev, dt)
+        log.info("Loaded model %s from %s (%s, %s%s)", comps.name, source, dev, dt,
+                 f", {offload} CPU offload" if offload else "")
         _CACHE[key] = comps
     comps = _CACHE[key]
     # Each run gets its own copy of the scheduler config; the modules are shared (read-only). The model's
@@ -234,6 +238,26 @@ def _plain(cfg: Any) -> dict:
     from omegaconf import DictConfig, OmegaConf
 
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+OFFLOAD_MODES = (None, "model", "sequential")
+
+
+def cpu_offload(comps: Components, mode: str, device: torch.device) -> None:
+    """Keep the weights in CPU memory and move them to ``device`` only while they run (accelerate's hooks, as
+    diffusers' ``enable_model_cpu_offload`` / ``enable_sequential_cpu_offload`` install them): ``model``
+    moves one whole module at a time, in the family's component order (text encoders, network, VAE; about
+    the largest module's size on the GPU), ``sequential`` one layer at a time (least GPU memory, slowest)."""
+    from accelerate import cpu_offload as sequential, cpu_offload_with_hook
+
+    hook = None
+    for module in comps.modules.values():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        if mode == "sequential":
+            sequential(module, execution_device=device, offload_buffers=len(module._parameters) > 0)
+        else:
+            _, hook = cpu_offload_with_hook(module, device, prev_module_hook=hook)
 
 
 def model_source(model_cfg: Any) -> str:

@@ -51,7 +51,7 @@ def test_primary_defaults_have_self_first_and_experiment_null():
         (["guidance_scales=[1, x]"], "guidance_scales: item 'x' is not a number"),
         (["batch_size=0"], "batch_size=0: must be >= 1"),
         (["device=gpu"], "device='gpu': must be one of auto, cpu, cuda, mps"),
-        (["dtype=float8"], "dtype='float8': must be one of float32, float16, bfloat16"),
+        (["dtype=float8"], "dtype='float8': must be one of auto, float32, float16, bfloat16"),
         (["+stepz=4"], "stepz: unknown setting. Did you mean steps?"),
         (["+model.paht=/x"], "model.paht: unknown setting. Did you mean model.path?"),
         (["guidance.rule=cgf"], "guidance.rule: no guidance_rule plugin named 'cgf'. Did you mean 'cfg'?"),

@@ -179,8 +179,11 @@ class Family:
         scheduler.set_timesteps(steps, device=self.c.device)
 
     def first_step(self, steps: int, strength: float) -> int:
-        """The first of ``steps`` steps an image-to-image run at ``strength`` runs: the family's img2img
-        pipeline's ``get_timesteps`` (SD/SDXL: ``steps - int(steps * strength)``)."""
+        """The first of ``steps`` steps that image-to-image runs at ``strength``: the img2img pipeline's
+        ``get_timesteps`` (SD: ``int(strength * steps)`` steps run; the flow-matching pipelines (SD3, Flux)
+        round the first step down instead)."""
+        if self.prediction_type == "flow":
+            return int(max(steps - min(steps * strength, steps), 0))
         return max(steps - min(int(steps * strength), steps), 0)
 
     def sigmas(self, scheduler: Any) -> list[float]:

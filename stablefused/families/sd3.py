@@ -117,11 +117,6 @@ class SD3(Family):
         """Sizes must be multiples of VAE factor x patch size (the pipeline's ``check_inputs``)."""
         return self.vae_scale_factor * int(self.network.config.patch_size)
 
-    def first_step(self, steps: int, strength: float) -> int:
-        """``StableDiffusion3Img2ImgPipeline.get_timesteps``: ``int(steps - steps * strength)`` (no rounding
-        of ``steps * strength`` first, unlike SD: 4 steps at 0.6 run 3, not 2)."""
-        return int(max(steps - min(steps * strength, steps), 0))
-
     def set_timesteps(self, scheduler: Any, steps: int, height: int, width: int) -> None:
         """The pipeline's ``retrieve_timesteps``; a scheduler config with ``use_dynamic_shifting`` gets the
         resolution-dependent ``mu`` the SD3 pipeline computes (SD3/3.5 use a fixed ``shift``)."""

@@ -1,9 +1,9 @@
 """``task=img2img``: SDEdit. Each source image is encoded, noised to a strength, and denoised towards the
 prompt through the one loop, as ``StableDiffusionImg2ImgPipeline.__call__`` does it step for step:
 
-1. ``get_timesteps(steps, strength)``: ``t_start`` = :meth:`~stablefused.families.Family.first_step` (SD:
-   ``steps - int(strength * steps)``); :meth:`Sampler.prepare` sets the timesteps and the begin index
-   ``t_start * scheduler.order`` (``set_begin_index``);
+1. ``get_timesteps(steps, strength)`` (:meth:`Family.first_step`): ``t_start = steps - int(strength * steps)``
+   (flow-matching families, SD3/Flux: ``int(steps - strength * steps)``); :meth:`Sampler.prepare`
+   sets the timesteps and the begin index ``t_start * scheduler.order`` (``set_begin_index``);
 2. per image, from its own generator: the VAE latent sample, then the noise; ``add_noise`` at the first
    timestep that runs;
 3. :meth:`Sampler.sample` with ``start_step=t_start``: only the last ``steps - t_start`` steps run.

@@ -140,8 +140,9 @@ def inpaint(
         # 4-channel UNet does not use it, so draw what that sample draws (the stochastic schedulers' noise
         # comes after it) without the VAE pass.
         for g in generators:
-            randn_tensor((1, *shape[1:]), generator=g, device=c.vae.device, dtype=c.vae.dtype)
+            randn_tensor((1, *shape[1:]), generator=g, device=c.device, dtype=c.vae.dtype)
         extra, hooks = None, [BlendKnown(image_latents, noise, mask, scheduler), *hooks]
+    latents = sampler.family.from_spatial(latents)  # Flux packs after noising (BlendKnown works in spatial)
     request = Request(latents, cond, uncond, list(guidance_scales), steps, start_step=t_start, extra_channels=extra,
                       generators=generators, samples=samples, eta=eta)
     return sampler.sample(request, guidance=guidance, hooks=hooks, progress=progress)
