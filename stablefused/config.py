@@ -35,7 +35,7 @@ MODEL_KEYS = {
 RENAMED = {"frames": {"walk": "segment_frames", "txt2video": "video_frames"},
            "fps": {"walk": "walk_fps", "txt2video": "video_fps"}}
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("float32", "float16", "bfloat16", "auto")  # auto: the model's gpu_dtype on a GPU, else float32
+DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: the model's gpu_dtype on a GPU, else float32
 PREDICTION_TYPES = (None, "epsilon", "v_prediction", "sample")
 MAX_GUIDANCE = 1e4  # |w| beyond this only saturates the latents to inf/NaN (black images)
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)

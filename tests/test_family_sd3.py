@@ -435,7 +435,7 @@ def test_linear_preview_16_channels(models):
 @pytest.mark.parametrize("model", ["sd35_medium", "sd3_medium"])
 def test_hub_configs_fail_fast_offline(model):
     cfg = compose_cfg(f"model={model}")
-    assert cfg.model.family == "sd3" and cfg.model.dtype == "bfloat16"
+    assert cfg.model.family == "sd3" and cfg.model.gpu_dtype == "bfloat16"
     t0 = time.perf_counter()
     with pytest.raises(ConfigError, match=f"{cfg.model.hub_id} is not downloaded and the hub is offline"):
         validate(cfg)
@@ -445,5 +445,5 @@ def test_hub_configs_fail_fast_offline(model):
 
 
 def test_dtype_auto_is_float32_on_the_cpu():
-    comps = load_components(compose_cfg("model=tiny_sd3", "model.dtype=bfloat16").model, "cpu", "auto")
+    comps = load_components(compose_cfg("model=tiny_sd3", "model.gpu_dtype=bfloat16").model, "cpu", "auto")
     assert comps.dtype == torch.float32 and comps.info["max_sequence_length"] == 24
