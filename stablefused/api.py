@@ -31,6 +31,7 @@ import html
 import io
 import logging
 import math
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -115,8 +116,9 @@ def overrides_from(*overrides: str, **settings: Any) -> tuple[list[str], dict[st
     ``key=value`` as on the command line; a dict on an ordinary key sets its sub-keys (``model={"path": p}`` is
     ``model.path=p``); ``recorders``/``metrics``/``visualizers`` take names, plugin objects or ``{name: params}``
     (the selection, then ``++<kind>.<name>.<param>=``); ``guidance`` takes an option name, a
-    :class:`~stablefused.guidance.Guidance` or a rule/schedule object; ``walker`` an option name or a walker
-    object (its parameters); ``run_dir`` is ``hydra.run.dir``."""
+    :class:`~stablefused.guidance.Guidance` or a rule/schedule object (objects of these kinds are used as they
+    are); ``walker`` an option name or a walker from ``sf.plugins.walkers`` (the walk task builds its own from
+    the same name and parameters); ``run_dir`` is ``hydra.run.dir``."""
     out = [str(o) for o in overrides]
     given: dict[str, Any] = {}
     for key, v in settings.items():
@@ -151,6 +153,9 @@ def overrides_from(*overrides: str, **settings: Any) -> tuple[list[str], dict[st
                 out += [f"~guidance.{key_params}", f"+guidance.{key_params}={_value(p)}"]
         elif key == "walker" and not isinstance(v, (str, dict)):
             name, p, _ = _plugin_entry("walkers", v)
+            if not hasattr(v, "plugin_params"):  # the walk task builds its walker from config: it needs them
+                raise TypeError(f"walker: build it with sf.plugins.walkers.{name}(...) (its parameters go into the "
+                                f"config), or pass walker={name!r} with walker.<param> settings")
             out.append(f"walker={name}")
             out += [f"walker.{k}={_value(x)}" for k, x in p.items()]
         elif isinstance(v, dict):
@@ -248,7 +253,7 @@ def run(experiment: str | None = None, *overrides: str, run_dir: str | Path | No
     args, given = overrides_from(*_with_experiment(experiment, overrides), **settings)
     cfg = _compose(args)
     hydra_node = cfg.hydra
-    out = Path(str(hydra_node.run.dir))
+    out = Path(os.path.abspath(str(hydra_node.run.dir)))  # as Hydra makes runtime.output_dir
     task_overrides = list(hydra_node.overrides.task)
     with open_dict(cfg):
         del cfg["hydra"]

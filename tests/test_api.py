@@ -257,3 +257,17 @@ def test_interrupt_keeps_the_images_and_the_same_call_continues(tmp_path, monkey
     monkeypatch.setattr(app.Run, "add_images", real)
     res = sf.run(**kw)
     assert len(res.images) == 2 * 3 and res.stats["kept"] == 1  # 2 example prompts x 3 seeds and res.status["status"] == "ok"
+
+
+def test_wandb_when_asked(tmp_path):
+    """logger=wandb from Python: the run's offline W&B run, in its run dir, with the images and the grid."""
+    from tests.test_app import read_wandb
+
+    res = sf.run(task="txt2img", model="tiny_random", seeds=[0], steps=1, guidance_scales=[0, 5], logger="wandb",
+                 progress=False, run_dir=tmp_path)
+    (records,) = read_wandb(res.dir)
+    run_rec = next(r for r in records if r["type"] == "run")["run"]
+    assert '"guidance_scales"' in json.dumps(run_rec["config"])
+    files = [f["path"] for r in records if r["type"] == "files" for f in r["files"]["files"]]
+    assert sum("media/images/images_" in f for f in files) == len(res.images) == 4
+    assert any("media/images/grid" in f for f in files)
