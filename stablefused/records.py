@@ -185,7 +185,8 @@ def recorder_name(obj: Any) -> str:
 # ``records.parts/<recorder>/<first sample index>.safetensors`` (with the batch's PNGs, before its manifest
 # lines). A resumed run reads back the parts of the images it keeps, so its records (and the visualizers made
 # from them) equal an uninterrupted run's. A recorder takes part by keeping ``_chunks``: a list of tuples
-# ``(global sample indices, payload...)``, each payload a tensor or a dict of tensors, and naming in
+# ``(global sample indices, payload...)``, each payload a tensor or a dict of tensors whose dim 0 holds those
+# samples in that order (so a part can be cut to the samples a resumed run keeps), and naming in
 # ``RESUME_STATE`` the attributes (dotted paths, JSON values) that describe its recording (steps, layers).
 PARTS_DIR = "records.parts"
 
@@ -207,32 +208,35 @@ def _set(obj: Any, path: str, value: Any) -> None:
     setattr(obj, last, value)
 
 
-def save_parts(run: Any) -> list[Path]:
-    """Write the chunks each recorder added since the last call (see :data:`PARTS_DIR`); atomic per file."""
+def _write_part(path: Path, indices: list[int], payload: tuple, state: dict) -> Path:
     from safetensors.torch import save_file
 
+    tensors, layout = {}, []
+    for k, item in enumerate(payload):
+        if isinstance(item, dict):
+            layout.append(list(item))
+            tensors.update({f"{k}.{key}": t.contiguous() for key, t in item.items()})
+        else:
+            layout.append(None)
+            tensors[str(k)] = item.contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"indices": json.dumps([int(i) for i in indices]),
+                                           "layout": json.dumps(layout), "state": json.dumps(state)})
+    tmp.replace(path)
+    return path
+
+
+def save_parts(run: Any) -> list[Path]:
+    """Write the chunks each recorder added since the last call (see :data:`PARTS_DIR`); atomic per file."""
     written = []
     for name, recorder in run.recorders.items():
         if not _resumable(recorder):
             continue
-        start = recorder.__dict__.get("_parts_saved", 0)
         state = {k: _get(recorder, k) for k in getattr(recorder, "RESUME_STATE", ())}
-        for indices, *payload in recorder._chunks[start:]:
-            tensors, layout = {}, []
-            for k, item in enumerate(payload):
-                if isinstance(item, dict):
-                    layout.append(list(item))
-                    tensors.update({f"{k}.{key}": t.contiguous() for key, t in item.items()})
-                else:
-                    layout.append(None)
-                    tensors[str(k)] = item.contiguous()
+        for indices, *payload in recorder._chunks[recorder.__dict__.get("_parts_saved", 0):]:
             path = run.run_dir / PARTS_DIR / name / f"{min(indices):06d}.safetensors"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            save_file(tensors, str(tmp), metadata={"indices": json.dumps([int(i) for i in indices]),
-                                                   "layout": json.dumps(layout), "state": json.dumps(state)})
-            tmp.replace(path)
-            written.append(path)
+            written.append(_write_part(path, indices, tuple(payload), state))
         recorder._parts_saved = len(recorder._chunks)
     return written
 
@@ -248,11 +252,18 @@ def _read_part(path: Path) -> tuple[list[int], tuple, dict]:
     return [int(i) for i in indices], payload, state
 
 
+def _rows(payload: tuple, rows: list[int]) -> tuple:
+    """The payload's rows ``rows`` (dim 0 of every tensor is the chunk's samples, in its indices' order)."""
+    pick = torch.tensor(rows, dtype=torch.long)
+    return tuple({k: t.index_select(0, pick) for k, t in item.items()} if isinstance(item, dict)
+                 else item.index_select(0, pick) for item in payload)
+
+
 def restore_parts(run: Any, kept: set[int]) -> set[int]:
-    """Give each recorder back the chunks of the kept samples (``kept``: indices whose image a resumed run
-    keeps) and delete every other part. Returns the kept indices that must be made again because a recorder
-    wanted them but has no readable part for them (a run dir from before parts existed, a part cut short by a
-    kill, a part that also holds an image that is made again)."""
+    """Give each recorder back the rows of its parts that belong to kept samples (``kept``: indices whose
+    image a resumed run keeps), rewrite a part that also held samples made again with just the kept rows, and
+    delete the rest. Returns the kept indices a recorder wanted but has no readable part for (a run dir from
+    before parts existed, a part cut short by a kill): the run makes those again."""
     root = Path(run.run_dir) / PARTS_DIR
     recorders = {n: r for n, r in run.recorders.items() if _resumable(r)}
     parts: dict[str, list] = {}
@@ -263,21 +274,21 @@ def restore_parts(run: Any, kept: set[int]) -> set[int]:
                 parts[name].append((path, *_read_part(path)))
             except Exception:  # cut short or unreadable: its images are made again
                 path.unlink()
-    good = set(kept)
-    while True:  # a part is used whole or not at all: drop images until every used part is all kept images
-        missing = set()
-        for name, recorder in recorders.items():
-            covered = {i for _, idx, _, _ in parts[name] if set(idx) <= good for i in idx}
-            wanted = getattr(recorder, "samples", None)
-            missing |= {i for i in good if (wanted is None or i in wanted) and i not in covered}
-        if not missing:
-            break
-        good -= missing
+    missing = set()
+    for name, recorder in recorders.items():
+        covered = {i for _, idx, _, _ in parts[name] for i in idx}
+        wanted = getattr(recorder, "samples", None)
+        missing |= {i for i in kept if (wanted is None or i in wanted) and i not in covered}
+    good = set(kept) - missing
     for name, recorder in recorders.items():
         for path, indices, payload, state in parts[name]:
-            if not set(indices) <= good:
+            rows = [k for k, i in enumerate(indices) if i in good]
+            if len(rows) < len(indices):  # samples made again: their rows go, the kept ones stay
                 path.unlink()
-                continue
+                if not rows:
+                    continue
+                indices, payload = [indices[k] for k in rows], _rows(payload, rows)
+                _write_part(root / name / f"{min(indices):06d}.safetensors", indices, payload, state)
             recorder._chunks.append((indices, *payload))
             for key, value in state.items():
                 if _get(recorder, key) in (None, []) and value not in (None, []):
@@ -285,7 +296,7 @@ def restore_parts(run: Any, kept: set[int]) -> set[int]:
         recorder._parts_saved = len(recorder._chunks)
     for path in root.glob("*/*.tmp") if root.is_dir() else []:
         path.unlink()
-    return set(kept) - good
+    return missing
 
 
 # ---------------------------------------------------------------------------------------------- recording

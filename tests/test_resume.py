@@ -255,3 +255,23 @@ def test_lock_in_a_run_dir_that_cannot_be_written_is_one_line(tmp_path):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(ConfigError, match=r"hydra.run.dir=.*a_file/run: cannot write there \(Not a directory\)"):
         RunLock(tmp_path / "a_file" / "run").acquire()
+
+
+def test_kill_between_a_batchs_manifest_lines_keeps_every_recorders_rows(tmp_path):
+    """A kill inside a batch's manifest lines: the kept image's step records come from its batch's part (cut
+    to it), the others are made again; every recorder's tensors equal an uninterrupted run's."""
+    args = [*SMALL, "seeds=[0,1,2]", "batch_size=4", "recorders=[x0,stats,attention]"]
+    run(compose_cfg(*args), tmp_path / "ref")
+    d = tmp_path / "run"
+    run(compose_cfg(*args), d)
+    lines = (d / "manifest.jsonl").read_text().splitlines()
+    cut = [i for i, x in enumerate(lines) if '"type": "image"' in x][4]  # batch 2 = images 4..5: keep image 4
+    (d / "manifest.jsonl").write_text("\n".join(lines[: cut + 1]) + "\n")
+    (d / "records.safetensors").unlink()
+    again = run(compose_cfg(*args), d)
+    assert len(again.done) == 5
+    a, b = load_file(str(tmp_path / "ref" / "records.safetensors")), load_file(str(d / "records.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch_equal(a[k], b[k]) for k in a)
+    again = run(compose_cfg(*args), d)  # and once more: no part holds a row twice
+    assert len(again.done) == 6
+    assert all(torch_equal(a[k], v) for k, v in load_file(str(d / "records.safetensors")).items())
