@@ -542,7 +542,7 @@ def run_case(case: Case, fx: Path, work: Path, python: str) -> tuple[str, str, f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="", help="run the cases whose id contains this")
+    ap.add_argument("--only", default="", help="run the cases whose id contains this (a|b: either)")
     ap.add_argument("--show", action="store_true", help="print each case's line as it runs")
     ap.add_argument("--out", help="also write the table (markdown) to this file")
     ap.add_argument("--python", default=sys.executable)
@@ -555,7 +555,7 @@ def main() -> None:
         if a.out:
             Path(a.out).write_text(text + "\n")
         return
-    todo = [c for c in cases() if a.only in c.id]
+    todo = [c for c in cases() if any(part in c.id for part in a.only.split("|"))]
     if os.geteuid() != 0:
         todo = [c for c in todo if c.setup is None]
     tmp = Path(tempfile.mkdtemp(prefix="sf_bad_"))
