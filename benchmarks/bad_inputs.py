@@ -407,7 +407,7 @@ def problem_lines(out: str) -> list[str]:
     keep = []
     for line in out.splitlines():
         s = line.strip()
-        if not s or "][INFO]" in s or "][WARNING]" in s or s.startswith(("wandb:", "Warning:")) or "Warning: " in s:
+        if not s or "][INFO]" in s or "][WARNING]" in s or "][HYDRA]" in s or s.startswith(("wandb:", "Warning:")) or "Warning: " in s:
             continue
         keep.append(s)
     return keep
