@@ -407,7 +407,7 @@ def problem_lines(out: str) -> list[str]:
     keep = []
     for line in out.splitlines():
         s = line.strip()
-        if not s or "][INFO]" in s or "][WARNING]" in s or s.startswith(("wandb:", "Warning:")) or "Warning: " in s:
+        if not s or "][INFO]" in s or "][WARNING]" in s or "][HYDRA]" in s or s.startswith(("wandb:", "Warning:")) or "Warning: " in s:
             continue
         keep.append(s)
     return keep
@@ -460,6 +460,39 @@ def classify(case: Case, rc: int | None, out: str, run: Path) -> tuple[str, str]
     return "clear", first
 
 
+def _default_signals() -> None:
+    """The child starts with SIGINT/SIGTERM at their defaults, as in a terminal (a background job of a
+    non-interactive shell, e.g. this script under nohup, would otherwise pass SIGINT on as ignored)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def merge(base: Path, update: Path) -> str:
+    """``base``'s table with the rows of ``update`` (same case ids) replacing its own; counts recomputed."""
+    def rows(path: Path) -> dict[str, list[str]]:
+        out = {}
+        for line in path.read_text().splitlines():
+            if line.startswith("| `"):
+                cells = [c.strip() for c in line.strip("|").split(" | ")]
+                out[cells[0]] = cells
+        return out
+
+    table, new = rows(base), rows(update)
+    table.update({k: v for k, v in new.items() if k in table})
+    counts = collections.Counter(v[2] for v in table.values())
+    by_point = collections.defaultdict(collections.Counter)
+    for v in table.values():
+        by_point[v[1]][v[2]] += 1
+    lines = [f"{len(table)} bad inputs ({len(new)} rows from {update.name})\n",
+             "| point | " + " | ".join(CLASSES) + " | total |", "|---" * (len(CLASSES) + 2) + "|"]
+    for p in sorted(by_point, key=int):
+        lines.append(f"| {p} | " + " | ".join(str(by_point[p][c]) for c in CLASSES) + f" | {sum(by_point[p].values())} |")
+    lines.append("| **all** | " + " | ".join(f"**{counts[c]}**" for c in CLASSES) + f" | **{len(table)}** |")
+    lines += ["", "| case | point | class | what the user saw | s |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(v) + " |" for v in table.values()]
+    return "\n".join(lines)
+
+
 def run_case(case: Case, fx: Path, work: Path, python: str) -> tuple[str, str, float]:
     run = work / "run"
     if run.exists():
@@ -481,7 +514,8 @@ def run_case(case: Case, fx: Path, work: Path, python: str) -> tuple[str, str, f
     t0 = time.perf_counter()
     try:
         proc = subprocess.Popen([python, "-m", "stablefused", *args], cwd=work, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                preexec_fn=_default_signals)
         rc = None
         try:
             if case.signal_at:
@@ -508,12 +542,20 @@ def run_case(case: Case, fx: Path, work: Path, python: str) -> tuple[str, str, f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="", help="run the cases whose id contains this")
+    ap.add_argument("--only", default="", help="run the cases whose id contains this (a|b: either)")
     ap.add_argument("--show", action="store_true", help="print each case's line as it runs")
     ap.add_argument("--out", help="also write the table (markdown) to this file")
     ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--merge", nargs=2, metavar=("BASE", "UPDATE"),
+                    help="print BASE's table with UPDATE's rows replacing the same cases (e.g. cases rerun)")
     a = ap.parse_args()
-    todo = [c for c in cases() if a.only in c.id]
+    if a.merge:
+        text = merge(Path(a.merge[0]), Path(a.merge[1]))
+        print(text)
+        if a.out:
+            Path(a.out).write_text(text + "\n")
+        return
+    todo = [c for c in cases() if any(part in c.id for part in a.only.split("|"))]
     if os.geteuid() != 0:
         todo = [c for c in todo if c.setup is None]
     tmp = Path(tempfile.mkdtemp(prefix="sf_bad_"))

@@ -13,7 +13,8 @@ def _interrupted_early(signum, frame):  # Ctrl-C / SIGTERM while Python imports 
 
 
 for _sig in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(_sig, _interrupted_early)
+    if signal.getsignal(_sig) is not signal.SIG_IGN:  # an ignored signal stays ignored (nohup, `cmd &`), as Python does
+        signal.signal(_sig, _interrupted_early)
 
 from stablefused.app import main  # noqa: E402  (after the handlers: imports take seconds)
 

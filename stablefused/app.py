@@ -202,7 +202,7 @@ def override_problems(args: list[str]) -> list[str]:
 
     if any(a.split("=")[0] in ("-cn", "-cp", "-cd", "--config-name", "--config-path", "--config-dir") for a in args):
         return []  # another primary config: nothing here applies
-    from stablefused.config import declared_types, task_keys, type_problems
+    from stablefused.config import LOGGER_TYPES, declared_types, task_keys, type_problems
 
     conf = config_dir()
     groups = {p.name for p in conf.iterdir() if p.is_dir()}
@@ -233,14 +233,16 @@ def override_problems(args: list[str]) -> list[str]:
             which = " or ".join(f"task={t}" for t in owners)
             out.append(f"{top}: a setting of {which}, not of task={','.join(chosen)}; add {which}")
             continue
-        if "{" in value and top in typed and "." not in key:
+        leaf, types, prefix = (top, typed, "") if "." not in key else (key[7:], LOGGER_TYPES, "logger.") \
+            if key.startswith("logger.") and key.count(".") == 1 else (None, {}, "")
+        if "{" in value and leaf in types:
             # a mapping where a setting takes a value or a list: Hydra cannot merge it ("Error merging override")
             try:
                 parsed = parser.parse_override(arg).value()
             except Exception:
                 parsed = None
             if isinstance(parsed, dict):
-                out += type_problems({top: parsed}, typed)
+                out += type_problems({leaf: parsed}, types, prefix)
                 continue
         if top not in known:
             close = difflib.get_close_matches(top, sorted(known - {"hydra"}), n=1)

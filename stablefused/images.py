@@ -229,11 +229,12 @@ def fit(image: Image.Image, policy: str, height: int, width: int) -> Image.Image
 
 
 def check_size(name: str, size: tuple[int, int], out: tuple[int, int], model: Any, max_size: float,
-               key: str = "init_image") -> None:
+               key: str = "init_image", given: tuple[bool, bool] = (False, False)) -> None:
     """Refuse an output far larger than the model's native size (``max_size`` x its side, per side)."""
     nh, nw = int(model.height), int(model.width)
     oh, ow = out
-    if oh * 4 <= nh or ow * 4 <= nw:  # as config's height/width check: a quarter of the trained size is noise
+    # as config's height/width check (which names a side that was set): a quarter of the trained size is noise
+    if (oh * 4 <= nh and not given[0]) or (ow * 4 <= nw and not given[1]):
         raise ConfigError(
             f"{key}={name}: a {size[0]}x{size[1]} image gives {ow}x{oh} outputs, far below model {model.name}'s "
             f"{nw}x{nh} (a quarter or less per side: no recognisable images); set height={nh} width={nw} to resize it")

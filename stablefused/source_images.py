@@ -75,7 +75,8 @@ class SourceImageTask(Task):
         the resize policy (as diffusers sizes a list of images by its first)."""
         mult = int(cfg.model.get("size_multiple") or 8)
         out = im.target_size(size, cfg.resize, mult, cfg.get("height"), cfg.get("width"))
-        im.check_size(name, size, out, cfg.model, float(max_size))
+        im.check_size(name, size, out, cfg.model, float(max_size),
+                      given=(cfg.get("height") is not None, cfg.get("width") is not None))
         return out
 
     # ---- shared with task=inpaint (a subclass): inputs, cells and the grid of a source-image task

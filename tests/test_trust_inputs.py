@@ -74,6 +74,7 @@ def test_types_come_from_the_defaults_and_each_task_declares_the_rest():
 
 def test_a_mapping_where_a_value_goes_is_one_line_before_hydra():
     assert override_problems(["plugin_dirs={a:1}"]) == ["plugin_dirs={a:1}: must be a string or a list or null"]
+    assert override_problems(["logger.tags={a:1}"]) == ["logger.tags={a:1}: must be a list (each a string)"]
     out = override_problems(["seeds={a:1}", "width={a:1}"])
     assert len(out) == 2 and out[0].startswith("seeds={a:1}: must be a list") and out[1].startswith("width={a:1}: must be an integer")
 

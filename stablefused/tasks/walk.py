@@ -97,6 +97,8 @@ class WalkTask(Task):
             elif cfg.get(key) is not None and not resolve_file(cfg.get(key)).is_file():
                 found = resolve_file(cfg.get(key))
                 problems.append(f"{key}={cfg.get(key)}: " + ("is a folder; give a file" if found.is_dir() else "no such file"))
+        if len(problems) > before:
+            return  # the story/audio file is missing or a folder: said once, not again by the walker
         try:
             walker = make_walker(cfg)
             walk = walk_settings(cfg)
