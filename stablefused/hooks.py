@@ -38,6 +38,7 @@ class StepInfo:
 
     model_input: torch.Tensor | None = None  # what the UNet saw: the scheduler-scaled x_t
     prediction_type: str = "epsilon"  # the model's parameterisation: epsilon, v_prediction, sample or flow
+    sigma_next: float | None = None  # sigma after this iteration's scheduler step (0 at the end of Euler)
 
     def to_x0(self, pred: torch.Tensor) -> torch.Tensor:
         """x̂0 from a prediction (ε, v or x0) at this step."""
@@ -88,7 +89,9 @@ class StepState(StepInfo):
     guidance_scale: torch.Tensor = None  # (B,) scale used at this iteration
     has_cond: torch.Tensor = None  # (B,) bool
     has_uncond: torch.Tensor = None  # (B,) bool
-    unet_rows: int = 0  # rows evaluated by the UNet in this iteration
+    unet_rows: int = 0  # rows evaluated by the network(s) in this iteration
+    predictions: dict | None = None  # every prediction the guider combined, by name (cond, uncond, perturbed:...)
+    needs: dict | None = None  # prediction name -> (B,) bool: rows where it was really evaluated
 
 
 @dataclass

@@ -1,0 +1,117 @@
+"""Guiders of more than two predictions in the one loop: PAG equals diffusers' StableDiffusionPAGPipeline on
+a tiny model loaded from disk; a perturbation changes no other row of its batch; the NFE the loop reports is
+what the network evaluated; a third prediction needed only inside a window costs nothing outside it."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPAGPipeline
+
+from stablefused.guidance import Guidance
+from stablefused.models import build_tiny_random, load_components, save_components
+from stablefused.pipeline import Sampler
+from tests.test_scheduler_parity import SD15_SCHEDULER
+
+from conftest import run_loop
+
+PROMPTS = ["a red circle", "a small blue square on black"]
+NEG = ["green", "white background"]
+SEEDS, STEPS, H, W = [3, 7], 6, 16, 24
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd15_pag")
+    comps = build_tiny_random(seed=0)
+    comps.scheduler_config = dict(SD15_SCHEDULER)
+    save_components(comps, folder)
+    model = dict(name="sd15_style", builtin=None, bundled=None, hub_id=None, path=str(folder),
+                 allow_pickle=False, prediction_type=None)
+    return folder, load_components(model, "cpu", "float32")
+
+
+def pag(**params):
+    return Guidance.from_config({"schedule": "constant", "rule": "pag", "rule_params": params})
+
+
+@pytest.mark.parametrize("cls,scale,pag_scale", [(DDIMScheduler, 7.5, 3.0), (EulerDiscreteScheduler, 4.0, 1.5)])
+def test_pag_equals_diffusers_pag_pipeline(sd15, cls, scale, pag_scale):
+    folder, comps = sd15
+    pipe = StableDiffusionPAGPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.timestep_spacing == "leading"  # SD 1.5's config came from disk
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    ref = pipe(PROMPTS, negative_prompt=NEG, height=H, width=W, num_inference_steps=STEPS, guidance_scale=scale,
+               pag_scale=pag_scale, generator=gens, output_type="np").images
+    params = {} if pag_scale == 3.0 else {"scale": pag_scale}  # 3.0 and layers=["mid"] are the pipeline's defaults
+    ours = Sampler(comps, cls.from_config(comps.scheduler_config)).txt2img(
+        PROMPTS, SEEDS, scale, NEG, steps=STEPS, height=H, width=W, guidance=pag(**params), progress=False).images
+    plain = Sampler(comps, cls.from_config(comps.scheduler_config)).txt2img(
+        PROMPTS, SEEDS, scale, NEG, steps=STEPS, height=H, width=W, progress=False).images
+    assert np.abs(ours - ref).max() <= 1e-5
+    assert np.abs(plain - ref).max() > 1e-2  # the perturbation really changed the images
+
+
+class Counting(torch.nn.Module):
+    """The UNet, counting calls and rows, keeping each call's output."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.calls, self.rows, self.outputs, self.inputs, self.ts = unet, 0, 0, [], [], []
+        self.config, self.dtype = unet.config, unet.dtype
+
+    def forward(self, x, t, **kw):
+        self.calls += 1
+        self.rows += x.shape[0]
+        out = self.unet(x, t, **kw)
+        self.outputs.append(out[0])
+        self.inputs.append(x)
+        self.ts.append(t)
+        return out
+
+
+@pytest.fixture(scope="module")
+def inputs64():
+    s = Sampler(build_tiny_random())
+    cond = s.encode(PROMPTS).to(dtype=torch.float64)
+    uncond = s.encode(NEG).to(dtype=torch.float64)
+    latents, _ = s.initial_latents(SEEDS, 16, 16, steps=4)
+    s.c.unet.double()
+    return s, cond, uncond, latents.double()
+
+
+def test_perturbation_changes_no_other_row(inputs64):
+    """Every call of a PAG run holds [uncond, cond, perturbed]; its uncond and cond rows equal, bit for bit,
+    the same inputs evaluated as a plain CFG batch (no perturbation installed), and the perturbed rows differ."""
+    s, cond, uncond, latents = inputs64
+    net = Counting(s.c.unet)
+    run_loop(s, latents, cond, uncond, [7.5, 7.5], 4, network=net, guidance=pag())
+    assert net.calls == 4 and net.rows == 4 * 6
+    embeds = torch.cat([uncond.embeds, cond.embeds])
+    for x, t, out in zip(net.inputs, net.ts, net.outputs):
+        assert torch.equal(x[:2], x[2:4]) and torch.equal(x[2:4], x[4:])  # [uncond, cond, perturbed] rows
+        plain = s.c.unet(x[:4], t, encoder_hidden_states=embeds, return_dict=False)[0]
+        assert torch.equal(out[:4], plain)
+        assert (out[4:] - plain[2:]).abs().max() > 1e-3
+
+
+def test_nfe_counts_what_the_network_evaluated(inputs64):
+    """Scales 1 (no uncond) and 0 (PAG still needs cond) and a PAG window: the loop's unet_rows and
+    model_calls equal the calls and rows the network saw."""
+    s, cond, uncond, latents = inputs64
+    net = Counting(s.c.unet)
+    _, ctx = run_loop(s, latents, cond, uncond, [1.0, 0.0], 5, network=net, guidance=pag(start=0.0, stop=0.6))
+    # window int(0)=0 < i < int(3)=3: i = 1, 2 perturbed; w=1 row needs no uncond, w=0 row needs cond for PAG
+    assert net.calls == ctx.stats["model_calls"] == 5
+    assert net.rows == ctx.stats["unet_rows"]
+    # outside: [u of the w=0 row, c of the w=1 row]; inside: [u(w=0), c, c, perturbed, perturbed]
+    assert [o.shape[0] for o in net.outputs] == [2, 5, 5, 2, 2]
+
+
+def test_third_prediction_outside_its_window_costs_what_cfg_costs(inputs64):
+    s, cond, uncond, latents = inputs64
+    a, b = Counting(s.c.unet), Counting(s.c.unet)
+    out_cfg, _ = run_loop(s, latents, cond, uncond, [7.5, 3.0], 4, network=a)
+    out_pag, _ = run_loop(s, latents, cond, uncond, [7.5, 3.0], 4, network=b, guidance=pag(start=0.9, stop=1.0))
+    assert a.rows == b.rows == 16 and torch.equal(out_cfg, out_pag)  # window empty for 4 steps: plain CFG
