@@ -102,7 +102,7 @@ class Guider:
 
     Class attributes a guider may set: ``perturbations`` (instance dict name → perturbation object, for
     ``perturbed:<name>`` predictions), ``uses_negative`` (it reads the negative prompt as :data:`NEGATIVE`,
-    so :data:`UNCOND` is the empty prompt), ``schedulers`` (scheduler config names it is defined for;
+    so :data:`UNCOND` is the empty prompt), ``schedulers`` (scheduler classes it is defined for;
     ``None``: any), ``diffusers_class`` (the diffusers guider with the same ``forward``, for
     :mod:`stablefused.guider_config`)."""
 
@@ -174,6 +174,12 @@ class Guidance:
     def scale(self, base: torch.Tensor, info: StepInfo) -> torch.Tensor:
         return self.schedule(base, info)
 
+    def bind(self, family: Any) -> None:
+        """Called once per batch with the model's family: a guider loads what it needs next to it (a second
+        model)."""
+        if hasattr(self.rule, "bind"):
+            self.rule.bind(family)
+
     def needs(self, w: torch.Tensor, info: StepInfo) -> dict[str, torch.Tensor]:
         """Rows that need each prediction; for an object with only the rule interface, from ``passes``."""
         if hasattr(self.rule, "needs"):
@@ -193,6 +199,21 @@ class Guidance:
     @property
     def model2(self) -> Any:
         return getattr(self.rule, "model2", None)
+
+
+def guider_problems(cfg: Any) -> list[str]:
+    """Settings a guider cannot run with, one line each (checked before the model loads): a guider defined
+    only for some schedulers (CFG++) under another one."""
+    try:
+        cls = registry.get("guidance_rule", cfg.guidance.get("rule", "cfg"))
+    except Exception:  # an unknown guider is reported by the plugin check
+        return []
+    allowed, scheduler = getattr(cls, "schedulers", None), cfg.get("scheduler") or {}
+    if allowed and scheduler.get("cls") not in allowed:
+        return [f"guidance.rule={cls.plugin_name}: defined for the {', '.join(allowed)} only, not "
+                f"scheduler={scheduler.get('name')} ({scheduler.get('cls') or 'the model default'}); use "
+                f"scheduler=ddim or scheduler=euler"]
+    return []
 
 
 class PerturbedGuider(Guider):

@@ -154,6 +154,7 @@ class GuidedDenoiser:
         self.conds = Conditioning.cat([uncond, cond] + ([negative] if negative is not None else []))
         device = cond.embeds.device
         self.plans, self.scales = _BatchPlans(device), _DeviceCache(device)
+        guidance.bind(family)
 
     def _with_extra(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         if self.extra is None:

@@ -115,3 +115,62 @@ def test_third_prediction_outside_its_window_costs_what_cfg_costs(inputs64):
     out_cfg, _ = run_loop(s, latents, cond, uncond, [7.5, 3.0], 4, network=a)
     out_pag, _ = run_loop(s, latents, cond, uncond, [7.5, 3.0], 4, network=b, guidance=pag(start=0.9, stop=1.0))
     assert a.rows == b.rows == 16 and torch.equal(out_cfg, out_pag)  # window empty for 4 steps: plain CFG
+
+
+@pytest.fixture(scope="module")
+def weak_folder(tmp_path_factory):
+    """A second tiny model (other random weights) saved to disk: the autoguidance weak model."""
+    folder = tmp_path_factory.mktemp("weak")
+    save_components(build_tiny_random(seed=1), folder)
+    return folder
+
+
+def test_every_guider_runs_and_counts_its_network_rows(inputs64, weak_folder):
+    """Every guider on the tiny model at scales 0, 1 and 4: finite latents, and the rows/calls the loop
+    reports equal what the (wrapped) network evaluated, summed over the main and the weak model."""
+    from dataclasses import replace
+
+    from stablefused import registry
+    from stablefused.sampling import Request, denoise
+
+    s, cond, uncond, latents = inputs64
+    negative = s.encode(["green", "green"]).to(dtype=torch.float64)
+    params = {"autoguidance": {"weak_model": str(weak_folder)}, "cfgpp": {}}
+    for name in registry.list_names("guidance_rule"):
+        g = Guidance.from_config({"rule": name, "rule_params": params.get(name, {})})
+        net = Counting(s.c.unet)
+        weak_rows = []
+        if name == "autoguidance":
+            g.bind(s.family)
+            g.rule.model2.network.double()
+            weak = g.rule.model2
+            orig = type(weak).__call__
+            g.rule.model2 = lambda x, t, c, _w=weak: (weak_rows.append(x.shape[0]), orig(_w, x, t, c))[1]
+        family = type(s.family)(replace(s.c, modules={**s.c.modules, "unet": net}))
+        s.prepare(3, [0, 1])
+        request = Request(latents, cond, uncond, [0.0, 4.0], 3, negative=negative if g.uses_negative else None)
+        out, ctx = denoise(family, s.scheduler, request, guidance=g, progress=False)
+        assert torch.isfinite(out).all(), name
+        assert ctx.stats["unet_rows"] == net.rows + sum(weak_rows), name
+        assert ctx.stats["model_calls"] == net.calls + len(weak_rows), name
+        expected_weak = 3 * 2 if name == "autoguidance" else 0  # w=0 and w=4 rows both need the weak model
+        assert sum(weak_rows) == expected_weak, name
+        if g.uses_negative:  # perp-neg: [uncond, cond, negative] rows every step
+            assert net.rows == 3 * 6, name
+
+
+def test_autoguidance_loop_equals_a_hand_written_loop(inputs64, weak_folder):
+    """D = D0 + w (D1 - D0) with D0 the weak model loaded from disk, written out with the two UNets."""
+    s, cond, uncond, latents = inputs64
+    g = Guidance.from_config({"rule": "autoguidance", "rule_params": {"weak_model": str(weak_folder)}})
+    g.bind(s.family)
+    weak_unet = g.rule.model2.network.double()
+    out, ctx = run_loop(s, latents, cond, uncond, [2.5, -1.0], 4, guidance=g)
+    s.prepare(4, [0, 1])
+    x, w = latents, torch.tensor([2.5, -1.0], dtype=torch.float64).view(-1, 1, 1, 1)
+    for t in s.scheduler.timesteps:
+        strong = s.c.unet(x, t, encoder_hidden_states=cond.embeds).sample
+        weak = weak_unet(x, t, encoder_hidden_states=cond.embeds).sample
+        x = s.scheduler.step(weak + w * (strong - weak), t, x).prev_sample
+    assert (out - x).abs().max() <= 1e-10
+    assert ctx.stats["model_calls"] == 8 and ctx.stats["unet_rows"] == 16
