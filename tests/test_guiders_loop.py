@@ -174,3 +174,40 @@ def test_autoguidance_loop_equals_a_hand_written_loop(inputs64, weak_folder):
         x = s.scheduler.step(weak + w * (strong - weak), t, x).prev_sample
     assert (out - x).abs().max() <= 1e-10
     assert ctx.stats["model_calls"] == 8 and ctx.stats["unet_rows"] == 16
+
+
+def test_stats_telemetry_for_a_pag_run(inputs64):
+    """The stats recorder on a PAG run: NFE per sample (3 inside the window, 2 or 1 outside), the perturbation
+    term's norm ‖c − p‖, cos(c, u), and the APG split of c − u against c, each recomputed here from the
+    predictions the loop handed to hooks."""
+    from stablefused import registry
+    from stablefused.hooks import BaseHook
+
+    class Keep(BaseHook):
+        states = []
+
+        def on_step(self, state):
+            self.states.append(state)
+
+    s, cond, uncond, latents = inputs64
+    stats, keep = registry.create("recorders", "stats"), Keep()
+    with torch.no_grad():
+        run_loop(s, latents, cond, uncond, [1.0, 5.0], 4, guidance=pag(start=0.0, stop=0.75), hooks=[stats, keep])
+    out, _ = stats.result()
+    v = {k: t for k, (t, _) in out.items()}
+    assert v["stats.nfe"].tolist() == [[1, 2, 2, 1], [2, 3, 3, 2]]  # window: iterations 1 and 2
+    for i, st in enumerate(keep.states):
+        c, u = st.eps_cond.flatten(1), st.eps_uncond.flatten(1)
+        p = st.predictions["perturbed:identity_attention"].flatten(1)
+        for b in range(2):
+            extra = v["stats.extra_delta_norm"][b, i]
+            if i in (1, 2):
+                assert extra == pytest.approx(float((c[b] - p[b]).norm()), rel=1e-5)
+            else:
+                assert torch.isnan(extra)
+        d = c[1] - u[1]
+        par = (d @ c[1]) / (c[1] @ c[1]) * c[1]
+        assert v["stats.delta_parallel_norm"][1, i] == pytest.approx(float(par.norm()), rel=1e-4)
+        assert v["stats.delta_orthogonal_norm"][1, i] == pytest.approx(float((d - par).norm()), rel=1e-4)
+        assert v["stats.cos_cond_uncond"][1, i] == pytest.approx(float(c[1] @ u[1] / c[1].norm() / u[1].norm()), rel=1e-5)
+        assert torch.isnan(v["stats.cos_cond_uncond"][0, i])  # w = 1: no unconditional pass
