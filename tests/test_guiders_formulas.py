@@ -232,6 +232,8 @@ def test_guider_needs_skip_only_what_the_output_does_not_depend_on():
     garbage leaves its output unchanged."""
     c, u, pt = preds(99)
     for name in registry.list_names("guidance_rule"):
+        if name == "diffusers_config":
+            continue
         params = {"perturbation": "attention_dropout"} if name == "autoguidance" else {}
         g = Guidance.from_config({"rule": name, "rule_params": params}).rule
         for w in (0.0, 1.0, 4.0):

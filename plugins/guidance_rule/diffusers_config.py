@@ -12,6 +12,8 @@ class DiffusersConfig(Guider):
 
     @classmethod
     def check(cls, params):
+        if params.get("path") is None:
+            return ["path: required (+guidance.rule_params.path=<guider_config.json or its folder>)"]
         try:
             guider_config.load(params["path"])
         except OSError:

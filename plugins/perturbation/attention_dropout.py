@@ -23,7 +23,10 @@ class AttentionDropout(Perturbation):
 
     def forward(self, module, original, args, kwargs):
         out = original(*args, **kwargs)
-        if self.p == 0:
+        return tuple(map(self._drop, out)) if isinstance(out, tuple) else self._drop(out)  # joint attention: both streams
+
+    def _drop(self, out):
+        if out is None or self.p == 0:
             return out
         if self.p == 1:
             return torch.zeros_like(out)
