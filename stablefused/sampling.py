@@ -89,6 +89,9 @@ class _BatchPlans:
         self.device, self.cache = device, {}
 
     def get(self, needs: dict[str, torch.Tensor]) -> _Plan | None:
+        """The plan for ``needs`` (predictions no row needs are left out: a guider outside its window costs
+        what CFG costs), or None for exactly diffusers' ``[uncond, cond]`` batch."""
+        needs = {k: v for k, v in needs.items() if k in (COND, UNCOND) or bool(v.any())}
         if set(needs) == {COND, UNCOND} and bool(needs[COND].all()) and bool(needs[UNCOND].all()):
             return None  # the common case: exactly diffusers' torch.cat([latents] * 2)
         key = tuple((k, tuple(v.tolist())) for k, v in needs.items())
@@ -168,7 +171,7 @@ class GuidedDenoiser:
         needs = self.guidance.needs(w, info)
         if not bool((needs[COND] | needs[UNCOND]).all()):
             raise ValueError("guidance rule asked for neither the conditional nor the unconditional pass")
-        if NEGATIVE in needs and self.negative is None:
+        if NEGATIVE in needs and self.negative is None and bool(needs[NEGATIVE].any()):
             raise ValueError("this guider needs negative-prompt predictions; the request has no negative conditioning")
         plan = self.plans.get(needs)
         if plan is None:  # the common case: every row needs both passes; exactly diffusers' batch
@@ -187,8 +190,8 @@ class GuidedDenoiser:
                 weak = self.guidance.model2(x2, t, self.cond.select(plan.model2))
                 preds[MODEL2] = preds[COND].index_copy(0, plan.model2, weak.to(preds[COND].dtype))
                 rows, calls = rows + x2.shape[0], 2
-            elif MODEL2 in needs:
-                preds[MODEL2] = preds[COND]
+        for name in needs:  # needed by no row at this step: the stand-in (see stablefused.guidance)
+            preds.setdefault(name, preds[COND])
         guided = self.guidance.combine(preds, self.scales.get(w), info)
         return Prediction(guided, preds[COND], preds[UNCOND], w, needs[COND], needs[UNCOND], rows, calls, preds, needs)
 
