@@ -124,7 +124,10 @@ class Guider:
         return self(p[COND], p[UNCOND], w, info)
 
     def reset(self) -> None:
-        pass
+        """Forget per-run state; the base resets the guider's perturbations (e.g. a dropout generator)."""
+        for part in (self.perturbations or {}).values():
+            if hasattr(part, "reset"):
+                part.reset()
 
     def __call__(self, cond: torch.Tensor, uncond: torch.Tensor, w: torch.Tensor, info: StepInfo) -> torch.Tensor:
         raise NotImplementedError
@@ -250,8 +253,3 @@ class PerturbedGuider(Guider):
         if self.active(info):
             out = out + self.scale * (c - p[self.name])
         return rescale(out, c, self.rescale)
-
-    def reset(self) -> None:
-        for part in self.perturbations.values():
-            if hasattr(part, "reset"):
-                part.reset()

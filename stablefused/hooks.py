@@ -5,8 +5,9 @@ The loop (:func:`stablefused.sampling.denoise`) calls, in order:
 * ``hook.before_loop(ctx: LoopContext)`` once. Return ``None`` or a tensor that replaces the initial latents.
 * For each loop iteration (= each UNet evaluation; a 2nd-order scheduler such as Heun makes two per step):
   the **guidance hook** (:class:`stablefused.guidance.Guidance`) gives the per-sample scale
-  ``w = schedule(base_scale, info)`` and decides which halves of the batch need a UNet pass
-  (``rule.passes(w)``); after the UNet call it combines the predictions (``rule(cond, uncond, w, info)``).
+  ``w = schedule(base_scale, info)`` and the guider says which predictions each row needs
+  (``guider.needs(w, info)``: cond, uncond, negative, perturbed:<name>, model2); after the network call(s)
+  it combines them (``guider.combine(predictions, w, info)``).
   Then the scheduler steps, and every ``hook.on_step(state: StepState)`` runs. Return ``None`` or a tensor
   that replaces ``x_{t-1}`` (for example latent blending for inpainting).
 * ``hook.after_loop(ctx, latents)`` once, with the final latents (return value ignored).

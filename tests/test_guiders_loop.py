@@ -213,3 +213,17 @@ def test_stats_telemetry_for_a_pag_run(inputs64):
         assert v["stats.delta_orthogonal_norm"][1, i] == pytest.approx(float((d - par).norm()), rel=1e-4)
         assert v["stats.cos_cond_uncond"][1, i] == pytest.approx(float(c[1] @ u[1] / c[1].norm() / u[1].norm()), rel=1e-5)
         assert torch.isnan(v["stats.cos_cond_uncond"][0, i])  # w = 1: no unconditional pass
+
+
+def test_autoguidance_by_dropout_repeats_exactly(inputs64):
+    """The dropout perturbation's generator restarts with every batch: the same request gives the same latents."""
+    s, cond, uncond, latents = inputs64
+    g = Guidance.from_config({"rule": "autoguidance", "rule_params": {"perturbation": "attention_dropout",
+                                                                      "perturbation_params": {"p": 0.5}}})
+    with torch.no_grad():
+        a, _ = run_loop(s, latents, cond, uncond, [3.0, 3.0], 3, guidance=g)
+        b, _ = run_loop(s, latents, cond, uncond, [3.0, 3.0], 3, guidance=g)
+        plain, _ = run_loop(s, latents, cond, uncond, [1.0, 1.0], 3, guidance=g)  # w = 1: the model alone
+        cond_only, _ = run_loop(s, latents, cond, uncond, [1.0, 1.0], 3)
+    assert torch.equal(a, b) and not torch.equal(a, plain)
+    assert torch.equal(plain, cond_only)

@@ -10,8 +10,8 @@ class PerpNeg(Guider):
     to the prompt's direction is removed (Armandpour et al. 2023).
 
     Armandpour, Sadeghian, Zheng, Sadeghian, Zhou 2023, "Re-imagine the Negative Prompt Algorithm: Transform
-    2D Diffusion into 3D, alleviate Janus problem and Beyond" (arXiv:2304.04968), eq. 7 with one negative
-    prompt, per sample over all non-batch dimensions::
+    2D Diffusion into 3D, alleviate Janus problem and Beyond" (arXiv:2304.04968), their Perp-Neg guidance with one
+    negative prompt, per sample over all non-batch dimensions::
 
         d_c = ε(x|c) − ε(x|∅),   d_n = ε(x|n) − ε(x|∅)
         d_n⊥ = d_n − (<d_n, d_c> / ||d_c||²) d_c
