@@ -227,3 +227,11 @@ def test_autoguidance_by_dropout_repeats_exactly(inputs64):
         cond_only, _ = run_loop(s, latents, cond, uncond, [1.0, 1.0], 3)
     assert torch.equal(a, b) and not torch.equal(a, plain)
     assert torch.equal(plain, cond_only)
+
+
+def test_autoguidance_refuses_a_weak_model_of_another_shape(tmp_path):
+    folder = tmp_path / "other"
+    save_components(build_tiny_random(seed=2, cross_attention_dim=16), folder)
+    g = Guidance.from_config({"rule": "autoguidance", "rule_params": {"weak_model": str(folder)}})
+    with pytest.raises(ValueError, match="cross_attention_dim is 16, the main model's 32"):
+        g.bind(Sampler(build_tiny_random()).family)

@@ -62,6 +62,12 @@ class Autoguidance(Guider):
 
         comps = load_components(weak_model_config(self.weak_model), str(family.c.device),
                                 str(family.c.dtype).removeprefix("torch."))
+        weak, main = comps.family.network.config, family.network.config
+        for key in ("in_channels", "cross_attention_dim", "joint_attention_dim"):
+            if weak.get(key) != main.get(key):
+                raise ValueError(f"autoguidance.weak_model={self.weak_model}: its {key} is {weak.get(key)}, the main "
+                                 f"model's {main.get(key)}; the weak model must take the main model's latents and "
+                                 "text conditioning (a smaller, less-trained model of the same family)")
         self.model2 = comps.family
 
     def needs(self, w, info):
