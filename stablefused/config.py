@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from stablefused import registry
+from stablefused.guidance import guider_problems
 from stablefused.errors import ConfigError
 from stablefused.paths import config_dir
 
@@ -591,6 +592,7 @@ def _check_plugins(cfg: DictConfig, problems: list[str]) -> None:
             check()
         except ConfigError as e:
             problems.append(str(e))
+    problems += guider_problems(cfg)
     steps = cfg.get("steps") if isinstance(cfg.get("steps"), int) else None
     shape = None
     for kind in ("recorders", "visualizers", "metrics"):

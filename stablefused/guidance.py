@@ -1,21 +1,35 @@
-"""The guidance hook: a schedule (the scale at each step) and a rule (how predictions combine).
+"""The guidance hook: a schedule (the scale at each step) and a guider (which predictions a step needs and how
+they combine).
 
 A **schedule** (plugin kind ``guidance_schedule``) maps each sample's base scale to this iteration's scale::
 
     class Schedule:
         def __call__(self, base: Tensor, info: StepInfo) -> Tensor   # (B,) -> (B,)
 
-A **rule** (plugin kind ``guidance_rule``) combines the conditional and unconditional predictions::
+A **guider** (plugin kind ``guidance_rule``; the successor of the two-prediction guidance rules, which are
+guiders of two conditions) says, per step and per sample, which predictions it needs and combines them::
 
-    class Rule:
-        def passes(self, w: Tensor) -> tuple[Tensor, Tensor]   # (need_cond, need_uncond), bool (B,)
-        def __call__(self, cond, uncond, w, info) -> Tensor     # guided prediction
-        def reset(self) -> None                                  # forget per-run state (momentum, ...)
+    class Guider:
+        def needs(self, w, info) -> dict[str, Tensor]   # prediction name -> (B,) bool: rows that need it
+        def combine(self, p: dict[str, Tensor], w, info) -> Tensor   # the guided prediction
+        def reset(self) -> None                          # forget per-run state (momentum, ...)
 
-``passes`` lets the loop skip half-batches: a rule that returns ``need_cond=False`` for a row promises that
-its output for that row equals the unconditional prediction (and vice versa); the loop then fills the
-missing prediction with the one it has, so the rule still sees full tensors. The base class needs both
-passes everywhere, which is always correct.
+Prediction names (:data:`COND`, :data:`UNCOND`, :data:`NEGATIVE`, ``perturbed:<name>``, :data:`MODEL2`):
+
+* ``cond``: the network under the prompt; ``uncond``: under the negative prompt ("" unless one is set, or
+  always "" for a guider that reads the negative prompt itself, ``uses_negative = True``);
+* ``negative``: under the negative prompt (perp-neg);
+* ``perturbed:<name>``: under the prompt, through the network with the perturbation the guider holds in
+  ``perturbations[<name>]`` (:mod:`stablefused.perturbations`) applied to those rows inside the same batch;
+* ``model2``: under the prompt, through a second (weaker) model (autoguidance), one extra network call.
+
+``needs`` lets the loop evaluate only what a row needs at this step, in as few network calls as possible
+(one for everything on the main network). A guider that does not need a prediction for a row promises that
+its output does not depend on it; the loop fills a missing ``cond``/``uncond`` with the other one and any
+other missing prediction with ``cond``, so ``combine`` always sees full tensors.
+
+A two-prediction guider may instead implement the rule interface, ``passes(w) -> (need_cond, need_uncond)``
+and ``__call__(cond, uncond, w, info)``; the base class maps it onto ``needs``/``combine``.
 """
 
 from __future__ import annotations
@@ -26,6 +40,13 @@ import torch
 
 from stablefused import registry
 from stablefused.hooks import StepInfo
+
+COND, UNCOND, NEGATIVE, MODEL2 = "cond", "uncond", "negative", "model2"
+
+
+def perturbed(name: str) -> str:
+    """The prediction name of the conditional prediction under perturbation ``name``."""
+    return f"perturbed:{name}"
 
 
 def per_sample(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -44,18 +65,75 @@ def ramp(info: StepInfo) -> float:
     return info.index / max(1, info.num_steps - 1)
 
 
-class GuidanceRule:
-    """Base class of guidance rules; subclasses implement ``__call__``."""
+def in_window(info: StepInfo, start: float | None, stop: float | None, strict_start: bool = False) -> bool:
+    """Whether this iteration is in the window [start, stop) of the run (fractions), counted as diffusers'
+    guiders count it: ``int(start·n) <= i < int(stop·n)`` (``<`` at the start with ``strict_start``, as
+    diffusers' perturbed-guidance windows). ``None`` for both: every iteration."""
+    if start is None and stop is None:
+        return True
+    n, i = info.num_steps, info.index
+    lo, hi = int((start or 0.0) * n), int((1.0 if stop is None else stop) * n)
+    return (lo < i if strict_start else lo <= i) and i < hi
+
+
+def project(v: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(parallel, orthogonal) parts of ``v`` against ``onto``, per sample over all non-batch dimensions, in
+    float64 (APG's and FDG's projection)."""
+    dims = list(range(1, v.ndim))
+    v64, unit = v.double(), torch.nn.functional.normalize(onto.double(), dim=dims)
+    par = (v64 * unit).sum(dim=dims, keepdim=True) * unit
+    return par.to(v.dtype), (v64 - par).to(v.dtype)
+
+
+def rescale(pred: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Lin et al. 2023 §3.4: ``pred`` rescaled to the std of ``cond``, mixed by ``phi`` (0: unchanged)."""
+    if phi <= 0:
+        return pred
+    dims = list(range(1, pred.ndim))
+    std_c, std_p = cond.std(dim=dims, keepdim=True), pred.std(dim=dims, keepdim=True)
+    ratio = torch.where(std_p > 0, std_c / std_p, torch.ones_like(std_p))
+    return phi * (pred * ratio) + (1 - phi) * pred
+
+
+class Guider:
+    """Base class of guiders. Two-condition guiders (the former guidance rules) implement ``__call__(cond,
+    uncond, w, info)`` and optionally ``passes(w)``; guiders of more predictions override ``needs`` and
+    ``combine``.
+
+    Class attributes a guider may set: ``perturbations`` (instance dict name → perturbation object, for
+    ``perturbed:<name>`` predictions), ``uses_negative`` (it reads the negative prompt as :data:`NEGATIVE`,
+    so :data:`UNCOND` is the empty prompt), ``schedulers`` (scheduler classes it is defined for;
+    ``None``: any), ``diffusers_class`` (the diffusers guider with the same ``forward``, for
+    :mod:`stablefused.guider_config`)."""
+
+    perturbations: dict = {}
+    uses_negative = False
+    schedulers: tuple[str, ...] | None = None
+    diffusers_class: str | None = None
+    model2: Any = None  # the second model's family (autoguidance), set by whoever loads it
 
     def passes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         both = torch.ones_like(w, dtype=torch.bool)
         return both, both
 
+    def needs(self, w: torch.Tensor, info: StepInfo) -> dict[str, torch.Tensor]:
+        need_cond, need_uncond = self.passes(w)
+        return {COND: need_cond, UNCOND: need_uncond}
+
+    def combine(self, p: dict[str, torch.Tensor], w: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        return self(p[COND], p[UNCOND], w, info)
+
     def reset(self) -> None:
-        pass
+        """Forget per-run state; the base resets the guider's perturbations (e.g. a dropout generator)."""
+        for part in (self.perturbations or {}).values():
+            if hasattr(part, "reset"):
+                part.reset()
 
     def __call__(self, cond: torch.Tensor, uncond: torch.Tensor, w: torch.Tensor, info: StepInfo) -> torch.Tensor:
         raise NotImplementedError
+
+
+GuidanceRule = Guider  # the former name: a guidance rule is a guider of two conditions
 
 
 class GuidanceSchedule:
@@ -66,7 +144,7 @@ class GuidanceSchedule:
 
 
 class Guidance:
-    """A schedule and a rule, as the loop uses them."""
+    """A schedule and a guider, as the loop uses them."""
 
     def __init__(self, schedule: Any, rule: Any):
         self.schedule, self.rule = schedule, rule
@@ -83,6 +161,14 @@ class Guidance:
     def default(cls) -> "Guidance":
         return cls.from_config({"schedule": "constant", "rule": "cfg"})
 
+    @property
+    def guider(self) -> Any:
+        return self.rule
+
+    @property
+    def uses_negative(self) -> bool:
+        return bool(getattr(self.rule, "uses_negative", False))
+
     def reset(self) -> None:
         for part in (self.schedule, self.rule):
             if hasattr(part, "reset"):
@@ -90,3 +176,80 @@ class Guidance:
 
     def scale(self, base: torch.Tensor, info: StepInfo) -> torch.Tensor:
         return self.schedule(base, info)
+
+    def bind(self, family: Any) -> None:
+        """Called once per batch with the model's family: a guider loads what it needs next to it (a second
+        model)."""
+        if hasattr(self.rule, "bind"):
+            self.rule.bind(family)
+
+    def needs(self, w: torch.Tensor, info: StepInfo) -> dict[str, torch.Tensor]:
+        """Rows that need each prediction; for an object with only the rule interface, from ``passes``."""
+        if hasattr(self.rule, "needs"):
+            return self.rule.needs(w, info)
+        need_cond, need_uncond = self.rule.passes(w)
+        return {COND: need_cond, UNCOND: need_uncond}
+
+    def combine(self, p: dict[str, torch.Tensor], w: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        if hasattr(self.rule, "combine"):
+            return self.rule.combine(p, w, info)
+        return self.rule(p[COND], p[UNCOND], w, info)
+
+    @property
+    def perturbations(self) -> dict:
+        return dict(getattr(self.rule, "perturbations", None) or {})
+
+    @property
+    def model2(self) -> Any:
+        return getattr(self.rule, "model2", None)
+
+
+def guider_problems(cfg: Any) -> list[str]:
+    """Settings a guider cannot run with, one line each (checked before the model loads): a guider defined
+    only for some schedulers (CFG++) under another one."""
+    try:
+        cls = registry.get("guidance_rule", cfg.guidance.get("rule", "cfg"))
+    except Exception:  # an unknown guider is reported by the plugin check
+        return []
+    allowed, scheduler = getattr(cls, "schedulers", None), cfg.get("scheduler") or {}
+    if allowed and scheduler.get("cls") not in allowed:
+        return [f"guidance.rule={cls.plugin_name}: defined for the {', '.join(allowed)} only, not "
+                f"scheduler={scheduler.get('name')} ({scheduler.get('cls') or 'the model default'}); use "
+                f"scheduler=ddim or scheduler=euler"]
+    return []
+
+
+class PerturbedGuider(Guider):
+    """CFG plus a term pushing away from a perturbed conditional prediction (PAG, SEG, SLG)::
+
+        out = u + w (c - u) + s (c - p)       p: the conditional prediction under the perturbation
+
+    ``s`` (``scale``) is constant; the perturbation term is on for iterations in ``[start, stop)`` counted as
+    diffusers' guiders count them (``int(start·n) < i < int(stop·n)``; both ``None``, the default: every step,
+    as diffusers' PAG pipelines). w = 1 gives c + s (c - p), the method without CFG (the papers' and
+    ``StableDiffusionPAGPipeline``'s formula; diffusers' guider classes give p + s (c - p) there instead),
+    w = 0 gives u + s (c - p). ``rescale`` > 0 applies Lin et al.'s rescale against c (diffusers'
+    ``guidance_rescale``). Subclasses set ``perturbation`` (the plugin name) and the defaults."""
+
+    perturbation = ""
+
+    def __init__(self, scale: float, start: float | None, stop: float | None, rescale: float, **perturbation: Any):
+        self.scale, self.start, self.stop, self.rescale = float(scale), start, stop, float(rescale)
+        self.perturbations = {self.perturbation: registry.create("perturbation", self.perturbation, **perturbation)}
+        self.name = perturbed(self.perturbation)
+
+    def active(self, info: StepInfo) -> bool:
+        return self.scale != 0 and in_window(info, self.start, self.stop, strict_start=True)
+
+    def needs(self, w, info):
+        on = self.active(info)
+        everyone = torch.ones_like(w, dtype=torch.bool)
+        need_cond = everyone if (on or self.rescale > 0) else w != 0
+        return {COND: need_cond, UNCOND: w != 1, self.name: everyone if on else ~everyone}
+
+    def combine(self, p, w, info):
+        c, u = p[COND], p[UNCOND]
+        out = u + per_sample(w, c) * (c - u)
+        if self.active(info):
+            out = out + self.scale * (c - p[self.name])
+        return rescale(out, c, self.rescale)

@@ -5,8 +5,9 @@ The loop (:func:`stablefused.sampling.denoise`) calls, in order:
 * ``hook.before_loop(ctx: LoopContext)`` once. Return ``None`` or a tensor that replaces the initial latents.
 * For each loop iteration (= each UNet evaluation; a 2nd-order scheduler such as Heun makes two per step):
   the **guidance hook** (:class:`stablefused.guidance.Guidance`) gives the per-sample scale
-  ``w = schedule(base_scale, info)`` and decides which halves of the batch need a UNet pass
-  (``rule.passes(w)``); after the UNet call it combines the predictions (``rule(cond, uncond, w, info)``).
+  ``w = schedule(base_scale, info)`` and the guider says which predictions each row needs
+  (``guider.needs(w, info)``: cond, uncond, negative, perturbed:<name>, model2); after the network call(s)
+  it combines them (``guider.combine(predictions, w, info)``).
   Then the scheduler steps, and every ``hook.on_step(state: StepState)`` runs. Return ``None`` or a tensor
   that replaces ``x_{t-1}`` (for example latent blending for inpainting).
 * ``hook.after_loop(ctx, latents)`` once, with the final latents (return value ignored).
@@ -38,6 +39,7 @@ class StepInfo:
 
     model_input: torch.Tensor | None = None  # what the UNet saw: the scheduler-scaled x_t
     prediction_type: str = "epsilon"  # the model's parameterisation: epsilon, v_prediction, sample or flow
+    sigma_next: float | None = None  # sigma after this iteration's scheduler step (0 at the end of Euler)
 
     def to_x0(self, pred: torch.Tensor) -> torch.Tensor:
         """x̂0 from a prediction (ε, v or x0) at this step."""
@@ -88,7 +90,9 @@ class StepState(StepInfo):
     guidance_scale: torch.Tensor = None  # (B,) scale used at this iteration
     has_cond: torch.Tensor = None  # (B,) bool
     has_uncond: torch.Tensor = None  # (B,) bool
-    unet_rows: int = 0  # rows evaluated by the UNet in this iteration
+    unet_rows: int = 0  # rows evaluated by the network(s) in this iteration
+    predictions: dict | None = None  # every prediction the guider combined, by name (cond, uncond, perturbed:...)
+    needs: dict | None = None  # prediction name -> (B,) bool: rows where it was really evaluated
 
 
 @dataclass

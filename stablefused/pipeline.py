@@ -78,6 +78,15 @@ class Sampler:
         warn_truncated(self.family.tokenizer, prompts)
         return self.family.encode(list(prompts), negative=negative)
 
+    def conditions(self, prompts: Sequence[str], negative_prompts: Sequence[str], guidance: Guidance | None = None
+                   ) -> tuple[Conditioning, Conditioning, Conditioning | None]:
+        """(cond, uncond, negative) for a request: uncond is the negative prompt, or the empty prompt when the
+        guider reads the negative prompt itself (perp-neg), which then is ``negative``."""
+        cond = self.encode(prompts)
+        if guidance is not None and guidance.uses_negative:
+            return cond, self.encode([""] * len(prompts), negative=True), self.encode(negative_prompts, negative=True)
+        return cond, self.encode(negative_prompts, negative=True), None
+
     def prepare(self, steps: int, seeds: Sequence[int], *, start_step: int = 0, height: int | None = None,
                 width: int | None = None) -> list[torch.Generator]:
         """Set the scheduler for this batch and return one CPU generator per image: the one owner of
@@ -142,10 +151,10 @@ class Sampler:
         if not (len(seeds) == len(negative_prompts) == len(guidance_scales) == n):
             raise ValueError("prompts, seeds, negative_prompts and guidance_scales must have the same length")
         height, width = height or self.family.default_size, width or self.family.default_size
-        cond, uncond = self.encode(prompts), self.encode(negative_prompts, negative=True)
+        cond, uncond, negative = self.conditions(prompts, negative_prompts, loop_kw.get("guidance"))
         latents, generators = self.initial_latents(seeds, height, width, steps=steps)
         return self.sample(Request(latents, cond, uncond, list(guidance_scales), steps, generators=generators,
-                                   samples=samples, eta=eta), **loop_kw)
+                                   samples=samples, eta=eta, negative=negative), **loop_kw)
 
     @torch.no_grad()
     def sample(self, request: Request, *, guidance: Guidance | None = None, hooks: Sequence[Any] = (),

@@ -64,6 +64,25 @@ def metric_bars(summary: list[dict], keys: list[str], path: Path, title: str, la
     return save(fig, path)
 
 
+def metric_vs(summary: list[dict], keys: list[str], x_key: str, xlabel: str, path: Path, title: str,
+              label_key: str = "variant") -> Path:
+    """A panel per metric of ``keys``: its value against ``x_key`` (e.g. NFE per image: a quality/cost
+    Pareto plot), a labelled point per row of ``summary``."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 4.0), dpi=120, squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        for s in summary:
+            ax.scatter(s[x_key], s.get(k, float("nan")))
+            ax.annotate(s[label_key], (s[x_key], s.get(k, float("nan"))), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.set_title(k, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save(fig, path)
+
+
 def panels(xs: Sequence[float], series: Mapping[str, Mapping[str, Sequence[float]]], path: Path, title: str,
            xlabel: str, ylabel: str, titles: Mapping[str, str] | None = None) -> Path:
     """One panel per key of ``series`` (titled by ``titles``), one line per label in it, shared y axis."""

@@ -38,6 +38,7 @@ __all__ = ["PluginError", "ParamError", "register", "get", "create", "check_para
 KINDS = (
     "guidance_schedule",
     "guidance_rule",
+    "perturbation",
     "recorders",
     "visualizers",
     "metrics",

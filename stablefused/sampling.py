@@ -11,6 +11,7 @@ rule allows it, x̂0 for every scheduler, and the hook calls described in :mod:`
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -19,8 +20,9 @@ from tqdm.auto import tqdm
 
 from stablefused.errors import NonFiniteError
 from stablefused.families import Conditioning
-from stablefused.guidance import Guidance
+from stablefused.guidance import COND, MODEL2, NEGATIVE, UNCOND, Guidance
 from stablefused.hooks import LoopContext, StepInfo, StepState, x0_coefficients
+from stablefused.perturbations import perturbed_rows
 
 
 def _step_kwargs(scheduler: Any, generators: Any, eta: float) -> dict:
@@ -31,6 +33,20 @@ def _step_kwargs(scheduler: Any, generators: Any, eta: float) -> dict:
     if "eta" in accepted:
         kwargs["eta"] = eta
     return kwargs
+
+
+def _final_sigma(scheduler: Any, n: int) -> float:
+    """σ after the last iteration (EDM convention): the scheduler's own last sigma (0 for Euler-type), else
+    from DDIM's ``final_alpha_cumprod``, else 0."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) > n:
+        s = float(sigmas[n])
+        return s / (1 - s) if getattr(scheduler.config, "use_flow_sigmas", False) or "Flow" in type(scheduler).__name__ else s
+    final = getattr(scheduler, "final_alpha_cumprod", None)
+    if final is not None:
+        a = max(float(final), 1e-20)
+        return math.sqrt((1 - a) / a)
+    return 0.0
 
 
 def predict_x0(model_output: torch.Tensor, model_input: torch.Tensor, sigma: float, prediction_type: str) -> torch.Tensor:
@@ -56,33 +72,55 @@ class _DeviceCache:
 
 @dataclass
 class _Plan:
-    rows: torch.Tensor  # rows of the batch fed to the UNet: [uncond rows, cond rows]
-    embeds: torch.Tensor  # the matching rows of cat([uncond, cond]) conditioning
-    uncond: torch.Tensor  # per sample: UNet output row holding its uncond prediction (else its cond one)
-    cond: torch.Tensor  # per sample: UNet output row holding its cond prediction (else its uncond one)
+    rows: torch.Tensor  # rows of the main network's batch: each main-network prediction's rows, in ORDER
+    embeds: torch.Tensor  # the matching rows of cat([uncond, cond, negative]) conditioning
+    take: dict  # prediction name -> per sample: the output row holding it (or the stand-in, see Guider)
+    perturbed: dict  # perturbed prediction name -> its rows' positions in the batch
+    model2: torch.Tensor | None  # samples needing the second model (None: none)
+
+
+ORDER = (UNCOND, COND, NEGATIVE)  # the main batch: [uncond rows, cond rows, negative rows, perturbed rows...]
 
 
 class _BatchPlans:
-    """Index tensors for a half-batch pattern, built once per pattern and kept on the device."""
+    """Index tensors for a pattern of needed predictions, built once per pattern and kept on the device."""
 
     def __init__(self, device: torch.device):
         self.device, self.cache = device, {}
 
-    def get(self, need_uncond: torch.Tensor, need_cond: torch.Tensor) -> _Plan | None:
-        if bool(need_uncond.all()) and bool(need_cond.all()):
-            return None
-        key = (tuple(need_uncond.tolist()), tuple(need_cond.tolist()))
+    def get(self, needs: dict[str, torch.Tensor]) -> _Plan | None:
+        """The plan for ``needs`` (predictions no row needs are left out: a guider outside its window costs
+        what CFG costs), or None for exactly diffusers' ``[uncond, cond]`` batch."""
+        needs = {k: v for k, v in needs.items() if k in (COND, UNCOND) or bool(v.any())}
+        if set(needs) == {COND, UNCOND} and bool(needs[COND].all()) and bool(needs[UNCOND].all()):
+            return None  # the common case: exactly diffusers' torch.cat([latents] * 2)
+        key = tuple((k, tuple(v.tolist())) for k, v in needs.items())
         if key not in self.cache:
-            batch = len(need_uncond)
-            u, c = need_uncond.nonzero().flatten(), need_cond.nonzero().flatten()
-            pos_u = torch.full((batch,), -1, dtype=torch.long)
-            pos_c = torch.full((batch,), -1, dtype=torch.long)
-            pos_u[u] = torch.arange(len(u))
-            pos_c[c] = len(u) + torch.arange(len(c))
-            plan = _Plan(rows=torch.cat([u, c]), embeds=torch.cat([u, batch + c]),
-                         uncond=torch.where(need_uncond, pos_u, pos_c), cond=torch.where(need_cond, pos_c, pos_u))
-            self.cache[key] = _Plan(*(x.to(self.device) for x in (plan.rows, plan.embeds, plan.uncond, plan.cond)))
+            self.cache[key] = self._build(needs)
         return self.cache[key]
+
+    def _build(self, needs: dict[str, torch.Tensor]) -> _Plan:
+        batch = len(needs[COND])
+        names = [n for n in ORDER if n in needs] + sorted(n for n in needs if n.startswith("perturbed:"))
+        source = {UNCOND: 0, COND: batch, NEGATIVE: 2 * batch}  # blocks of the stacked conditioning
+        rows, embeds, position, start = [], [], {}, 0
+        for name in names:
+            idx = needs[name].nonzero().flatten()
+            rows.append(idx)
+            embeds.append(source.get(name, batch) + idx)
+            pos = torch.full((batch,), -1, dtype=torch.long)
+            pos[idx] = start + torch.arange(len(idx))
+            position[name], start = pos, start + len(idx)
+        has = {n: p >= 0 for n, p in position.items()}
+        cond = torch.where(has[COND], position[COND], position[UNCOND])
+        take = {COND: cond, UNCOND: torch.where(has[UNCOND], position[UNCOND], cond)}
+        for name in names[2:]:
+            take[name] = torch.where(has[name], position[name], cond)
+        perturbed = {n: position[n][has[n]] for n in names if n.startswith("perturbed:")}
+        model2 = needs[MODEL2].nonzero().flatten() if MODEL2 in needs and bool(needs[MODEL2].any()) else None
+        move = lambda x: None if x is None else x.to(self.device)  # noqa: E731
+        return _Plan(move(torch.cat(rows)), move(torch.cat(embeds)), {n: move(v) for n, v in take.items()},
+                     {n: move(v) for n, v in perturbed.items()}, move(model2))
 
 
 @dataclass
@@ -95,46 +133,67 @@ class Prediction:
     scale: torch.Tensor  # (B,) guidance scale at this iteration
     has_cond: torch.Tensor  # (B,) bool
     has_uncond: torch.Tensor  # (B,) bool
-    rows: int  # rows the UNet evaluated
+    rows: int  # rows the network(s) evaluated
+    calls: int = 1  # network calls made
+    predictions: dict | None = None  # every prediction the guider combined, by name (see stablefused.guidance)
+    needs: dict | None = None  # prediction name -> (B,) bool: rows where it was really evaluated
 
 
 class GuidedDenoiser:
-    """The network under classifier-free guidance, as one callable: ``(model_input, t, info) → Prediction``.
+    """The network under guidance, as one callable: ``(model_input, t, info) → Prediction``.
 
     It holds what is fixed for a batch (the family, conditioning, extra input channels, per-sample base scales,
-    the guidance hook) and does the half-batch bookkeeping: the network batch is ``[rows needing uncond, rows
-    needing cond]`` (diffusers' ``torch.cat([latents] * 2)`` when every row needs both), and a skipped pass is
-    filled with the prediction the row has, so guidance rules always see full tensors."""
+    the guidance hook) and does the bookkeeping of needed predictions: the main network's batch is
+    ``[rows needing uncond, rows needing cond, rows needing the negative prompt, rows of each perturbation]``
+    (diffusers' ``torch.cat([latents] * 2)`` when every row needs exactly cond and uncond, and
+    ``StableDiffusionPAGPipeline``'s ``[uncond, cond, perturbed]`` for PAG), perturbations applied to their rows
+    inside that one call; a second model (autoguidance) makes a second call. Predictions a row did not need
+    are filled with stand-ins (see :mod:`stablefused.guidance`), so guiders always see full tensors."""
 
     def __init__(self, family: Any, cond: Conditioning, uncond: Conditioning, base_scales: torch.Tensor,
-                 guidance: Guidance, extra_channels: torch.Tensor | None = None):
+                 guidance: Guidance, extra_channels: torch.Tensor | None = None, negative: Conditioning | None = None):
         self.family, self.guidance, self.base_scales, self.extra = family, guidance, base_scales, extra_channels
-        self.conds = Conditioning.cat([uncond, cond])
+        self.cond, self.negative = cond, negative
+        self.conds = Conditioning.cat([uncond, cond] + ([negative] if negative is not None else []))
         device = cond.embeds.device
         self.plans, self.scales = _BatchPlans(device), _DeviceCache(device)
+        guidance.bind(family)
+
+    def _with_extra(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        if self.extra is None:
+            return x
+        extra = torch.cat([self.extra, self.extra]) if rows is None else self.extra.index_select(0, rows)
+        return torch.cat([x, extra], dim=1)
 
     def __call__(self, model_input: torch.Tensor, t: torch.Tensor, info: StepInfo) -> Prediction:
         batch = model_input.shape[0]
         w = torch.as_tensor(self.guidance.scale(self.base_scales, info), dtype=torch.float32).reshape(batch)
-        need_cond, need_uncond = self.guidance.rule.passes(w)
-        if not bool((need_cond | need_uncond).all()):
+        needs = self.guidance.needs(w, info)
+        if not bool((needs[COND] | needs[UNCOND]).all()):
             raise ValueError("guidance rule asked for neither the conditional nor the unconditional pass")
-        plan = self.plans.get(need_uncond, need_cond)
+        if NEGATIVE in needs and self.negative is None and bool(needs[NEGATIVE].any()):
+            raise ValueError("this guider needs negative-prompt predictions; the request has no negative conditioning")
+        plan = self.plans.get(needs)
         if plan is None:  # the common case: every row needs both passes; exactly diffusers' batch
-            x_in, cond = torch.cat([model_input, model_input]), self.conds
-            extra = None if self.extra is None else torch.cat([self.extra, self.extra])
+            x_in = self._with_extra(torch.cat([model_input, model_input]), None)
+            uncond, cond = self.family(x_in, t, self.conds).chunk(2)
+            preds, rows, calls = {UNCOND: uncond, COND: cond}, x_in.shape[0], 1
         else:
-            x_in, cond = model_input.index_select(0, plan.rows), self.conds.select(plan.embeds)
-            extra = None if self.extra is None else self.extra.index_select(0, plan.rows)
-        if extra is not None:
-            x_in = torch.cat([x_in, extra], dim=1)
-        out = self.family(x_in, t, cond)
-        if plan is None:
-            uncond, cond = out.chunk(2)
-        else:
-            uncond, cond = out.index_select(0, plan.uncond), out.index_select(0, plan.cond)
-        guided = self.guidance.rule(cond, uncond, self.scales.get(w), info)
-        return Prediction(guided, cond, uncond, w, need_cond, need_uncond, x_in.shape[0])
+            x_in = self._with_extra(model_input.index_select(0, plan.rows), plan.rows)
+            active = [(self.guidance.perturbations[n.split(":", 1)[1]], idx) for n, idx in plan.perturbed.items()]
+            with perturbed_rows(self.family.network, self.family.name, active):
+                out = self.family(x_in, t, self.conds.select(plan.embeds))
+            preds = {name: out.index_select(0, take) for name, take in plan.take.items()}
+            rows, calls = x_in.shape[0], 1
+            if plan.model2 is not None:  # autoguidance: the second model on its rows, under the prompt
+                x2 = self._with_extra(model_input.index_select(0, plan.model2), plan.model2)
+                weak = self.guidance.model2(x2, t, self.cond.select(plan.model2))
+                preds[MODEL2] = preds[COND].index_copy(0, plan.model2, weak.to(preds[COND].dtype))
+                rows, calls = rows + x2.shape[0], 2
+        for name in needs:  # needed by no row at this step: the stand-in (see stablefused.guidance)
+            preds.setdefault(name, preds[COND])
+        guided = self.guidance.combine(preds, self.scales.get(w), info)
+        return Prediction(guided, preds[COND], preds[UNCOND], w, needs[COND], needs[UNCOND], rows, calls, preds, needs)
 
 
 class _FiniteCheck:
@@ -165,7 +224,8 @@ class Request:
     (text-to-image) or noised to ``start_step`` (image-to-image). ``cond``/``uncond``: one row per sample.
     ``scales``: guidance scale per sample, any real value. ``start_step``: skip the first ``start_step`` steps
     of a ``steps`` schedule. ``extra_channels``: (B, C', ...) concatenated to the network input (inpainting
-    UNets: mask + masked latents). ``generators``: one CPU generator per sample, for stochastic schedulers.
+    UNets: mask + masked latents). ``negative``: the negative prompt's conditioning for a guider with
+    ``uses_negative`` (``uncond`` is then the empty prompt). ``generators``: one CPU generator per sample, for stochastic schedulers.
 
     The scheduler must already be set to ``steps`` (and ``start_step``) by :meth:`Sampler.prepare`, the one
     owner of scheduler state; :func:`denoise` only reads it."""
@@ -181,6 +241,7 @@ class Request:
     samples: list[dict] | None = None
     eta: float = 0.0
     end_step: int | None = None  # stop before this step of the schedule (SDXL's denoising_end: a refiner goes on)
+    negative: Conditioning | None = None  # negative-prompt rows for guiders that read them apart (perp-neg)
 
 
 def denoise(
@@ -208,12 +269,15 @@ def denoise(
     timesteps = scheduler.timesteps[begin:end]
     all_sigmas = family.sigmas(scheduler)
     sigmas = all_sigmas[begin:end]
+    # σ after the last iteration: where the run stops (a base model handing over), else the schedule's end
+    final_sigma = all_sigmas[end] if end is not None and end < len(all_sigmas) else _final_sigma(scheduler, len(all_sigmas))
     prediction_type = family.prediction_type
     step_kwargs = _step_kwargs(scheduler, request.generators, request.eta)
     scale_input = getattr(scheduler, "scale_model_input", None) or (lambda x, t: x)  # flow matching: none
 
     guidance.reset()  # per-run guidance state (e.g. APG momentum) starts fresh for every batch
-    model = GuidedDenoiser(family, request.cond, request.uncond, base_scales, guidance, request.extra_channels)
+    model = GuidedDenoiser(family, request.cond, request.uncond, base_scales, guidance, request.extra_channels,
+                           request.negative)
     ctx = LoopContext(
         latents=latents, cond=request.cond, uncond=request.uncond, base_scales=base_scales,
         timesteps=timesteps, scheduler=scheduler, family=family, samples=request.samples or [],
@@ -229,10 +293,11 @@ def denoise(
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", leave=False)):
         # scale -> predict (guided) -> step -> hooks
         model_input = scale_input(latents, t)
-        info = StepInfo(i, len(timesteps), t, sigmas[i], all_sigmas[0], all_sigmas[-1], model_input, prediction_type)
+        info = StepInfo(i, len(timesteps), t, sigmas[i], all_sigmas[0], all_sigmas[-1], model_input, prediction_type,
+                        sigmas[i + 1] if i + 1 < len(sigmas) else final_sigma)
         pred = model(model_input, t, info)
         ctx.stats["unet_rows"] += pred.rows
-        ctx.stats["model_calls"] += 1
+        ctx.stats["model_calls"] += pred.calls
         step_out = scheduler.step(pred.guided, t, latents, **step_kwargs, return_dict=True)
         x_prev = step_out.prev_sample
         if hooks:  # hooks see the spatial layout (B, C, H, W), whatever the family's scheduler layout
@@ -245,6 +310,8 @@ def denoise(
                 x_t=spatial(latents), eps_cond=spatial(pred.cond), eps_uncond=spatial(pred.uncond),
                 eps_guided=spatial(pred.guided), x0_pred=spatial(x0), x_prev=spatial(x_prev),
                 guidance_scale=pred.scale, has_cond=pred.has_cond, has_uncond=pred.has_uncond, unet_rows=pred.rows,
+                sigma_next=info.sigma_next, predictions={k: spatial(v) for k, v in pred.predictions.items()},
+                needs=pred.needs,
             )
             for hook in hooks:
                 new = hook.on_step(state)

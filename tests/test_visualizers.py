@@ -106,16 +106,16 @@ def test_missing_recorder_fails_with_one_line(tmp_path):
     assert not (tmp_path / "images").exists()  # refused before sampling
 
 
-def test_stats_logged_per_step_to_wandb(tmp_path):
+def test_stats_logged_to_wandb_one_chart_per_statistic(tmp_path):
     from stablefused.logger import NullLogger
 
-    logged = []
+    charts = {}
 
     class Capture(NullLogger):
         run = object()  # as if a W&B run were open
 
-        def metrics(self, values, step_metric=None):
-            logged.append((values, step_metric))
+        def line_series(self, key, xs, ys, keys, title, xname):
+            charts[key] = (xs, ys, keys)
 
     import stablefused.app as app
 
@@ -125,10 +125,17 @@ def test_stats_logged_per_step_to_wandb(tmp_path):
         run(cfg_of("recorders=[stats]", "steps=3", "seeds=[0]", "guidance_scales=[1,7.5]"), tmp_path)
     finally:
         app.make_logger = orig
-    stats = [v for v, s in logged if s == "denoise_step"]
-    assert [v["denoise_step"] for v in stats] == [0, 1, 2]
-    # guidance 1 skipped the unconditional pass: no difference to log (NaN is dropped), not a 0
-    assert "denoise/guidance_delta_norm/w=7.5" in stats[0] and "denoise/guidance_delta_norm/w=1" not in stats[0]
+    from stablefused import registry
+
+    STATS = __import__(registry.get("recorders", "stats").__module__, fromlist=["STATS"]).STATS
+
+    # one chart per statistic, not one per scale and stat; CFG has no third term, so no chart for it
+    assert set(charts) == {f"denoise/{s}" for s in STATS if s != "extra_delta_norm"}
+    xs, ys, keys = charts["denoise/nfe"]
+    assert xs == [0, 1, 2] and keys == ["cfg w=1", "cfg w=7.5"] and ys == [[1.0] * 3, [2.0] * 3]
+    # guidance 1 skipped the unconditional pass: its delta line has gaps (None), not zeros
+    xs, ys, keys = charts["denoise/guidance_delta_norm"]
+    assert keys == ["cfg w=7.5"] and all(v > 0 for v in ys[0])
 
 
 def test_stats_plot_shows_a_gap_where_a_pass_was_skipped(tmp_path):

@@ -39,6 +39,8 @@ class APG(GuidanceRule):
     rule is plain CFG (eta = 1, r = 0, momentum = 0) and w = 0.
     """
 
+    diffusers_class = "AdaptiveProjectedGuidance"  # the diffusers guider with the same forward (stablefused.guider_config)
+
     ranges = {"eta": (-100, 100), "r": (0, None), "momentum": (-1, 1)}  # |momentum| < 1: a decaying average
 
     def __init__(self, eta: float = 0.0, r: float = 0.0, momentum: float = 0.0,

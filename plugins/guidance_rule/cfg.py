@@ -13,6 +13,8 @@ class CFG(GuidanceRule):
     unconditional prediction and w = 1 the conditional one, so those rows skip the other UNet pass.
     """
 
+    diffusers_class = "ClassifierFreeGuidance"  # the diffusers guider with the same forward (stablefused.guider_config)
+
     def passes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return w != 0, w != 1
 

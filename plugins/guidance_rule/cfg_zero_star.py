@@ -25,6 +25,8 @@ class CFGZeroStar(GuidanceRule):
     skipped; the conditional pass is always needed (s* depends on c).
     """
 
+    diffusers_class = "ClassifierFreeZeroStarGuidance"  # the diffusers guider with the same forward (stablefused.guider_config)
+
     ranges = {"zero_steps": (0, None)}
 
     def __init__(self, zero_steps: int = 0):

@@ -23,6 +23,8 @@ class RescaledCFG(GuidanceRule):
     = 0 the output is u rescaled to std(c), which needs the conditional pass (unless phi = 0).
     """
 
+    diffusers_class = "ClassifierFreeGuidance"  # the diffusers guider with the same forward (stablefused.guider_config)
+
     ranges = {"phi": (0, 1)}
 
     def __init__(self, phi: float = 0.7):

@@ -10,7 +10,8 @@ from stablefused.records import SelectedSteps, recorder_name, save_recorder
 from stablefused.registry import register
 
 STATS = ("guidance_scale", "guidance_delta_norm", "eps_guided_norm", "latent_mean", "latent_std", "x0_mean",
-         "x0_std", "x0_change")
+         "x0_std", "x0_change", "cos_cond_uncond", "delta_parallel_norm", "delta_orthogonal_norm", "extra_delta_norm",
+         "guidance_effect_norm", "nfe")
 
 
 @register("recorders", "stats")
@@ -22,8 +23,14 @@ class Stats(SelectedSteps):
     elements; NaN where a pass was skipped, e.g. at guidance 0 or 1 with ``cfg``), ``eps_guided_norm`` = ‖ε_guided‖₂, ``latent_mean``/``latent_std``
     of x_t, ``x0_mean``/``x0_std`` of x̂0, ``x0_change`` = ‖x̂0 − x̂0 of the previous step‖₂ (NaN at the
     first).
-    Values stay on the device until the loop ends (no sync per step). ``log`` sends them to W&B as metrics
-    ``denoise/<stat>/w=<guidance>`` (mean over the samples of each guidance scale) against ``denoise_step``.
+    Guidance telemetry (every guider): ``cos_cond_uncond`` = cos(ε_cond, ε_uncond); ``delta_parallel_norm`` /
+    ``delta_orthogonal_norm``: the guidance delta Δ = ε_cond − ε_uncond split against ε_cond as APG splits it
+    (‖Δ∥‖, ‖Δ⊥‖); ``extra_delta_norm``: the norm of the guider's third term, ‖ε_cond − ε_perturbed‖ (PAG, SEG,
+    SLG), ‖ε_cond − ε_weak‖ (autoguidance) or ‖ε_negative − ε_uncond‖ (perp-neg), NaN where not evaluated;
+    ``guidance_effect_norm`` = ‖ε_guided − ε_cond‖ (how far guidance moved the prediction);
+    ``nfe``: network rows this sample evaluated at this step (2 for CFG, 1 where a pass was skipped, 3 for PAG).
+    Values stay on the device until the loop ends (no sync per step). ``log`` sends one W&B chart per statistic
+    (``denoise/<stat>``, x = step), a line per guider and guidance scale (mean over their samples).
     """
 
     def __init__(self, every: int = 1, samples: list[int] | int | None = None, per: Literal["step", "call"] = "step",
@@ -56,20 +63,42 @@ class Stats(SelectedSteps):
         x0 = state.x0_pred
         change = x0 - prev if prev is not None else torch.zeros_like(x0)
         # one stack, two reductions: fewer small ops per step than one reduction per statistic
-        a = torch.stack([state.x_t, x0, state.eps_cond - state.eps_uncond, state.eps_guided, change])
-        a = a.flatten(2).float()  # (5, B, D)
+        c, u, delta = state.eps_cond, state.eps_uncond, state.eps_cond - state.eps_uncond
+        extra, has_extra = self._extra(state)
+        c64, d64 = c.flatten(1).double(), delta.flatten(1).double()
+        par = (d64 * c64).sum(1, keepdim=True) / c64.pow(2).sum(1, keepdim=True).clamp_min(1e-30) * c64
+        a = torch.stack([state.x_t, x0, delta, state.eps_guided, change, extra, state.eps_guided - c])
+        a = a.flatten(2).float()  # (7, B, D)
         std, mean = torch.std_mean(a[:2], dim=2)
         norms = torch.linalg.vector_norm(a[2:], dim=2)
         if prev is None:
             norms[2] = float("nan")
         # a skipped pass leaves no difference to measure: NaN (a gap in plots), not a misleading 0
-        norms[0] = torch.where(state.has_cond & state.has_uncond, norms[0], float("nan"))
+        both = state.has_cond & state.has_uncond
+        norms[0] = torch.where(both, norms[0], float("nan"))
+        norms[3] = torch.where(has_extra, norms[3], float("nan"))
+        cos = torch.nn.functional.cosine_similarity(c.flatten(1).float(), u.flatten(1).float(), dim=1)
+        split = torch.stack([par.norm(dim=1), (d64 - par).norm(dim=1)]).to(a)
+        split = torch.where(both, split, float("nan"))
+        needs = state.needs or {"cond": state.has_cond, "uncond": state.has_uncond}
+        nfe = torch.stack([v.to(a.device) for v in needs.values()]).sum(0).to(a)
         row = torch.stack([state.guidance_scale.to(a), norms[0], norms[1], mean[0], std[0], mean[1], std[1],
-                           norms[2]], dim=1)
+                           norms[2], torch.where(both, cos.to(a), float("nan")), split[0], split[1], norms[3],
+                           norms[4], nfe], dim=1)
         if self._keep is not None:
             row = row.index_select(0, self._keep)
         self._rows.append(row)
         self._meta.append({"step": step, "t": self.tracker.t(state), "sigma": float(state.sigma)})
+
+    @staticmethod
+    def _extra(state: StepState) -> tuple[torch.Tensor, torch.Tensor]:
+        """The guider's third term (see the class docstring) and where it was evaluated."""
+        preds, needs = state.predictions or {}, state.needs or {}
+        for name, pred in preds.items():
+            if name not in ("cond", "uncond"):
+                base = state.eps_uncond if name == "negative" else state.eps_cond
+                return base - pred, needs[name].to(pred.device)
+        return torch.zeros_like(state.eps_cond), torch.zeros_like(state.has_cond, dtype=torch.bool)
 
     def after_loop(self, ctx: LoopContext, latents: torch.Tensor) -> None:
         if not self._indices:
@@ -104,18 +133,24 @@ class Stats(SelectedSteps):
         return paths
 
     def log_metrics(self, run: Any) -> None:
-        """Per step, the mean of each stat over the samples of each guidance scale, against ``denoise_step``."""
+        """One W&B chart per statistic (``denoise/<stat>``, x = step), a line per guider and guidance scale:
+        the mean over its samples (steps where no sample has a value are left out of that line)."""
         tensors, info = self.result(run)
-        scale_of = {int(r["index"]): float(r["guidance_scale"]) for r in run.records}
-        groups: dict[float, list[int]] = {}
+        records = {int(r["index"]): r for r in run.records}
+        rule = run.cfg.guidance.get("rule", "cfg")
+        groups: dict[str, list[int]] = {}
         for pos, i in enumerate(info["samples"]):
-            groups.setdefault(scale_of.get(i, float("nan")), []).append(pos)
-        for s, step in enumerate(info["steps"]):
-            values: dict[str, float] = {"denoise_step": step, "denoise/t": info["t"][s],
-                                        "denoise/sigma": info["sigma"][s]}
-            for name in STATS:
-                col = tensors[f"stats.{name}"][0][:, s]
-                for g, pos in groups.items():
-                    v = float(col[pos].mean())
-                    values[f"denoise/{name}/w={g:g}"] = v if v == v else None
-            run.logger.metrics({k: v for k, v in values.items() if v is not None}, step_metric="denoise_step")
+            r = records.get(i, {})
+            label = f"{r.get('guidance_variant') or r.get('guidance_rule') or rule} w={float(r.get('guidance_scale', float('nan'))):g}"
+            groups.setdefault(label, []).append(pos)
+        steps = list(info["steps"])
+        for name in STATS:
+            values = tensors[f"stats.{name}"][0]
+            keys, ys = [], []
+            for label, pos in groups.items():
+                col = values[pos].nanmean(0).tolist()
+                if any(v == v for v in col):
+                    keys.append(label)
+                    ys.append([v if v == v else None for v in col])
+            if keys:
+                run.logger.line_series(f"denoise/{name}", steps, ys, keys, title=name, xname="step")

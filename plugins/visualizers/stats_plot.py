@@ -20,7 +20,8 @@ class StatsPlot:
     """PNG line plots of recorded step statistics (one panel per stat, one line per guidance scale).
 
     ``stats``: names recorded by the ``stats`` recorder (guidance_delta_norm, eps_guided_norm, latent_mean,
-    latent_std, x0_mean, x0_std, x0_change, guidance_scale). ``x``: step, t or sigma. ``group``: one line
+    latent_std, x0_mean, x0_std, x0_change, guidance_scale, and the guidance telemetry cos_cond_uncond,
+    delta_parallel_norm, delta_orthogonal_norm, extra_delta_norm, guidance_effect_norm, nfe). ``x``: step, t or sigma. ``group``: one line
     per guidance_scale (mean over its samples), per prompt, or per sample. ``log_y``: log-scale y axes.
     Needs recorder ``stats``.
     """

@@ -13,13 +13,16 @@ fresh :class:`~stablefused.guidance.Guidance`; images of one variant share batch
 * manifest: the image records (with ``guidance_variant``, ``guidance_schedule``, ``guidance_rule``) and one
   ``compute`` record per variant: UNet rows evaluated, what full CFG would have evaluated, the saving.
 * ``guidance_grid.json`` + W&B tables ``samples`` (per image, with metrics) and ``guidance_variants``
-  (per variant: compute and mean metrics) + ``metrics_by_variant.png`` when metrics are configured.
+  (per variant: compute, ``nfe_per_image`` = network rows per image over the whole run, ``seconds``, mean
+  metrics) + ``metrics_by_variant.png`` and ``zoo_pareto.png`` (each metric's mean against NFE per image,
+  a point per variant) when metrics are configured.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from omegaconf import ListConfig, OmegaConf
@@ -29,7 +32,7 @@ from stablefused import registry
 from stablefused.errors import ConfigError
 from stablefused.guidance import Guidance
 from stablefused.outputs import strict_json
-from stablefused.plots import metric_bars
+from stablefused.plots import metric_bars, metric_vs
 from stablefused.runs import Run, log_samples_table, means, prompt_seed_rows, row_label, wrap
 from stablefused.tasks import Task, register_task
 from stablefused.tasks.txt2img import grid_image_count, guidance_cells, txt2img_batch
@@ -133,9 +136,12 @@ class GuidanceGrid(Task):
                          guidance_params=v["params"], guidance_rule_params=v["rule_params"])
             cells = guidance_cells(run, first_index=vi * len(rows) * len(scales), col_offset=vi * len(scales), **extra)
             guidance = Guidance.from_config(v)  # fresh state per variant
+            start = time.perf_counter()
             compute = run.generate(cells, txt2img_batch(run, guidance))
-            full = compute["full_cfg_rows"]
+            full, made = compute["full_cfg_rows"], compute["images"]
             compute["saving"] = 1 - compute["unet_rows"] / full if full else None  # None: resumed from disk
+            compute["nfe_per_image"] = compute["unet_rows"] / made if made else None
+            compute["seconds"] = time.perf_counter() - start if made else None
             run.manifest.append({"type": "compute", "variant": v["label"], "schedule": v["schedule"],
                                  "params": v["params"], "rule": v["rule"], "rule_params": v["rule_params"], **compute})
             m = means([r for r in run.records if r.get("guidance_variant") == v["label"]])
@@ -179,6 +185,11 @@ def _report(run: Run, summary: list[dict]) -> None:
     log_samples_table(run, ("guidance_variant", "guidance_schedule", "guidance_rule", "prompt", "seed", "guidance_scale"))
     mkeys = [k for k in summary[0] if k not in ("variant", "unet_rows", "model_calls", "full_cfg_rows", "images",
                                                 "saving")]
+    mkeys = [k for k in mkeys if k not in ("nfe_per_image", "seconds")]
     if mkeys:
         plot = metric_bars(summary, mkeys, run.path("metrics_by_variant.png"), f"{run.cfg.model.name}: metrics per variant")
         run.add_artifact(plot, "plot", caption="mean metric per guidance variant", log_key="metrics_by_variant")
+        if all(s.get("nfe_per_image") is not None for s in summary):
+            plot = metric_vs(summary, mkeys, "nfe_per_image", "network rows (NFE) per image", run.path("zoo_pareto.png"), f"{run.cfg.model.name}: quality against cost")
+            run.add_artifact(plot, "plot", caption="mean metric against network rows per image, a point per variant",
+                             log_key="zoo_pareto")

@@ -63,14 +63,14 @@ def img2img(
         raise ValueError(f"strength {strength} x steps {steps} runs no step")
     if encoded is None:
         encoded = im.encode(c.vae, im.to_pixels(sources, c.vae_scale_factor))
-    cond, uncond = sampler.encode(prompts), sampler.encode(negative_prompts, negative=True)
+    cond, uncond, negative = sampler.conditions(prompts, negative_prompts, guidance)
     t_start = sampler.family.first_step(steps, strength)
     generators = sampler.prepare(steps, seeds, start_step=t_start, height=sources[0].height, width=sources[0].width)
     init = sampler.family.image_latents(encoded, generators)
     latents, _ = im.noised_latents(scheduler, init, generators, scheduler.timesteps[t_start * scheduler.order:][:1])
     latents = sampler.family.from_spatial(latents)  # Flux packs after noising, as its pipeline does
     request = Request(latents, cond, uncond, list(guidance_scales), steps, start_step=t_start,
-                      generators=generators, samples=samples, eta=eta)
+                      generators=generators, samples=samples, eta=eta, negative=negative)
     return sampler.sample(request, guidance=guidance, hooks=hooks, progress=progress)
 
 

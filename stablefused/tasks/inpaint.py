@@ -109,7 +109,7 @@ def inpaint(
     pixels = im.to_pixels(sources, f).to(torch.float32)
     height, width = pixels.shape[-2:]
     mask_cond = mk.processor(f).preprocess(list(masks), height=height, width=width)  # (B, 1, H, W) in {0, 1}
-    cond, uncond = sampler.encode(prompts), sampler.encode(negative_prompts, negative=True)
+    cond, uncond, negative = sampler.conditions(prompts, negative_prompts, guidance)
 
     t_start = sampler.family.first_step(steps, strength)
     generators = sampler.prepare(steps, seeds, start_step=t_start, height=height, width=width)
@@ -144,7 +144,7 @@ def inpaint(
         extra, hooks = None, [BlendKnown(image_latents, noise, mask, scheduler), *hooks]
     latents = sampler.family.from_spatial(latents)  # Flux packs after noising (BlendKnown works in spatial)
     request = Request(latents, cond, uncond, list(guidance_scales), steps, start_step=t_start, extra_channels=extra,
-                      generators=generators, samples=samples, eta=eta)
+                      generators=generators, samples=samples, eta=eta, negative=negative)
     return sampler.sample(request, guidance=guidance, hooks=hooks, progress=progress)
 
 

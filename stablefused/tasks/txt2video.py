@@ -47,11 +47,11 @@ def txt2video(sampler: Sampler, prompts: Sequence[str], seeds: Sequence[int], gu
     """Videos through the one loop: ``Generation.images`` are frames (B, F, H, W, 3) float32 in [0, 1]."""
     if isinstance(negative_prompts, str):
         negative_prompts = [negative_prompts] * len(prompts)
-    cond, uncond = sampler.encode(prompts), sampler.encode(negative_prompts, negative=True)
+    cond, uncond, negative = sampler.conditions(prompts, negative_prompts, loop_kw.get("guidance"))
     # as TextToVideoSDPipeline.prepare_latents: (B, C, F, H/f, W/f), one CPU generator per video
     latents, generators = sampler.initial_latents(seeds, height, width, frames=frames, steps=steps)
     return sampler.sample(Request(latents, cond, uncond, list(guidance_scales), steps, generators=generators,
-                                  samples=samples, eta=eta), **loop_kw)
+                                  samples=samples, eta=eta, negative=negative), **loop_kw)
 
 
 def frame_path(cell: dict, frame: int | None = None) -> str:
