@@ -12,7 +12,7 @@ import math
 import typing
 from numbers import Real
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 

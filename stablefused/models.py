@@ -276,10 +276,6 @@ NETWORK_CLASSES = ("UNet2DConditionModel", "UNet3DConditionModel", "SD3Transform
 
 
 def _load_from(source: str, model_cfg: Any) -> Components:
-    import diffusers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     allow_pickle = bool(model_cfg.get("allow_pickle"))
     name = model_cfg.get("name", source)
     path = Path(source)

@@ -87,18 +87,6 @@ class LinearPreview:
         return cls(sol[:-1].float(), sol[-1].float(), source=f"least squares on {len(lat)} VAE decodes")
 
 
-def known_preview(vae: Any) -> "LinearPreview | None":
-    """The known coefficients for this autoencoder (SD 1.x/2.x, FLUX.1), or None (fit them)."""
-    if is_sd_vae(vae):
-        return LinearPreview.sd()
-    cfg = vae.config
-    if (cfg.latent_channels == 16 and abs(float(cfg.scaling_factor) - 0.3611) < 1e-6
-            and abs(float(cfg.get("shift_factor") or 0) - 0.1159) < 1e-6
-            and tuple(cfg.block_out_channels) == (128, 256, 512, 512)):
-        return LinearPreview(FLUX_LATENT_RGB / 2, (FLUX_LATENT_RGB_BIAS + 1) / 2, source="FLUX.1 known coefficients")
-    return None
-
-
 def is_sd_vae(vae: Any) -> bool:
     """The Stable Diffusion 1.x/2.x autoencoder (4 latent channels, 0.18215, 128-256-512-512 blocks)."""
     cfg = vae.config
