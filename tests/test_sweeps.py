@@ -314,7 +314,7 @@ def test_report_of_a_sweep_of_walks_counts_frames_and_videos(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     with open(tmp_path / "summary.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["frames"] for r in rows] == ["2", "3"]  # the swept setting
+    assert [r["segment_frames"] for r in rows] == ["2", "3"]  # the swept setting
     assert [r["frame_pngs"] for r in rows] == ["3", "4"] and [r["videos"] for r in rows] == ["1", "1"]
     assert all(r["shapes_adherence/mean"] not in ("", None) for r in rows)  # scored frames, averaged
     assert "position" not in rows[0] and "time" not in rows[0]  # a frame's place in the walk is not a metric

@@ -35,10 +35,23 @@ class FDG(Guider):
         if len(self.parallel_weights) != len(self.levels):
             raise ValueError(f"fdg: {len(self.parallel_weights)} parallel_weights for {len(self.levels)} levels")
 
+        self._spatial = self._packed = lambda x: x
+
+    def bind(self, family) -> None:
+        """The pyramid is spatial: a family whose scheduler layout is packed (Flux) unpacks the predictions."""
+        self._spatial, self._packed = family.to_spatial, family.from_spatial
+
     def passes(self, w):
         return torch.ones_like(w, dtype=torch.bool), w != 1
 
     def __call__(self, cond, uncond, w, info):
+        shape = cond.shape
+        cond, uncond = self._spatial(cond), self._spatial(uncond)
+        out = self._pyramid(cond, uncond, w)
+        out = self._packed(out)
+        return out if out.shape == shape else out.reshape(shape)
+
+    def _pyramid(self, cond, uncond, w):
         from kornia.geometry import pyrup
         from kornia.geometry.transform import build_laplacian_pyramid
 
