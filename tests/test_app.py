@@ -149,7 +149,7 @@ def test_sampler_label_from_scheduler_class_and_config():
     assert sampler_label("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}) == "DPM++ 2M SDE"
     assert sampler_label("PNDMScheduler", {"skip_prk_steps": True}) == "PLMS"
     assert sampler_label("KDPM2AncestralDiscreteScheduler") == "DPM2 a"
-    assert sampler_label("FlowMatchEulerDiscreteScheduler") == "FlowMatchEuler"
+    assert sampler_label("FlowMatchEulerDiscreteScheduler") == "Flow Euler"
 
 
 def test_every_scheduler_config_label_matches_its_scheduler(tiny):
