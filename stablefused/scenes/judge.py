@@ -17,13 +17,12 @@ them: :func:`stablefused.scenes.data._relation_holds`), and the named background
 from __future__ import annotations
 
 import re
-from collections import deque
 from typing import Any
 
 import numpy as np
 
 from stablefused.scenes.data import NUMBERS, RELATIONS, Obj, _relation_holds
-from stablefused.shapes.classify import _dilate, _fit_template, to_array
+from stablefused.shapes.classify import _dilate, _fit_template, connected_components, to_array
 from stablefused.shapes.data import BACKGROUNDS, COLORS, SHAPES
 
 FOREGROUND_DISTANCE = 0.4
@@ -70,30 +69,6 @@ def parse_prompt(prompt: str) -> dict[str, Any]:
     return {"wants": wants, "relation": relation, "background": background, "category": category}
 
 
-def _components(mask: np.ndarray) -> list[np.ndarray]:
-    """4-connected regions of ``mask`` as boolean masks."""
-    h, w = mask.shape
-    seen = np.zeros_like(mask, bool)
-    out = []
-    for sy, sx in zip(*np.nonzero(mask)):
-        if seen[sy, sx]:
-            continue
-        comp, queue = [], deque([(sy, sx)])
-        seen[sy, sx] = True
-        while queue:
-            y, x = queue.popleft()
-            comp.append((y, x))
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    queue.append((ny, nx))
-        region = np.zeros_like(mask, bool)
-        ys, xs = zip(*comp)
-        region[list(ys), list(xs)] = True
-        out.append(region)
-    return out
-
-
 def detect(image: Any) -> tuple[str, list[Obj]]:
     """The background and the objects of an image (PIL or array)."""
     img = to_array(image)
@@ -106,7 +81,7 @@ def detect(image: Any) -> tuple[str, list[Obj]]:
     label = np.argmin(((img[..., None, :] - _PALETTE) ** 2).sum(-1), axis=-1)
     objects = []
     for c, color in enumerate(COLORS):
-        for region in _components(fg & (label == c)):
+        for region in connected_components(fg & (label == c)):
             if region.sum() < MIN_AREA * scale * scale:
                 continue
             axis = _PALETTE[c] - bg

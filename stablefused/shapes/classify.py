@@ -62,10 +62,11 @@ def to_array(image: Any) -> np.ndarray:
     return np.clip(a.astype(np.float32)[..., :3], 0.0, 1.0)
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
+def connected_components(mask: np.ndarray) -> list[np.ndarray]:
+    """The 4-connected regions of ``mask``, each as a boolean mask, in scan order."""
     h, w = mask.shape
     seen = np.zeros_like(mask, bool)
-    best: list[tuple[int, int]] = []
+    out = []
     for sy, sx in zip(*np.nonzero(mask)):
         if seen[sy, sx]:
             continue
@@ -78,13 +79,16 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
                 if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
                     seen[ny, nx] = True
                     queue.append((ny, nx))
-        if len(comp) > len(best):
-            best = comp
-    out = np.zeros_like(mask, bool)
-    if best:
-        ys, xs = zip(*best)
-        out[list(ys), list(xs)] = True
+        region = np.zeros_like(mask, bool)
+        ys, xs = zip(*comp)
+        region[list(ys), list(xs)] = True
+        out.append(region)
     return out
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    regions = connected_components(mask)
+    return max(regions, key=lambda r: int(r.sum())) if regions else np.zeros_like(mask, bool)
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
