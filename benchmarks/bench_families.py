@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from bench_loop import AlwaysBatchedCFG, timed
+from bench_loop import AlwaysBatchedCFG, print_ratios, timed
 from stablefused.guidance import Guidance
 from stablefused.models import quiet_libraries
 from stablefused.pipeline import Sampler
@@ -265,10 +265,7 @@ def main() -> None:
         title, rows = FAMILIES[family](args)
         print(f"{title}, {args.dtype}, {dev}, median of {args.repeats} ({args.clock} clock)")
         print()
-        print("| comparison | ours (s) | baseline (s) | ratio | goal |")
-        print("|---|---|---|---|---|")
-        for name, a, b, goal in rows:
-            print(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.2f} | {goal} |")
+        print_ratios(rows)
         print()
 
 

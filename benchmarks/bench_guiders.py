@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from diffusers import StableDiffusionPAGPipeline
 
-from bench_loop import components, model_args, reference_pipeline, timed
+from bench_loop import components, model_args, print_ratios, reference_pipeline, timed
 
 from stablefused.guidance import Guidance
 from stablefused.pipeline import Sampler
@@ -73,10 +73,7 @@ def main() -> None:
     print(f"model {args.model}, {size}x{size}, batch {args.batch}, {args.steps} DDIM steps, {args.dtype}, {dev}, "
           f"median of {args.repeats}")
     print()
-    print("| comparison | ours (s) | baseline (s) | ratio | goal |")
-    print("|---|---|---|---|---|")
-    for name, a, b, goal in rows:
-        print(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.2f} | {goal} |")
+    print_ratios(rows)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,11 @@ def main() -> None:
     print(f"model {args.model}, {size}x{size}, batch {args.batch}, {args.steps} DDIM steps, {args.dtype}, {dev}, "
           f"median of {args.repeats}")
     print()
+    print_ratios(rows)
+
+
+def print_ratios(rows: list[tuple]) -> None:
+    """The Markdown table every benchmark prints: (comparison, ours s, baseline s, goal) per row."""
     print("| comparison | ours (s) | baseline (s) | ratio | goal |")
     print("|---|---|---|---|---|")
     for name, a, b, goal in rows:
