@@ -45,6 +45,15 @@ def clip_embeds(tokenizer: Any, text_encoder: Any, prompts: Sequence[str], windo
     return out.hidden_states[-2], out[0]
 
 
+def joint_embeds(l_seq: torch.Tensor, l_pooled: torch.Tensor, g_seq: torch.Tensor, g_pooled: torch.Tensor,
+                 t5: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode_prompt``'s assembly: CLIP-L and CLIP-G hidden states side by side, zero-padded to T5's width, T5's
+    tokens appended; the pooled outputs concatenated. (Also what the scenes_flow training feeds its transformer.)"""
+    clip = torch.cat([l_seq, g_seq], dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip.to(t5.dtype), t5], dim=-2), torch.cat([l_pooled, g_pooled], dim=-1)
+
+
 @register_family
 class SD3(Family):
     """SD3 / SD3.5: ``StableDiffusion3Pipeline`` and its img2img/inpaint pipelines."""
@@ -92,12 +101,8 @@ class SD3(Family):
         window = int(c.tokenizer.model_max_length)  # the pipeline's tokenizer_max_length, for both CLIPs
         l_seq, l_pooled = clip_embeds(c.tokenizer, c.text_encoder, prompts, window, c.device)
         g_seq, g_pooled = clip_embeds(c.modules["tokenizer_2"], c.modules["text_encoder_2"], prompts, window, c.device)
-        t5 = self._t5(prompts)
-        clip = torch.cat([l_seq, g_seq], dim=-1)
-        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        rows = {"encoder_hidden_states": torch.cat([clip.to(t5.dtype), t5], dim=-2),
-                "pooled_projections": torch.cat([l_pooled, g_pooled], dim=-1)}
-        return Conditioning(rows).to(dtype=c.dtype)
+        seq, pooled = joint_embeds(l_seq, l_pooled, g_seq, g_pooled, self._t5(prompts))
+        return Conditioning({"encoder_hidden_states": seq, "pooled_projections": pooled}).to(dtype=c.dtype)
 
     def _t5(self, prompts: Sequence[str]) -> torch.Tensor:
         """``_get_t5_prompt_embeds``: T5's last hidden state at ``max_sequence_length`` tokens (no attention

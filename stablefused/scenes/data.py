@@ -156,3 +156,17 @@ def batch(seeds, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[Scene]]:
     """Images (N, H, W, 3) and scenes for ``seeds``."""
     scenes = [make_scene(int(s), size=size) for s in seeds]
     return np.stack([render(s, size) for s in scenes]), scenes
+
+
+FILLER_WORDS = ("a", "an", "one", "and", "of", "to", "the", "on", "background")
+VOCABULARY = tuple(dict.fromkeys(
+    FILLER_WORDS + tuple(NUMBERS.values()) + tuple(COLORS) + SHAPES + tuple(s + "s" for s in SHAPES)
+    + tuple(w for rel in RELATIONS for w in rel.split()) + tuple(BACKGROUNDS)))
+
+
+def items(seeds, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Training items for ``seeds``: images (N, H, W, 3), prompts, foreground masks (N, H, W) (the objects'
+    pixels), as :func:`stablefused.shapes.data.batch` gives them for shapes."""
+    imgs, scenes = batch(seeds, size)
+    bgs = np.array([BACKGROUNDS[s.background] for s in scenes], np.float32)[:, None, None, :]
+    return imgs, [s.prompt for s in scenes], np.abs(imgs - bgs).sum(-1) > 0

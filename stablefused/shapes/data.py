@@ -115,6 +115,12 @@ def batch(seeds, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[dict[str, str
     return np.stack(imgs), attrs, prompts, np.stack(masks)
 
 
+def items(seeds, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Training items for ``seeds``: images, prompts, foreground masks (what the training script reads)."""
+    imgs, _, prompts, masks = batch(seeds, size)
+    return imgs, prompts, masks
+
+
 def image_for(attrs: dict[str, str], seed: int, size: int = IMAGE_SIZE) -> np.ndarray:
     """An image with the given (complete) attributes at a seed-dependent position and side."""
     return render(attrs, np.random.default_rng([777, int(seed)]), size)[0]

@@ -1,41 +1,66 @@
-"""Train the bundled ``shapes`` model from scratch: ``python -m stablefused.shapes.train``.
+"""Train a bundled model from scratch: ``python -m stablefused.shapes.train`` (``shapes``), and through presets
+``python -m stablefused.scenes.train scenes|scenes_flow`` (the compositional scene models).
 
-Stages, all seeded (``--seed``) and run with deterministic algorithms:
+One script for every bundled model: a *world* (``--world shapes|scenes``: the dataset module, its vocabulary and
+its evaluation) and a *denoiser* (``--arch unet``: CLIP text encoder + UNet2DConditionModel, epsilon prediction,
+DDPM noise; ``--arch sd3``: two CLIP text encoders + an SD3Transformer2DModel, flow matching, as SD3). Stages,
+all seeded (``--seed``) and run with deterministic algorithms:
 
-1. **VAE** (AutoencoderKL, 32x32x3 <-> 8x8x4, downsampling factor 4). The reconstruction loss is balanced
-   between foreground and background: each image's shape pixels together weigh as much as its background
-   pixels, so the shape's colour is not sacrificed to the (much larger) background. Tiny KL weight.
-   Then ``scaling_factor`` = 1 / std of the latents, stored in the VAE config.
-2. **Text encoder + UNet** (CLIPTextModel + UNet2DConditionModel with cross-attention) trained jointly on
-   epsilon prediction with the DDPM noise schedule of Stable Diffusion (scaled_linear 0.00085..0.012, 1000
-   steps), 10% of prompts dropped to "" so classifier-free guidance works; EMA weights are shipped.
-3. **Decoder fine-tuning** (encoder frozen, so latents and UNet stay valid): the balanced loss with extra
-   weight on shape outlines. Stage 1 alone turned some small circles into rounded squares (95% shape
-   accuracy on reconstructions); after stage 3 reconstructions keep every attribute.
-4. Saved as a diffusers folder (safetensors) with a DDIM scheduler config, then a quick quality report.
+1. **VAE** (AutoencoderKL, downsampling factor 4, 4 latent channels). The reconstruction loss is balanced
+   between foreground and background: each image's object pixels together weigh as much as its background
+   pixels, so an object's colour is not sacrificed to the (much larger) background. Tiny KL weight.
+2. **Decoder fine-tuning** (encoder frozen, so the latents do not change): the balanced loss with extra weight
+   on outlines. Stage 1 alone turned some small circles into rounded squares (95% shape accuracy on shapes
+   reconstructions); after stage 2 reconstructions keep every attribute. Then ``scaling_factor`` = 1 / std of
+   the latents (and, for ``--arch sd3``, ``shift_factor`` = their mean, as SD3's VAE has), stored in the VAE
+   config; the VAE is saved at once (``<out>/vae``), so ``--vae-from <out>`` resumes after it.
+3. **Text encoder(s) + denoiser** trained jointly. ``unet``: epsilon prediction with the DDPM noise schedule of
+   Stable Diffusion (scaled_linear 0.00085..0.012, 1000 steps), shipped with a DDIM config. ``sd3``: rectified
+   flow (x_s = (1 - s) x0 + s noise, target noise - x0, s logit-normal as in the SD3 paper), shipped with
+   ``FlowMatchEulerDiscreteScheduler``. 10% of prompts dropped to "" so classifier-free guidance works;
+   ``--prompt-swap`` replaces prompts by other items' prompts at low noise (below); EMA weights are shipped.
+4. Saved as a diffusers folder (safetensors) that the family's diffusers pipeline loads, then a quality report.
 
-Stages are independent given the seed, so a run can be resumed: ``--vae-from`` (skip stage 1) and
-``--finetune-decoder-of`` (only stage 3) give the same weights as the full run.
+**Prompt swapping at low noise** (``--prompt-swap P --prompt-swap-sigma S``): with probability
+P * max(0, 1 - sigma / S) (sigma = noise / signal of the training sample) the prompt is another item's. The
+target is the true noise either way, so the model learns that when the prompt and a clearly visible image
+disagree the image wins, as a model trained on real, loosely captioned images behaves (its implicit classifier
+has a bounded gradient, so eps_cond - eps_uncond = -sigma * grad log p(c | x) shrinks with sigma). Exact captions
+without it give a model whose conditional and unconditional predictions disagree wildly at low noise for an
+image that contradicts the prompt: image-to-image at strength 0.15 becomes a noisy mess (issue 17).
 
-The tokenizer is a CLIP tokenizer over the dataset vocabulary (:func:`stablefused.text.build_word_tokenizer`).
+Stages are independent given the seed: ``--vae-from FOLDER`` (a finished run's VAE, trained with the same args)
+skips stages 1-2 and gives the same weights as the full run.
+
+The tokenizers are CLIP tokenizers over the world's vocabulary (:func:`stablefused.text.build_word_tokenizer`).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stablefused.shapes import data
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+BUNDLED_DIR = MODELS_DIR / "shapes"  # the shipped shapes weights
+WORLDS = {  # --world: the dataset module (IMAGE_SIZE, VOCABULARY, items(seeds)), the evaluation module
+    "shapes": ("stablefused.shapes.data", "stablefused.shapes.evaluate"),
+    "scenes": ("stablefused.scenes.data", "stablefused.scenes.evaluate"),
+}
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models" / "shapes"  # the shipped weights
+
+def world(name: str) -> SimpleNamespace:
+    data_mod, eval_mod = WORLDS[name]
+    return SimpleNamespace(name=name, data=importlib.import_module(data_mod), evaluate=eval_mod)
 
 
 def schedule(args: argparse.Namespace) -> dict:
@@ -43,33 +68,66 @@ def schedule(args: argparse.Namespace) -> dict:
     return dict(num_train_timesteps=1000, beta_start=args.beta_start, beta_end=args.beta_end, beta_schedule=args.beta_schedule)
 
 
-def build_models(args: argparse.Namespace):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_vae(args: argparse.Namespace):
+    from diffusers import AutoencoderKL
+
+    vc = tuple(args.vae_channels)
+    return AutoencoderKL(
+        block_out_channels=vc, in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * len(vc), up_block_types=("UpDecoderBlock2D",) * len(vc),
+        layers_per_block=1, sample_size=args.world.data.IMAGE_SIZE,
+    )
+
+
+def build_denoiser(args: argparse.Namespace, latent_size: int) -> dict:
+    """Tokenizer(s), text encoder(s) and the denoiser, as the components of a diffusers folder."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from stablefused.text import build_word_tokenizer
 
-    tokenizer = build_word_tokenizer(list(data.VOCABULARY), model_max_length=16)
-    torch.manual_seed(args.seed)
-    vc = tuple(args.vae_channels)
-    vae = AutoencoderKL(
-        block_out_channels=vc, in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * len(vc), up_block_types=("UpDecoderBlock2D",) * len(vc),
-        layers_per_block=1, sample_size=data.IMAGE_SIZE,
-    )
+    window = args.max_tokens
+    tokenizer = build_word_tokenizer(list(args.world.data.VOCABULARY), model_max_length=window)
     dim = args.text_dim
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=dim, intermediate_size=2 * dim,
-        num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=16,
-    ))
-    uc = tuple(args.unet_channels)
-    unet = UNet2DConditionModel(
-        block_out_channels=uc, layers_per_block=args.unet_layers, sample_size=data.IMAGE_SIZE // 2 ** (len(vc) - 1),
-        in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * len(uc), up_block_types=("CrossAttnUpBlock2D",) * len(uc),
-        cross_attention_dim=dim, attention_head_dim=8, norm_num_groups=32,
-    )
-    return tokenizer, text_encoder, unet, vae
+    text_cfg = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=dim, intermediate_size=2 * dim,
+                    num_attention_heads=4, vocab_size=len(tokenizer), max_position_embeddings=window)
+    if args.arch == "unet":
+        from diffusers import UNet2DConditionModel
+
+        text_encoder = CLIPTextModel(CLIPTextConfig(num_hidden_layers=2, **text_cfg))
+        uc = tuple(args.unet_channels)
+        unet = UNet2DConditionModel(
+            block_out_channels=uc, layers_per_block=args.unet_layers, sample_size=latent_size,
+            in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * len(uc), up_block_types=("CrossAttnUpBlock2D",) * len(uc),
+            cross_attention_dim=dim, attention_head_dim=8, norm_num_groups=32,
+        )
+        return dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet)
+    from diffusers import SD3Transformer2DModel
+
+    # CLIP-L and CLIP-G stand-ins (3 layers: SD3 reads the penultimate hidden state), no T5
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(num_hidden_layers=3, projection_dim=dim, **text_cfg))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(num_hidden_layers=3, projection_dim=dim, **text_cfg))
+    inner = args.dit_heads * args.dit_head_dim
+    transformer = SD3Transformer2DModel(
+        sample_size=latent_size, patch_size=2, in_channels=4, out_channels=4, num_layers=args.dit_layers,
+        attention_head_dim=args.dit_head_dim, num_attention_heads=args.dit_heads, joint_attention_dim=2 * dim,
+        caption_projection_dim=inner, pooled_projection_dim=2 * dim, pos_embed_max_size=latent_size,
+        qk_norm="rms_norm")
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, tokenizer_2=copy.deepcopy(tokenizer),
+                text_encoder_2=text_encoder_2, tokenizer_3=None, text_encoder_3=None, transformer=transformer)
+
+
+def text_conditioning(mods: dict, ids: torch.Tensor, args: argparse.Namespace) -> dict:
+    """The network's text inputs for token ids, with gradients (what the family's ``encode`` computes)."""
+    if args.arch == "unet":
+        return {"encoder_hidden_states": mods["text_encoder"](ids)[0]}
+    from stablefused.families.sd3 import joint_embeds
+
+    lo = mods["text_encoder"](ids, output_hidden_states=True)
+    go = mods["text_encoder_2"](ids, output_hidden_states=True)
+    t5 = torch.zeros((ids.shape[0], args.max_sequence_length, 2 * args.text_dim), device=ids.device)
+    seq, pooled = joint_embeds(lo.hidden_states[-2], lo[0], go.hidden_states[-2], go[0], t5)
+    return {"encoder_hidden_states": seq, "pooled_projections": pooled}
 
 
 def to_tensor(imgs: np.ndarray) -> torch.Tensor:
@@ -108,7 +166,7 @@ def train_vae(vae, args, log) -> None:
     t0 = time.time()
     for step in range(args.vae_steps):
         seeds = range(10_000_000 + step * args.vae_batch, 10_000_000 + (step + 1) * args.vae_batch)
-        imgs, _, _, masks = data.batch(seeds)
+        imgs, _, masks = args.world.data.items(seeds)
         x = to_tensor(imgs).to(args.device)
         w = vae_loss_weights(masks).to(args.device)
         post = vae.encode(x).latent_dist
@@ -146,7 +204,7 @@ def finetune_decoder(vae, args, log) -> None:
     t0 = time.time()
     for step in range(args.decoder_steps):
         seeds = range(20_000_000 + step * args.vae_batch, 20_000_000 + (step + 1) * args.vae_batch)
-        imgs, _, _, masks = data.batch(seeds)
+        imgs, _, masks = args.world.data.items(seeds)
         x = to_tensor(imgs).to(args.device)
         w = (vae_loss_weights(masks) * (1 + args.edge_weight * torch.from_numpy(edge_map(masks)).float()[:, None])).to(args.device)
         with torch.no_grad():
@@ -162,68 +220,96 @@ def finetune_decoder(vae, args, log) -> None:
 
 
 @torch.no_grad()
-def encode_dataset(vae, n: int, device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def encode_dataset(vae, n: int, args) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Latent means/stds and prompts of dataset items 0..n-1."""
     means, stds, prompts = [], [], []
     for start in range(0, n, 256):
-        imgs, _, p, _ = data.batch(range(start, min(n, start + 256)))
-        post = vae.encode(to_tensor(imgs).to(device)).latent_dist
+        imgs, p, _ = args.world.data.items(range(start, min(n, start + 256)))
+        post = vae.encode(to_tensor(imgs).to(args.device)).latent_dist
         means.append(post.mean.cpu())
         stds.append(post.std.cpu())
         prompts += p
     return torch.cat(means), torch.cat(stds), prompts
 
 
-def train_unet(unet, text_encoder, tokenizer, latents, prompts, args, log, save=None):
+def swap_probability(sigma: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    """``--prompt-swap`` P * max(0, 1 - sigma / ``--prompt-swap-sigma``), per sample."""
+    return args.prompt_swap * (1 - sigma / args.prompt_swap_sigma).clamp(min=0)
+
+
+def train_denoiser(mods: dict, latents, prompts, args, log, save=None) -> dict:
+    """Stage 3: text encoder(s) + denoiser jointly; returns the EMA copies (same keys as ``mods``)."""
     from diffusers import DDPMScheduler
 
     means, stds = latents
-    noise_sched = DDPMScheduler(**schedule(args))
-    alphas = noise_sched.alphas_cumprod.to(args.device)
-    ids_all = tokenizer(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
-    empty = tokenizer([""], padding="max_length", max_length=16, return_tensors="pt").input_ids
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    flow = args.arch == "sd3"
+    net_key = "transformer" if flow else "unet"
+    trained = [k for k in (net_key, "text_encoder", "text_encoder_2") if mods.get(k) is not None]
+    alphas = DDPMScheduler(**schedule(args)).alphas_cumprod.to(args.device)
+    tok = mods["tokenizer"]
+    ids_all = tok(prompts, padding="max_length", max_length=args.max_tokens, truncation=True, return_tensors="pt").input_ids
+    empty = tok([""], padding="max_length", max_length=args.max_tokens, return_tensors="pt").input_ids
+    params = [p for k in trained for p in mods[k].parameters()]
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
-    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
-    unet.train()
-    text_encoder.train()
+    ema = {k: copy.deepcopy(mods[k]).requires_grad_(False) for k in trained}
+    ema_params = [p for k in trained for p in ema[k].parameters()]
+    for k in trained:
+        mods[k].train()
     g = torch.Generator().manual_seed(args.seed + 1)
-    n = len(prompts)
+    n, b = len(prompts), args.unet_batch
     t0 = time.time()
     running = 0.0
     for step in range(args.unet_steps):
-        idx = torch.randint(0, n, (args.unet_batch,), generator=g)
-        z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * args.scaling_factor
+        idx = torch.randint(0, n, (b,), generator=g)
+        z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g) - args.shift_factor) * args.scaling_factor
         ids = ids_all[idx].clone()
-        drop = torch.rand(args.unet_batch, generator=g) < args.p_uncond
-        ids[drop] = empty[0]
+        drop = torch.rand(b, generator=g) < args.p_uncond
         noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.unet_batch,), generator=g)
+        if flow:  # logit-normal s (SD3 paper); sigma = noise/signal = s / (1 - s)
+            s = torch.sigmoid(torch.randn(b, generator=g))
+            sigma, t = s / (1 - s), s * 1000
+        else:
+            t = torch.randint(0, 1000, (b,), generator=g)
+            a = alphas[t].cpu()
+            sigma = ((1 - a) / a).sqrt()
+        if args.prompt_swap > 0:  # (no draws at 0: the shapes model's random stream stays as it was trained)
+            swap = torch.rand(b, generator=g) < swap_probability(sigma, args)
+            other = torch.randint(0, n, (b,), generator=g)
+            ids[swap] = ids_all[other[swap]]
+        ids[drop] = empty[0]
         z0, noise, t, ids = z0.to(args.device), noise.to(args.device), t.to(args.device), ids.to(args.device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        cond = text_encoder(ids)[0]
-        pred = unet(zt, t, cond).sample
-        loss = F.mse_loss(pred, noise)
+        cond = text_conditioning(mods, ids, args)
+        if flow:
+            sv = (t / 1000).view(-1, 1, 1, 1)
+            pred = mods[net_key](hidden_states=(1 - sv) * z0 + sv * noise, timestep=t, **cond).sample
+            target = noise - z0
+        else:
+            a = alphas[t].view(-1, 1, 1, 1)
+            pred = mods[net_key](a.sqrt() * z0 + (1 - a).sqrt() * noise, t, cond["encoder_hidden_states"]).sample
+            target = noise
+        loss = F.mse_loss(pred, target)
         update(opt, params, loss, lr_at(step, args.unet_steps, args.unet_lr, 200))
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if step % 200 == 0 or step == args.unet_steps - 1:
-            log(f"unet step {step}/{args.unet_steps} loss {running:.4f} ({time.time() - t0:.0f}s)")
+            log(f"{net_key} step {step}/{args.unet_steps} loss {running:.4f} ({time.time() - t0:.0f}s)")
         if save and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.unet_steps:
-            save(ema_unet, ema_text, step + 1)
-    return ema_unet.eval(), ema_text.eval()
+            save({**mods, **ema}, step + 1)
+    return {**mods, **{k: m.eval() for k, m in ema.items()}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--name", default="shapes", help="the model's name (bundled folder, default output folder)")
+    p.add_argument("--world", default="shapes", choices=sorted(WORLDS), help="the dataset")
+    p.add_argument("--arch", default="unet", choices=("unet", "sd3"),
+                   help="unet: CLIP + UNet, epsilon, DDIM; sd3: two CLIPs + SD3 transformer, flow matching")
     p.add_argument("--out", default=None,
-                   help="diffusers folder to write (default: runs/shapes_train/<timestamp> under the current folder)")
+                   help="diffusers folder to write (default: runs/<name>_train/<timestamp> under the current folder)")
     p.add_argument("--overwrite-bundled", action="store_true",
-                   help=f"write over the shipped weights in {BUNDLED_DIR} (the only way to write there)")
+                   help=f"write over the shipped weights in {MODELS_DIR}/<name> (the only way to write there)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--device", default="cpu")
@@ -236,23 +322,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beta-start", type=float, default=0.00085)
     p.add_argument("--beta-end", type=float, default=0.012)
     p.add_argument("--vae-from", default=None, metavar="FOLDER",
-                   help="skip stage 1 and load the VAE of FOLDER's model, trained earlier with the same args")
-    p.add_argument("--unet-steps", type=int, default=4000)
+                   help="skip stages 1-2 and load the VAE of FOLDER (a run with the same args, finished or past stage 2)")
+    p.add_argument("--vae-only", action="store_true", help="stop after stage 2 (the VAE is in <out>/vae)")
+    p.add_argument("--unet-steps", type=int, default=4000, help="stage 3 steps (UNet or transformer)")
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--unet-channels", type=int, nargs="+", default=[64, 128])
     p.add_argument("--unet-layers", type=int, default=1)
+    p.add_argument("--dit-layers", type=int, default=6, help="--arch sd3: joint transformer blocks")
+    p.add_argument("--dit-heads", type=int, default=4)
+    p.add_argument("--dit-head-dim", type=int, default=32)
+    p.add_argument("--flow-shift", type=float, default=1.0, help="--arch sd3: the shipped scheduler's shift")
+    p.add_argument("--max-sequence-length", type=int, default=4,
+                   help="--arch sd3: the (zero) T5 tokens the transformer sees; sample with the same model.max_sequence_length")
     p.add_argument("--text-dim", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=16, help="tokenizer window (prompts are truncated to it)")
     p.add_argument("--p-uncond", type=float, default=0.1, help="prompt dropout for classifier-free guidance")
+    p.add_argument("--prompt-swap", type=float, default=0.0, help="prompt-swap probability at sigma 0 (see above)")
+    p.add_argument("--prompt-swap-sigma", type=float, default=2.0, help="sigma where prompt swapping stops")
     p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--dataset-size", type=int, default=50_000, help="items encoded for UNet training")
-    p.add_argument("--decoder-steps", type=int, default=1500, help="stage 3: decoder-only fine-tuning steps")
+    p.add_argument("--dataset-size", type=int, default=50_000, help="items encoded for stage 3")
+    p.add_argument("--decoder-steps", type=int, default=1500, help="stage 2: decoder-only fine-tuning steps")
     p.add_argument("--decoder-lr", type=float, default=5e-4)
-    p.add_argument("--edge-weight", type=float, default=4.0, help="extra loss weight on shape outlines in stage 3")
-    p.add_argument("--finetune-decoder-of", default=None, metavar="FOLDER",
-                   help="only run stage 3 on FOLDER's model (trained with these args) and save to --out; equals "
-                        "the full run's result, for resuming")
-    p.add_argument("--save-every", type=int, default=0, help="also save EMA checkpoints every N UNet steps (to <out>-step<N>)")
+    p.add_argument("--edge-weight", type=float, default=4.0, help="extra loss weight on outlines in stage 2")
+    p.add_argument("--save-every", type=int, default=0, help="also save EMA checkpoints every N stage-3 steps (to <out>-step<N>)")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True, help="quality report at the end")
     args = p.parse_args(argv)
     args.out = str(output_dir(args, p.error))
@@ -260,18 +353,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def output_dir(args: argparse.Namespace, error=None) -> Path:
-    """Where a training run writes: ``--out``, else a fresh ``runs/shapes_train/<timestamp>``. The shipped
+    """Where a training run writes: ``--out``, else a fresh ``runs/<name>_train/<timestamp>``. The shipped
     weights are written over only with ``--overwrite-bundled`` (a typo'd or default ``--out`` never does)."""
+    bundled = (MODELS_DIR / args.name).resolve()
     if args.overwrite_bundled:
-        if args.out and Path(args.out).resolve() != BUNDLED_DIR:
+        if args.out and Path(args.out).resolve() != bundled:
             (error or _fail)("--overwrite-bundled writes to the bundled folder; do not also give --out")
-        return BUNDLED_DIR
+        return MODELS_DIR / args.name
     if args.out is None:
-        return Path("runs") / "shapes_train" / time.strftime("%Y-%m-%d_%H-%M-%S")
+        return Path("runs") / f"{args.name}_train" / time.strftime("%Y-%m-%d_%H-%M-%S")
     out = Path(args.out)
-    if out.resolve() == BUNDLED_DIR:
-        (error or _fail)(f"--out {args.out} is the bundled model; add --overwrite-bundled (and drop --out) to "
-                         "replace the shipped weights")
+    if out.resolve() == bundled or out.resolve().parent == MODELS_DIR.resolve():
+        (error or _fail)(f"--out {args.out} is a bundled model's folder; add --overwrite-bundled (and drop --out) "
+                         "to replace the shipped weights")
     return out
 
 
@@ -279,8 +373,33 @@ def _fail(msg: str):
     raise SystemExit(f"error: {msg}")
 
 
+def _vae_stages(vae, args, out: Path, log):
+    """Stages 1-2, or the VAE of ``--vae-from``; latents' scaling (and shift) in its config; saved to <out>/vae."""
+    from diffusers import AutoencoderKL
+
+    ev = importlib.import_module(args.world.evaluate)
+    if args.vae_from:  # stages 1-2 already run with these args (they are independent of everything after)
+        vae.load_state_dict(AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").state_dict())
+        log(f"vae loaded from {args.vae_from}")
+    else:
+        train_vae(vae, args, log)
+        log(f"vae reconstruction accuracy (fresh items): {ev.vae_accuracy(SimpleNamespace(vae=vae))}")
+        finetune_decoder(vae, args, log)
+        log(f"vae reconstruction accuracy after decoder fine-tuning: {ev.vae_accuracy(SimpleNamespace(vae=vae))}")
+    means, stds, prompts = encode_dataset(vae, args.dataset_size, args)
+    z = means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(args.seed))
+    args.shift_factor = float(z.mean()) if args.arch == "sd3" else 0.0  # SD1.x-style pipelines apply no shift
+    args.scaling_factor = float(1.0 / (z - args.shift_factor).pow(2).mean().sqrt()) if args.arch == "sd3" else float(1.0 / z.std())
+    vae.register_to_config(scaling_factor=args.scaling_factor, shift_factor=args.shift_factor if args.arch == "sd3" else None)
+    log(f"encoded {len(prompts)} items; latent mean {float(z.mean()):.3f} std {float(z.std()):.3f}; scaling_factor "
+        f"{args.scaling_factor:.4f}, shift_factor {args.shift_factor:.4f}")
+    vae.cpu().save_pretrained(out / "vae", safe_serialization=True)
+    return vae.to(args.device), (means, stds), prompts
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    args.world = world(args.world)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(args.seed)
@@ -291,86 +410,55 @@ def main(argv: list[str] | None = None) -> None:
     def log(msg: str) -> None:
         print(f"[{time.time() - start:7.1f}s] {msg}", flush=True)
 
-    log(f"args: {vars(args)}")
-    if args.finetune_decoder_of:
-        return _finetune_only(args, out, log)
-    tokenizer, text_encoder, unet, vae = build_models(args)
-    for m in (text_encoder, unet, vae):
-        m.to(args.device)
-    log(f"params: vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, unet "
-        f"{sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, text {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M")
-    if args.vae_from:  # stage 1 already run with these args (it is independent of everything after it)
-        from diffusers import AutoencoderKL
+    log(f"args: {dict(vars(args), world=args.world.name)}")
+    # every module built first, in one order, from the seed (the random stream is then the VAE stages')
+    vae = build_vae(args).to(args.device)
+    mods = build_denoiser(args, args.world.data.IMAGE_SIZE // 2 ** (len(args.vae_channels) - 1))
+    for m in mods.values():
+        if isinstance(m, torch.nn.Module):
+            m.to(args.device)
+    log("params: " + ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"
+                               for k, m in {**mods, "vae": vae}.items() if isinstance(m, torch.nn.Module)))
+    vae, latents, prompts = _vae_stages(vae, args, out, log)
+    if args.vae_only:
+        return
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-        vae.load_state_dict(AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").state_dict())
-        log(f"vae loaded from {args.vae_from}")
+    from stablefused.models import Components, save_components
+
+    if args.arch == "unet":
+        sched = DDIMScheduler(**schedule(args), clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type="epsilon")
     else:
-        train_vae(vae, args, log)
-    from stablefused.shapes.evaluate import vae_accuracy
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=args.flow_shift)
 
-    log(f"vae reconstruction accuracy (fresh items): {vae_accuracy(type('C', (), {'vae': vae})())}")
-    means, stds, prompts = encode_dataset(vae, args.dataset_size, args.device)
-    scaling = float(1.0 / (means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(args.seed))).std())
-    vae.register_to_config(scaling_factor=scaling)
-    args.scaling_factor = scaling
-    log(f"encoded {len(prompts)} items; scaling_factor {scaling:.4f}")
-    from diffusers import DDIMScheduler
-
-    from stablefused.models import sd_components, save_components
-
-    sched = DDIMScheduler(**schedule(args), clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-
-    def save(unet_, text_, step: int | None = None) -> Path:
+    def save(trained: dict, step: int | None = None) -> Path:
         folder = out if step is None else out.with_name(f"{out.name}-step{step}")
-        comps = sd_components("shapes", tokenizer, copy.deepcopy(text_).cpu(), copy.deepcopy(unet_).cpu(),
-                              copy.deepcopy(vae).cpu(), {**sched.config, "_class_name": type(sched).__name__})
+        modules = {k: copy.deepcopy(m).cpu() if isinstance(m, torch.nn.Module) else m for k, m in trained.items()}
+        comps = Components(args.name, {**modules, "vae": copy.deepcopy(vae).cpu()},
+                           {**sched.config, "_class_name": type(sched).__name__}, torch.device("cpu"), torch.float32,
+                           family_name="sd" if args.arch == "unet" else "sd3")
         save_components(comps, folder)
         if step is not None:
             log(f"checkpoint at step {step}: {folder}")
         return folder
 
-    unet, text_encoder = train_unet(unet, text_encoder, tokenizer, (means, stds), prompts, args, log, save)
-    if args.decoder_steps > 0:
-        save(unet, text_encoder, args.unet_steps)  # before stage 3, to resume from with --finetune-decoder-of
-    finetune_decoder(vae, args, log)
-    log(f"vae reconstruction accuracy after decoder fine-tuning: {vae_accuracy(type('C', (), {'vae': vae})())}")
-    save(unet, text_encoder)
+    trained = train_denoiser(mods, latents, prompts, args, log, save)
+    save(trained)
     _finish(args, out, start, log)
 
 
 def _finish(args, out: Path, start: float, log) -> None:
-    train_info = {k: v for k, v in vars(args).items()
-                  if k not in ("out", "overwrite_bundled", "device", "finetune_decoder_of", "vae_from")}
+    skip = ("out", "overwrite_bundled", "device", "vae_from", "vae_only", "world")
+    train_info = {k: v for k, v in vars(args).items() if k not in skip}
+    train_info["world"] = args.world.name
     train_info["train_seconds"] = round(time.time() - start, 1)
     (out / "training_args.json").write_text(json.dumps(train_info, indent=2) + "\n")
     log(f"saved to {out} ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
     if args.eval:
-        from stablefused.shapes.evaluate import quality_report
-
-        for line in quality_report(str(out)):
+        ev = importlib.import_module(args.world.evaluate)
+        for line in ev.quality_report(str(out)):
             log(line)
-
-
-def _finetune_only(args, out: Path, log) -> None:
-    import shutil
-
-    from diffusers import AutoencoderKL
-
-    from stablefused.shapes.evaluate import vae_accuracy
-
-    src = Path(args.finetune_decoder_of)
-    start = time.time()
-    vae = AutoencoderKL.from_pretrained(src, subfolder="vae").to(args.device)
-    finetune_decoder(vae, args, log)
-    log(f"vae reconstruction accuracy after decoder fine-tuning: {vae_accuracy(type('C', (), {'vae': vae})())}")
-    if out.resolve() != src.resolve():
-        for sub in ("tokenizer", "text_encoder", "unet", "scheduler", "model_index.json"):
-            dst = out / sub
-            if dst.is_dir():
-                shutil.rmtree(dst)
-            (shutil.copytree if (src / sub).is_dir() else shutil.copy)(src / sub, dst)
-    vae.cpu().save_pretrained(out / "vae", safe_serialization=True)
-    _finish(args, out, start, log)
 
 
 if __name__ == "__main__":

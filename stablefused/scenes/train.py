@@ -1,0 +1,32 @@
+"""Train a bundled scene model: ``python -m stablefused.scenes.train scenes|scenes_flow [--out DIR] [...]``.
+
+Presets of the one training script (:mod:`stablefused.shapes.train`, which documents the stages) on the
+compositional scenes (:mod:`stablefused.scenes.data`): ``scenes`` is a UNet with epsilon prediction and a DDIM
+config (an SD 1.x-shaped model), ``scenes_flow`` an SD3-shaped transformer (two CLIP encoders, no T5) with
+flow matching and ``FlowMatchEulerDiscreteScheduler``. Both share the VAE stages (same seed and args give the
+same VAE bytes) and train with prompt swapping at low noise. Further arguments override the preset's.
+"""
+
+from __future__ import annotations
+
+import sys
+
+COMMON = ["--world", "scenes", "--max-tokens", "24", "--vae-steps", "1800", "--decoder-steps", "700", "--prompt-swap", "0.5",
+          "--prompt-swap-sigma", "2.0"]
+PRESETS = {
+    "scenes": ["--name", "scenes", "--arch", "unet", "--unet-batch", "32", "--unet-steps", "4000", *COMMON],
+    "scenes_flow": ["--name", "scenes_flow", "--arch", "sd3", "--unet-steps", "5000", "--unet-lr", "6e-4", *COMMON],
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in PRESETS:
+        raise SystemExit(f"usage: python -m stablefused.scenes.train {{{'|'.join(PRESETS)}}} [training args]")
+    from stablefused.shapes import train
+
+    train.main(PRESETS[argv[0]] + argv[1:])
+
+
+if __name__ == "__main__":
+    main()
