@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -126,3 +126,62 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _source(world: str, seed: int) -> tuple[np.ndarray, str, str, str]:
+    """A one-object source image of ``world``: (image, its colour, its shape, its background)."""
+    rng = np.random.default_rng([4242, seed])
+    colour = list(COLORS)[int(rng.integers(len(COLORS)))]
+    if world == "scenes":
+        from stablefused.scenes import data as sd
+
+        scene = sd.make_scene(seed, category="single")
+        scene.objects[0].color = colour
+        return sd.render(scene), colour, scene.objects[0].shape, scene.background
+    from stablefused.shapes import data as shd
+
+    attrs = shd.random_attrs(rng)
+    attrs["color"] = colour
+    return shd.image_for(attrs, seed), colour, attrs["shape"], attrs["background"]
+
+
+def colour_of(world: str, image: Any) -> str | None:
+    """The main object's colour as the world's analytic judge reads it (None: no object found)."""
+    if world == "scenes":
+        from stablefused.scenes.judge import detect
+
+        objects = detect(image)[1]
+        return max(objects, key=lambda o: o.side).color if objects else None
+    from stablefused.shapes.classify import classify_image
+
+    return classify_image(image)["color"]
+
+
+def img2img_colours(comps, world: str, strengths: Sequence[float], n: int = 20, scale: float = 7.5,
+                    steps: int = 20, first_seed: int = 0) -> dict[float, dict[str, float]]:
+    """Image-to-image of one-object sources with a prompt naming another colour (same shape and background):
+    per strength, the fraction of seeds whose output keeps the source's colour and the fraction that takes the
+    prompt's. A real model keeps the source at low strength and follows the prompt at strength 1."""
+    from PIL import Image
+
+    from stablefused.pipeline import Sampler
+    from stablefused.tasks.img2img import img2img
+
+    sources, colours, prompts, wanted = [], [], [], []
+    names = list(COLORS)
+    for i in range(n):
+        img, colour, shape, bg = _source(world, first_seed + i)
+        other = names[(names.index(colour) + 1 + i % (len(names) - 1)) % len(names)]
+        sources.append(Image.fromarray((img * 255).round().astype(np.uint8)))
+        colours.append(colour)
+        wanted.append(other)
+        prompts.append(f"a {other} {shape} on a {bg} background")
+    sampler = Sampler(comps)
+    out = {}
+    seeds = list(range(first_seed, first_seed + n))
+    for strength in strengths:
+        images = img2img(sampler, sources, prompts, seeds, [scale] * n, strength, steps=steps, progress=False).images
+        got = [colour_of(world, im) for im in images]
+        out[float(strength)] = {"source": float(np.mean([g == c for g, c in zip(got, colours)])),
+                                "prompt": float(np.mean([g == w for g, w in zip(got, wanted)]))}
+    return out

@@ -1,5 +1,6 @@
-"""The shapes training script: a few steps of every stage run end to end, are bit-for-bit reproducible from
-the seed, and resuming (--vae-from, --finetune-decoder-of) gives the same weights as the full run."""
+"""The training script: a few steps of every stage run end to end for each world and denoiser, are bit-for-bit
+reproducible from the seed, and resuming after the VAE stages (--vae-from) gives the same weights as the full
+run; a companion trained with --text-from keeps the main model's text encoder."""
 
 import pytest
 import torch
@@ -25,12 +26,31 @@ def test_training_is_deterministic_and_resumable(tmp_path):
     for run in ("a", "b"):
         train.main(["--out", str(tmp_path / run)] + ARGS)
     _same(tmp_path / "a", tmp_path / "b")
-    # stage 3 alone, on the full run's pre-stage-3 checkpoint, gives the full run's weights
-    train.main(["--out", str(tmp_path / "c"), "--finetune-decoder-of", str(tmp_path / "a-step3")] + ARGS)
-    _same(tmp_path / "a", tmp_path / "c")
-    # stages 2-3 with the stage-1 VAE loaded give the same weights too
-    train.main(["--out", str(tmp_path / "d"), "--vae-from", str(tmp_path / "a-step3")] + ARGS)
+    # the denoiser stage with the finished VAE loaded gives the same weights too
+    train.main(["--out", str(tmp_path / "d"), "--vae-from", str(tmp_path / "a")] + ARGS)
     _same(tmp_path / "a", tmp_path / "d")
+
+
+@pytest.mark.parametrize("preset", ["scenes", "scenes_flow"])
+def test_scene_presets_train_loadable_models(tmp_path, preset):
+    """A few steps of each scene preset (shared VAE stages, then UNet or SD3 transformer) give a folder the
+    family loads and samples; a --text-from companion keeps the text encoders bit for bit."""
+    from safetensors.torch import load_file
+
+    from stablefused.pipeline import Sampler
+    from stablefused.scenes import evaluate, train
+
+    small = ["--threads", "1", "--vae-steps", "2", "--decoder-steps", "1", "--unet-steps", "2", "--dataset-size", "32",
+             "--no-eval", "--vae-channels", "8", "16", "--unet-channels", "32", "32", "--dit-layers", "1"]
+    train.main([preset, "--out", str(tmp_path / "m")] + small)
+    comps = evaluate.load(str(tmp_path / "m"))
+    assert comps.family.name == ("sd" if preset == "scenes" else "sd3")
+    images = Sampler(comps).txt2img(["a red circle left of a blue square"], [0], 3.0, steps=2, progress=False).images
+    assert images.shape == (1, 48, 48, 3)
+    train.main([preset, "--out", str(tmp_path / "weak"), "--vae-from", str(tmp_path / "m"), "--text-from",
+                str(tmp_path / "m")] + small)
+    a, b = load_file(tmp_path / "m/text_encoder/model.safetensors"), load_file(tmp_path / "weak/text_encoder/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_default_output_is_a_new_folder_not_the_shipped_weights(tmp_path, monkeypatch):

@@ -244,7 +244,8 @@ def train_denoiser(mods: dict, latents, prompts, args, log, save=None) -> dict:
     means, stds = latents
     flow = args.arch == "sd3"
     net_key = "transformer" if flow else "unet"
-    trained = [k for k in (net_key, "text_encoder", "text_encoder_2") if mods.get(k) is not None]
+    text_keys = [k for k in ("text_encoder", "text_encoder_2") if mods.get(k) is not None]
+    trained = [net_key] + ([] if args.text_from else text_keys)  # --text-from: the text encoders stay frozen
     alphas = DDPMScheduler(**schedule(args)).alphas_cumprod.to(args.device)
     tok = mods["tokenizer"]
     ids_all = tok(prompts, padding="max_length", max_length=args.max_tokens, truncation=True, return_tensors="pt").input_ids
@@ -324,6 +325,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-from", default=None, metavar="FOLDER",
                    help="skip stages 1-2 and load the VAE of FOLDER (a run with the same args, finished or past stage 2)")
     p.add_argument("--vae-only", action="store_true", help="stop after stage 2 (the VAE is in <out>/vae)")
+    p.add_argument("--text-from", default=None, metavar="FOLDER",
+                   help="load FOLDER's text encoder(s) and keep them frozen: a companion model that takes FOLDER's "
+                        "text conditioning (the weak model of autoguidance); use --vae-from FOLDER too")
     p.add_argument("--unet-steps", type=int, default=4000, help="stage 3 steps (UNet or transformer)")
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=1e-3)
@@ -422,6 +426,15 @@ def main(argv: list[str] | None = None) -> None:
     vae, latents, prompts = _vae_stages(vae, args, out, log)
     if args.vae_only:
         return
+    if args.text_from:
+        import transformers
+
+        for k in ("text_encoder", "text_encoder_2"):
+            if mods.get(k) is not None:
+                loaded = getattr(transformers, type(mods[k]).__name__).from_pretrained(args.text_from, subfolder=k)
+                mods[k].load_state_dict(loaded.state_dict())
+                mods[k].requires_grad_(False).eval()
+        log(f"text encoder(s) loaded from {args.text_from} (frozen)")
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     from stablefused.models import Components, save_components
