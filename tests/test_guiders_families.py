@@ -24,7 +24,7 @@ from stablefused.guidance import Guidance
 from stablefused.models import save_components
 from stablefused.pipeline import Sampler
 from tests.test_family_sd3 import _load as load_sd3
-from tests.test_family_sd3 import diff, pipeline as sd3_pipeline
+from tests.test_family_sd3 import MSL, diff, pipeline as sd3_pipeline  # MSL: the T5 tokens _load sets
 from tests.test_family_sdxl import _save_and_load as save_and_load_sdxl
 
 PROMPTS, SEEDS, NEG = ["a red circle", "a small blue square on black"], [3, 7], ["green", "a small triangle"]
@@ -83,7 +83,6 @@ def test_sdxl_pag_equals_diffusers_sdxl_pag_pipeline(sdxl, sched, scale, pag_sca
 
 # ------------------------------------------------------------------------------------------------- SD3 SLG
 STEPS_3 = 8
-MSL = 24  # T5 tokens, as tests/test_family_sd3.py
 
 
 @pytest.fixture(scope="module")
