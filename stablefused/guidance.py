@@ -241,15 +241,23 @@ class PerturbedGuider(Guider):
     def active(self, info: StepInfo) -> bool:
         return self.scale != 0 and in_window(info, self.start, self.stop, strict_start=True)
 
+    def term_rows(self, w: torch.Tensor) -> torch.Tensor | None:
+        """Rows the perturbation term applies to while :meth:`active`; ``None``: every row."""
+        return None
+
     def needs(self, w, info):
         on = self.active(info)
         everyone = torch.ones_like(w, dtype=torch.bool)
         need_cond = everyone if (on or self.rescale > 0) else w != 0
-        return {COND: need_cond, UNCOND: w != 1, self.name: everyone if on else ~everyone}
+        rows = self.term_rows(w)
+        perturbed_rows = (everyone if rows is None else rows) if on else ~everyone
+        return {COND: need_cond, UNCOND: w != 1, self.name: perturbed_rows}
 
     def combine(self, p, w, info):
         c, u = p[COND], p[UNCOND]
         out = u + per_sample(w, c) * (c - u)
         if self.active(info):
-            out = out + self.scale * (c - p[self.name])
+            guided = out + self.scale * (c - p[self.name])
+            rows = self.term_rows(w)
+            out = guided if rows is None else torch.where(rows.view(-1, *([1] * (c.ndim - 1))), guided, out)
         return rescale(out, c, self.rescale)

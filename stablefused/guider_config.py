@@ -6,7 +6,8 @@ guidance config ``{"rule", "rule_params", "scale"}`` (``scale``: the config's ``
 (``save_pretrained``), where an equivalent exists. Settings with no equivalent are refused in one line
 naming them, never dropped: the CFG window ``start``/``stop`` (use a guidance schedule), diffusers' APG with
 ``use_original_formulation=false`` (its u + w·update differs from the paper's c + (w−1)·update that ``apg``
-computes), and AutoGuidance (its weak model is a layer-skip/dropout hook, ours a second model).
+computes), AutoGuidance (its weak model is a layer-skip/dropout hook, ours a second model), and ``slg``
+with ``window=pipeline`` (StableDiffusion3Pipeline's window count, not the guider class's).
 
 Layer selections: diffusers' ``LayerSkipConfig`` (``fqn`` + block ``indices``) becomes our regular
 expressions (``^<fqn>\\.<i>(\\.|$)``; ``fqn="auto"`` means ``transformer_blocks``); saving maps our selected
@@ -135,6 +136,10 @@ def to_diffusers(rule: str, params: dict, scale: float, network: Any = None, fam
     if rule in ("pag", "seg", "slg"):
         if network is None:
             raise ValueError(f"saving {rule} needs the network its layers select (to write fqn/indices)")
+        if getattr(guider, "window", "guider") != "guider":
+            raise ValueError(f"{rule} with window={guider.window} counts its window (and rows) as "
+                             f"StableDiffusion3Pipeline does, which diffusers' {cls_name} cannot express; "
+                             "use window=guider")
         _, prefix, scale_key, config_key = PERTURBED[cls_name]
         kw = {"guidance_scale": scale, scale_key: guider.scale, "guidance_rescale": guider.rescale,
               f"{prefix}_start": 0.0 if guider.start is None else guider.start,

@@ -96,6 +96,8 @@ def test_settings_without_an_equivalent_are_refused_in_one_line(tmp_path):
         guider_config.load(tmp_path)
     with pytest.raises(ValueError, match="every step"):
         guider_config.save("pag", {}, 5.0, tmp_path, network=build_tiny_random().unet)
+    with pytest.raises(ValueError, match="window=pipeline counts its window"):  # StableDiffusion3Pipeline's count
+        guider_config.save("slg", {"window": "pipeline"}, 5.0, tmp_path, network=build_tiny_random().unet)
 
 
 def test_cli_runs_a_diffusers_guider_config(tmp_path):
