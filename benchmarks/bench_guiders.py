@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from diffusers import StableDiffusionPAGPipeline
 
-from bench_loop import components, model_args, print_ratios, reference_pipeline, timed
+from bench_loop import clock_of, components, model_args, print_ratios, reference_pipeline, timed
 
 from stablefused.guidance import Guidance
 from stablefused.pipeline import Sampler
@@ -63,7 +63,7 @@ def main() -> None:
     t = timed({"ours": ours, "pipe": theirs,
                "window_closed": loop(lambda: pag(start=1.0 - 1e-9, stop=1.0)),
                "cfg": loop(lambda: Guidance.default()),
-               "window_half": loop(lambda: pag(start=0.5, stop=1.0))}, args.repeats)
+               "window_half": loop(lambda: pag(start=0.5, stop=1.0))}, args.repeats, clock_of(args))
     rows = [
         ("PAG 7.5 / 3.0: StableFused txt2img vs StableDiffusionPAGPipeline", t["ours"], t["pipe"], "<= 1.00"),
         (f"PAG whose window stays closed for all {args.steps} steps vs CFG (loop only)", t["window_closed"], t["cfg"], "<= 1.05"),
@@ -71,7 +71,7 @@ def main() -> None:
     ]
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"model {args.model}, {size}x{size}, batch {args.batch}, {args.steps} DDIM steps, {args.dtype}, {dev}, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats}, {args.clock} clock")
     print()
     print_ratios(rows)
 

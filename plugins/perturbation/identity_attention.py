@@ -18,5 +18,26 @@ class IdentityAttention(Perturbation):
     """
 
     def forward(self, module, original, args, kwargs):
+        fast = _identity_fast(module, args, kwargs)
+        if fast is not None:
+            return fast
         with AttentionScoreSkipFunctionMode():
             return original(*args, **kwargs)
+
+
+def _identity_fast(module, args, kwargs):
+    """A plain diffusers self-attention (``Attention`` + ``AttnProcessor2_0``, UNets' ``attn1``) on (B, N, C)
+    tokens: V then the output projection, as ``PAGIdentitySelfAttnProcessor2_0``'s perturbed path — the same
+    values as the score-skipping forward without computing Q and K. None: use that forward."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    x = args[0] if args else kwargs.get("hidden_states")
+    if (type(module) is not Attention or type(module.processor) is not AttnProcessor2_0 or module.is_cross_attention
+            or module.spatial_norm is not None or x is None or x.ndim != 3 or len(args) > 1
+            or any(kwargs.get(k) is not None for k in ("encoder_hidden_states", "attention_mask", "temb"))):
+        return None
+    h = x if module.group_norm is None else module.group_norm(x.transpose(1, 2)).transpose(1, 2)
+    h = module.to_out[1](module.to_out[0](module.to_v(h)))
+    if module.residual_connection:
+        h = h + x
+    return h / module.rescale_output_factor
