@@ -14,8 +14,8 @@ import sys
 COMMON = ["--world", "scenes", "--max-tokens", "24", "--vae-steps", "1800", "--decoder-steps", "700", "--prompt-swap", "0.5",
           "--prompt-swap-sigma", "2.0"]
 PRESETS = {
-    "scenes": ["--name", "scenes", "--arch", "unet", "--unet-batch", "32", "--unet-steps", "5000", *COMMON],
-    "scenes_flow": ["--name", "scenes_flow", "--arch", "sd3", "--unet-steps", "6000", "--unet-lr", "6e-4", *COMMON],
+    "scenes": ["--name", "scenes", "--arch", "unet", "--unet-batch", "32", "--unet-steps", "4500", *COMMON],
+    "scenes_flow": ["--name", "scenes_flow", "--arch", "sd3", "--unet-steps", "5500", "--unet-lr", "6e-4", *COMMON],
 }
 
 
