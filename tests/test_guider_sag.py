@@ -16,7 +16,7 @@ from stablefused.pipeline import Sampler
 from tests.test_guiders_loop import Counting
 from tests.test_scheduler_parity import SD15_SCHEDULER
 
-from conftest import run_loop
+from conftest import compose_cfg, run_loop
 
 PROMPTS = ["a red circle", "a small blue square on black"]
 NEG = ["green", "white background"]
@@ -157,6 +157,18 @@ def test_families_without_a_unet_mid_block_are_refused_in_one_line():
 
     with pytest.raises(ValueError, match="^guidance.rule=sag: defined for model families sd, sdxl only, not video$"):
         sag().bind(Family())
+
+
+def test_the_zoo_with_sag_runs_its_checks_before_loading():
+    """The zoo's grid holds SAG: on the bundled UNet model it validates; on SD3 the grid entry is refused in
+    one line before the model loads (not after the other variants ran)."""
+    from stablefused.config import validate
+    from stablefused.errors import ConfigError
+
+    validate(compose_cfg("experiment=guidance_zoo", "model=shapes"))
+    with pytest.raises(ConfigError, match=r"^guidance.grid\[\d+\]: guidance.rule=sag: defined for model families "
+                                          r"sd, sdxl only, not sd3$"):
+        validate(compose_cfg("experiment=guidance_zoo", "model=tiny_sd3"))
 
 
 def test_bad_blur_settings_are_refused():
