@@ -21,7 +21,13 @@ Prediction names (:data:`COND`, :data:`UNCOND`, :data:`NEGATIVE`, ``perturbed:<n
 * ``negative``: under the negative prompt (perp-neg);
 * ``perturbed:<name>``: under the prompt, through the network with the perturbation the guider holds in
   ``perturbations[<name>]`` (:mod:`stablefused.perturbations`) applied to those rows inside the same batch;
-* ``model2``: under the prompt, through a second (weaker) model (autoguidance), one extra network call.
+* ``model2``: under the prompt, through a second (weaker) model (autoguidance), one extra network call;
+* ``dependent:<name>``: a prediction whose input depends on this step's other predictions (SAG's blurred
+  x̂0, re-noised): after the main call the loop asks ``guider.dependent_input(name, p, maps, w, info)`` for
+  every row's network input and conditioning (prompt or unconditional), and evaluates the rows that need it
+  in one extra network call. A guider with ``attention_layer`` (a module-name pattern, see
+  :mod:`stablefused.attention_maps`) gets in ``maps`` that self-attention layer's map from the main call,
+  by prediction name like ``p``.
 
 ``needs`` lets the loop evaluate only what a row needs at this step, in as few network calls as possible
 (one for everything on the main network). A guider that does not need a prediction for a row promises that
@@ -42,11 +48,17 @@ from stablefused import registry
 from stablefused.hooks import StepInfo
 
 COND, UNCOND, NEGATIVE, MODEL2 = "cond", "uncond", "negative", "model2"
+DEPENDENT = "dependent:"
 
 
 def perturbed(name: str) -> str:
     """The prediction name of the conditional prediction under perturbation ``name``."""
     return f"perturbed:{name}"
+
+
+def dependent(name: str) -> str:
+    """The prediction name of the guider's dependent prediction ``name`` (a second, sequential call)."""
+    return f"{DEPENDENT}{name}"
 
 
 def per_sample(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -103,12 +115,15 @@ class Guider:
     Class attributes a guider may set: ``perturbations`` (instance dict name → perturbation object, for
     ``perturbed:<name>`` predictions), ``uses_negative`` (it reads the negative prompt as :data:`NEGATIVE`,
     so :data:`UNCOND` is the empty prompt), ``schedulers`` (scheduler classes it is defined for;
-    ``None``: any), ``diffusers_class`` (the diffusers guider with the same ``forward``, for
-    :mod:`stablefused.guider_config`)."""
+    ``None``: any), ``families`` (model families it is defined for; ``None``: any), ``attention_layer`` (the
+    self-attention layer whose map ``dependent_input`` reads), ``diffusers_class`` (the diffusers guider with
+    the same ``forward``, for :mod:`stablefused.guider_config`)."""
 
     perturbations: dict = {}
     uses_negative = False
     schedulers: tuple[str, ...] | None = None
+    families: tuple[str, ...] | None = None
+    attention_layer: str | None = None
     diffusers_class: str | None = None
     model2: Any = None  # the second model's family (autoguidance), set by whoever loads it
 
@@ -122,6 +137,13 @@ class Guider:
 
     def combine(self, p: dict[str, torch.Tensor], w: torch.Tensor, info: StepInfo) -> torch.Tensor:
         return self(p[COND], p[UNCOND], w, info)
+
+    def dependent_input(self, name: str, p: dict[str, torch.Tensor], maps: dict[str, torch.Tensor],
+                        w: torch.Tensor, info: StepInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the dependent prediction ``name``: every row's network input (B, ...) and (B,) bool, condition
+        on the prompt (True) or the unconditional prompt (False); ``p``: the main call's predictions,
+        ``maps``: its attention maps by prediction name (with ``attention_layer``, else empty)."""
+        raise NotImplementedError
 
     def reset(self) -> None:
         """Forget per-run state; the base resets the guider's perturbations (e.g. a dropout generator)."""
@@ -179,7 +201,10 @@ class Guidance:
 
     def bind(self, family: Any) -> None:
         """Called once per batch with the model's family: a guider loads what it needs next to it (a second
-        model)."""
+        model). A guider defined for some families only refuses others in one line."""
+        families = getattr(self.rule, "families", None)
+        if families and family.name not in families:
+            raise ValueError(_family_problem(self.rule, family.name))
         if hasattr(self.rule, "bind"):
             self.rule.bind(family)
 
@@ -203,12 +228,25 @@ class Guidance:
     def model2(self) -> Any:
         return getattr(self.rule, "model2", None)
 
+    @property
+    def attention_layer(self) -> str | None:
+        return getattr(self.rule, "attention_layer", None)
 
-def guider_problems(cfg: Any) -> list[str]:
-    """Settings a guider cannot run with, one line each (checked before the model loads): a guider defined
-    only for some schedulers (CFG++) under another one."""
+    def dependent_input(self, name, p, maps, w, info) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rule.dependent_input(name, p, maps, w, info)
+
+
+def _family_problem(cls: Any, family: str) -> str:
+    name = getattr(cls, "plugin_name", type(cls).__name__)
+    return f"guidance.rule={name}: defined for model families {', '.join(cls.families)} only, not {family}"
+
+
+def guider_problems(cfg: Any, rule: str | None = None) -> list[str]:
+    """Settings a guider (``rule``, else ``guidance.rule``) cannot run with, one line each (checked before the
+    model loads): a guider defined only for some schedulers (CFG++) under another one, or only for some model
+    families (SAG) on another (where the family is known before loading)."""
     try:
-        cls = registry.get("guidance_rule", cfg.guidance.get("rule", "cfg"))
+        cls = registry.get("guidance_rule", rule or cfg.guidance.get("rule", "cfg"))
     except Exception:  # an unknown guider is reported by the plugin check
         return []
     allowed, scheduler = getattr(cls, "schedulers", None), cfg.get("scheduler") or {}
@@ -216,6 +254,12 @@ def guider_problems(cfg: Any) -> list[str]:
         return [f"guidance.rule={cls.plugin_name}: defined for the {', '.join(allowed)} only, not "
                 f"scheduler={scheduler.get('name')} ({scheduler.get('cls') or 'the model default'}); use "
                 f"scheduler=ddim or scheduler=euler"]
+    if getattr(cls, "families", None) and cfg.get("model") is not None:
+        from stablefused.families import family_of_model_cfg
+
+        family = family_of_model_cfg(cfg.model)  # None: known only once loaded (bind checks it then)
+        if family is not None and family not in cls.families:
+            return [_family_problem(cls, family)]
     return []
 
 

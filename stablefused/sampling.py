@@ -18,9 +18,10 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from stablefused.attention_maps import self_attention_map
 from stablefused.errors import NonFiniteError
 from stablefused.families import Conditioning
-from stablefused.guidance import COND, MODEL2, NEGATIVE, UNCOND, Guidance
+from stablefused.guidance import COND, DEPENDENT, MODEL2, NEGATIVE, UNCOND, Guidance
 from stablefused.hooks import LoopContext, StepInfo, StepState, x0_coefficients
 from stablefused.perturbations import perturbed_rows
 
@@ -77,6 +78,7 @@ class _Plan:
     take: dict  # prediction name -> per sample: the output row holding it (or the stand-in, see Guider)
     perturbed: dict  # perturbed prediction name -> its rows' positions in the batch
     model2: torch.Tensor | None  # samples needing the second model (None: none)
+    dependent: dict  # dependent prediction name -> samples needing it (the rows of one extra call, in order)
 
 
 ORDER = (UNCOND, COND, NEGATIVE)  # the main batch: [uncond rows, cond rows, negative rows, perturbed rows...]
@@ -118,9 +120,11 @@ class _BatchPlans:
             take[name] = torch.where(has[name], position[name], cond)
         perturbed = {n: position[n][has[n]] for n in names if n.startswith("perturbed:")}
         model2 = needs[MODEL2].nonzero().flatten() if MODEL2 in needs and bool(needs[MODEL2].any()) else None
+        dependent = {n: needs[n].nonzero().flatten() for n in sorted(needs) if n.startswith(DEPENDENT)}
         move = lambda x: None if x is None else x.to(self.device)  # noqa: E731
         return _Plan(move(torch.cat(rows)), move(torch.cat(embeds)), {n: move(v) for n, v in take.items()},
-                     {n: move(v) for n, v in perturbed.items()}, move(model2))
+                     {n: move(v) for n, v in perturbed.items()}, move(model2),
+                     {n: move(v) for n, v in dependent.items()})
 
 
 @dataclass
@@ -147,8 +151,10 @@ class GuidedDenoiser:
     ``[rows needing uncond, rows needing cond, rows needing the negative prompt, rows of each perturbation]``
     (diffusers' ``torch.cat([latents] * 2)`` when every row needs exactly cond and uncond, and
     ``StableDiffusionPAGPipeline``'s ``[uncond, cond, perturbed]`` for PAG), perturbations applied to their rows
-    inside that one call; a second model (autoguidance) makes a second call. Predictions a row did not need
-    are filled with stand-ins (see :mod:`stablefused.guidance`), so guiders always see full tensors."""
+    inside that one call; a second model (autoguidance) makes a second call, and so do dependent predictions
+    (SAG: inputs the guider builds from the main call's predictions and attention map), all of them in one.
+    Predictions a row did not need are filled with stand-ins (see :mod:`stablefused.guidance`), so guiders
+    always see full tensors."""
 
     def __init__(self, family: Any, cond: Conditioning, uncond: Conditioning, base_scales: torch.Tensor,
                  guidance: Guidance, extra_channels: torch.Tensor | None = None, negative: Conditioning | None = None):
@@ -181,7 +187,9 @@ class GuidedDenoiser:
         else:
             x_in = self._with_extra(model_input.index_select(0, plan.rows), plan.rows)
             active = [(self.guidance.perturbations[n.split(":", 1)[1]], idx) for n, idx in plan.perturbed.items()]
-            with perturbed_rows(self.family.network, self.family.name, active):
+            layer = self.guidance.attention_layer if plan.dependent else None
+            with perturbed_rows(self.family.network, self.family.name, active), \
+                    self_attention_map(self.family.network, layer) as seen:
                 out = self.family(x_in, t, self.conds.select(plan.embeds))
             preds = {name: out.index_select(0, take) for name, take in plan.take.items()}
             rows, calls = x_in.shape[0], 1
@@ -190,10 +198,28 @@ class GuidedDenoiser:
                 weak = self.guidance.model2(x2, t, self.cond.select(plan.model2))
                 preds[MODEL2] = preds[COND].index_copy(0, plan.model2, weak.to(preds[COND].dtype))
                 rows, calls = rows + x2.shape[0], 2
+            if plan.dependent:  # SAG: inputs built from the predictions above, one more call
+                maps = {n: seen["map"].index_select(0, take) for n, take in plan.take.items()} if layer else {}
+                rows, calls = rows + self._dependent(plan, preds, maps, t, self.scales.get(w), info), calls + 1
         for name in needs:  # needed by no row at this step: the stand-in (see stablefused.guidance)
             preds.setdefault(name, preds[COND])
         guided = self.guidance.combine(preds, self.scales.get(w), info)
         return Prediction(guided, preds[COND], preds[UNCOND], w, needs[COND], needs[UNCOND], rows, calls, preds, needs)
+
+    def _dependent(self, plan: _Plan, preds: dict, maps: dict, t: torch.Tensor, w: torch.Tensor, info: StepInfo) -> int:
+        """Every dependent prediction's rows in one network call, each row under the conditioning the guider
+        chose (prompt or unconditional); fills ``preds`` (stand-in: cond) and returns the rows evaluated."""
+        batch, xs, embeds = len(w), [], []
+        for name, idx in plan.dependent.items():
+            x, on_cond = self.guidance.dependent_input(name, preds, maps, w, info)
+            xs.append(x.index_select(0, idx))
+            embeds.append(idx + batch * on_cond.to(idx.device, torch.long).index_select(0, idx))
+        rows = torch.cat(list(plan.dependent.values()))
+        x_in = self._with_extra(torch.cat(xs), rows)
+        out = self.family(x_in, t, self.conds.select(torch.cat(embeds))).to(preds[COND].dtype)
+        for (name, idx), part in zip(plan.dependent.items(), out.split([len(i) for i in plan.dependent.values()])):
+            preds[name] = preds[COND].index_copy(0, idx, part)
+        return x_in.shape[0]
 
 
 class _FiniteCheck:

@@ -326,6 +326,10 @@ def test_every_guidance_schedule_and_rule_plugin_on_flux(dev):
             g = Guidance.from_config({"schedule": name} if kind == "guidance_schedule" else {"rule": name})
         except ParamError:  # a guider that needs settings (autoguidance's weak model, a diffusers config file)
             continue
+        if "flux" not in (getattr(g.rule, "families", None) or ["flux"]):  # SAG: UNets only, in one line
+            with pytest.raises(ValueError, match=f"^guidance.rule={name}: defined for model families .* not flux$"):
+                sampler.txt2img(PROMPTS[:1], SEEDS[:1], 3.0, NEG[:1], steps=STEPS, height=H, width=W, guidance=g)
+            continue
         out = sampler.txt2img(PROMPTS[:1], SEEDS[:1], 3.0, NEG[:1], steps=STEPS, height=H, width=W, progress=False,
                               guidance=g)
         assert np.isfinite(out.images).all() and out.latents.shape == (1, 16, H // 2, W // 2)

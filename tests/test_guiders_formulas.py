@@ -238,6 +238,7 @@ def test_guider_needs_skip_only_what_the_output_does_not_depend_on():
             full = {COND: c, UNCOND: u, NEGATIVE: pt}
             full.update({perturbed(k): pt for k in getattr(g, "perturbations", {})})
             needs = Guidance(None, g).needs(ws, st)
+            full.update({k: pt for k in needs if k not in full})  # e.g. SAG's dependent:sag
             want = Guidance(None, g).combine(full, ws, st)
             junk = {k: torch.where(needs.get(k, torch.zeros(2, dtype=torch.bool)).view(-1, 1, 1, 1), v, 1e3 + v)
                     for k, v in full.items()}

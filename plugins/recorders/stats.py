@@ -26,7 +26,8 @@ class Stats(SelectedSteps):
     Guidance telemetry (every guider): ``cos_cond_uncond`` = cos(ε_cond, ε_uncond); ``delta_parallel_norm`` /
     ``delta_orthogonal_norm``: the guidance delta Δ = ε_cond − ε_uncond split against ε_cond as APG splits it
     (‖Δ∥‖, ‖Δ⊥‖); ``extra_delta_norm``: the norm of the guider's third term, ‖ε_cond − ε_perturbed‖ (PAG, SEG,
-    SLG), ‖ε_cond − ε_weak‖ (autoguidance) or ‖ε_negative − ε_uncond‖ (perp-neg), NaN where not evaluated;
+    SLG), ‖ε_cond − ε_weak‖ (autoguidance), ‖ε_negative − ε_uncond‖ (perp-neg) or ‖ε_uncond − ε_degraded‖
+    (SAG; the conditional at w = 1), NaN where not evaluated;
     ``guidance_effect_norm`` = ‖ε_guided − ε_cond‖ (how far guidance moved the prediction);
     ``nfe``: network rows this sample evaluated at this step (2 for CFG, 1 where a pass was skipped, 3 for PAG).
     Values stay on the device until the loop ends (no sync per step). ``log`` sends one W&B chart per statistic
@@ -96,7 +97,7 @@ class Stats(SelectedSteps):
         preds, needs = state.predictions or {}, state.needs or {}
         for name, pred in preds.items():
             if name not in ("cond", "uncond"):
-                base = state.eps_uncond if name == "negative" else state.eps_cond
+                base = state.eps_uncond if name == "negative" or name.startswith("dependent:") else state.eps_cond
                 return base - pred, needs[name].to(pred.device)
         return torch.zeros_like(state.eps_cond), torch.zeros_like(state.has_cond, dtype=torch.bool)
 

@@ -30,7 +30,7 @@ from PIL import Image
 
 from stablefused import registry
 from stablefused.errors import ConfigError
-from stablefused.guidance import Guidance
+from stablefused.guidance import Guidance, guider_problems
 from stablefused.outputs import strict_json
 from stablefused.plots import metric_bars, metric_vs
 from stablefused.runs import Run, log_samples_table, means, prompt_seed_rows, row_label, wrap
@@ -120,9 +120,12 @@ class GuidanceGrid(Task):
 
     def validate(self, cfg: Any, problems: list[str]) -> None:
         try:
-            variants(cfg.guidance)
+            vs = variants(cfg.guidance)
         except ConfigError as e:
             problems.append(str(e))
+            return
+        if cfg.guidance.get("grid"):  # each variant's guider against the model and scheduler (e.g. SAG on SD3)
+            problems += [f"guidance.grid[{i}]: {p}" for i, v in enumerate(vs) for p in guider_problems(cfg, v["rule"])]
 
     def run(self, run: Run) -> None:
         cfg = run.cfg
