@@ -3,6 +3,7 @@ StableDiffusionSAGPipeline on a tiny model loaded from disk with SD 1.5's schedu
 DPM-Solver++, two SAG scales, the branches with and without CFG); the extra rows are counted; scale 0 is
 plain CFG; σ-schedulers see the scaled input; families without a UNet mid block are refused in one line."""
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -159,16 +160,21 @@ def test_families_without_a_unet_mid_block_are_refused_in_one_line():
         sag().bind(Family())
 
 
-def test_the_zoo_with_sag_runs_its_checks_before_loading():
-    """The zoo's grid holds SAG: on the bundled UNet model it validates; on SD3 the grid entry is refused in
-    one line before the model loads (not after the other variants ran)."""
+def test_the_zoo_with_sag_runs_its_checks_before_loading(tmp_path):
+    """The zoo's grid holds SAG and says ``skip_unsupported``: on SD3 SAG sits out with one warning and the other
+    guiders run; a grid without it is refused in one line before the model loads."""
+    from stablefused.api import run
     from stablefused.config import validate
     from stablefused.errors import ConfigError
 
     validate(compose_cfg("experiment=guidance_zoo", "model=shapes"))
+    validate(compose_cfg("experiment=guidance_zoo", "model=tiny_sd3"))
     with pytest.raises(ConfigError, match=r"^guidance.grid\[\d+\]: guidance.rule=sag: defined for model families "
                                           r"sd, sdxl only, not sd3$"):
-        validate(compose_cfg("experiment=guidance_zoo", "model=tiny_sd3"))
+        validate(compose_cfg("experiment=guidance_zoo", "model=tiny_sd3", "guidance.skip_unsupported=false"))
+    result = run("guidance_zoo", "model=tiny_sd3", "guidance.grid=[{rule: cfg},{rule: sag}]", "seeds=[0]",
+                 "guidance_scales=[3.0]", "steps=2", "prompts=[a red circle]", "metrics=[]", run_dir=tmp_path / "zoo")
+    assert [v["variant"] for v in json.loads((tmp_path / "zoo" / "guidance_grid.json").read_text())] == ["cfg"]
 
 
 def test_bad_blur_settings_are_refused():

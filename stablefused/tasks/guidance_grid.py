@@ -124,12 +124,18 @@ class GuidanceGrid(Task):
         except ConfigError as e:
             problems.append(str(e))
             return
-        if cfg.guidance.get("grid"):  # each variant's guider against the model and scheduler (e.g. SAG on SD3)
+        if cfg.guidance.get("grid") and not cfg.guidance.get("skip_unsupported"):
+            # each variant's guider against the model and scheduler (e.g. SAG on SD3)
             problems += [f"guidance.grid[{i}]: {p}" for i, v in enumerate(vs) for p in guider_problems(cfg, v["rule"])]
 
     def run(self, run: Run) -> None:
         cfg = run.cfg
         vs = variants(cfg.guidance)
+        if cfg.guidance.get("skip_unsupported"):  # the zoo: guiders not defined for this model/scheduler sit out
+            for v in vs:
+                for p in guider_problems(cfg, v["rule"]):
+                    log.warning("guidance variant %s skipped: %s", v["label"], p)
+            vs = [v for v in vs if not guider_problems(cfg, v["rule"])]
         rows, scales = prompt_seed_rows(cfg), [float(g) for g in cfg.guidance_scales]
         ncols = len(vs) * len(scales)
         run.total = len(rows) * ncols
