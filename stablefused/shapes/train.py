@@ -273,7 +273,7 @@ def train_denoiser(mods: dict, latents, prompts, args, log, save=None) -> dict:
             t = torch.randint(0, 1000, (b,), generator=g)
             a = alphas[t].cpu()
             sigma = ((1 - a) / a).sqrt()
-        if args.prompt_swap > 0:  # (no draws at 0: the shapes model's random stream stays as it was trained)
+        if args.prompt_swap > 0:  # (no draws at 0: the random stream of a model trained without it)
             swap = torch.rand(b, generator=g) < swap_probability(sigma, args)
             other = torch.randint(0, n, (b,), generator=g)
             ids[swap] = ids_all[other[swap]]
@@ -342,7 +342,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-dim", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=16, help="tokenizer window (prompts are truncated to it)")
     p.add_argument("--p-uncond", type=float, default=0.1, help="prompt dropout for classifier-free guidance")
-    p.add_argument("--prompt-swap", type=float, default=0.0, help="prompt-swap probability at sigma 0 (see above)")
+    p.add_argument("--prompt-swap", type=float, default=0.5, help="prompt-swap probability at sigma 0 (see above)")
     p.add_argument("--prompt-swap-sigma", type=float, default=2.0, help="sigma where prompt swapping stops")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--dataset-size", type=int, default=50_000, help="items encoded for stage 3")
