@@ -91,14 +91,14 @@ def model_args(doc: str, model: str = "shapes", batch: int = 4, repeats: int = 5
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=batch)
     ap.add_argument("--repeats", type=int, default=repeats)
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="cpu: this process's CPU time (robust on a shared machine with one torch thread)")
+    ap.add_argument("--clock", choices=("wall", "process"), default="wall",
+                    help="process: this process's CPU time (robust on a shared machine with one torch thread)")
     return ap
 
 
 def clock_of(args) -> Any:
     """The timer ``--clock`` names."""
-    return time.process_time if args.clock == "cpu" else time.perf_counter
+    return time.process_time if args.clock == "process" else time.perf_counter
 
 
 def reference_pipeline(cls, comps):
