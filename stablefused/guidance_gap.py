@@ -108,20 +108,40 @@ def markdown(curves: dict[str, list[dict[str, float]]]) -> list[str]:
     return lines
 
 
+def img2img_markdown(rates: dict[str, dict[float, dict[str, float]]]) -> list[str]:
+    names = list(rates)
+    lines = ["| strength | " + " | ".join(f"{n}: source colour kept | {n}: prompt colour" for n in names) + " |",
+             "|---" * (1 + 2 * len(names)) + "|"]
+    for st in rates[names[0]]:
+        lines.append(f"| {st:g} | " + " | ".join(f"{rates[n][st]['source']:.2f} | {rates[n][st]['prompt']:.2f}"
+                                                for n in names) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     from stablefused.scenes.evaluate import load
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="+", help="bundled model names (shapes, scenes, scenes_flow) or folders")
     p.add_argument("--images", type=int, default=64)
+    p.add_argument("--img2img", type=int, default=0, metavar="N",
+                   help="also image-to-image with a contradicting colour, N seeds per strength (guidance 7.5, 20 steps)")
+    p.add_argument("--strengths", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0])
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    curves = {}
+    curves, rates = {}, {}
     for m in a.models:
+        comps = load(m)
         imgs, prompts = world_items(world_of(m), a.images)
-        curves[m] = gap_curve(load(m), imgs, prompts)
+        curves[m] = gap_curve(comps, imgs, prompts)
+        if a.img2img:
+            rates[m] = img2img_colours(comps, world_of(m), a.strengths, n=a.img2img)
     for line in markdown(curves):
         print(line)
+    if rates:
+        print()
+        for line in img2img_markdown(rates):
+            print(line)
 
 
 if __name__ == "__main__":
