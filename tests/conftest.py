@@ -52,3 +52,17 @@ def run_loop(sampler, latents, cond, uncond, scales, steps, *, network=None, sta
                       generators=generators)
     loop_kw.setdefault("progress", False)
     return denoise(family, sampler.scheduler, request, **loop_kw)
+
+
+def saved_sd15_style(folder):
+    """A tiny random SD model saved to ``folder`` with SD 1.5's scheduler config and loaded back from disk (the
+    reference pipelines load the same folder)."""
+    from stablefused.models import build_tiny_random, load_components, save_components
+    from tests.test_scheduler_parity import SD15_SCHEDULER
+
+    comps = build_tiny_random(seed=0)
+    comps.scheduler_config = dict(SD15_SCHEDULER)
+    save_components(comps, folder)
+    model = dict(name="sd15_style", builtin=None, bundled=None, hub_id=None, path=str(folder),
+                 allow_pickle=False, prediction_type=None)
+    return load_components(model, "cpu", "float32")

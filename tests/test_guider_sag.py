@@ -12,12 +12,11 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from stablefused import registry
 from stablefused.guidance import Guidance, guider_problems
 from stablefused.hooks import BaseHook
-from stablefused.models import build_tiny_random, load_components, save_components
+from stablefused.models import build_tiny_random
 from stablefused.pipeline import Sampler
 from tests.test_guiders_loop import Counting
-from tests.test_scheduler_parity import SD15_SCHEDULER
 
-from conftest import compose_cfg, run_loop
+from conftest import compose_cfg, run_loop, saved_sd15_style
 
 PROMPTS = ["a red circle", "a small blue square on black"]
 NEG = ["green", "white background"]
@@ -27,15 +26,11 @@ SEEDS, STEPS, H, W = [3, 7], 6, 16, 24
 @pytest.fixture(scope="module")
 def sd15(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd15_sag")
-    comps = build_tiny_random(seed=0)
-    comps.scheduler_config = dict(SD15_SCHEDULER)
-    save_components(comps, folder)
-    model = dict(name="sd15_style", builtin=None, bundled=None, hub_id=None, path=str(folder),
-                 allow_pickle=False, prediction_type=None)
+    comps = saved_sd15_style(folder)
     pipe = StableDiffusionSAGPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.scheduler.config.timestep_spacing == "leading"  # SD 1.5's config came from disk
-    return pipe, load_components(model, "cpu", "float32")
+    return pipe, comps
 
 
 def sag(**params):
@@ -172,7 +167,7 @@ def test_the_zoo_with_sag_runs_its_checks_before_loading(tmp_path):
     with pytest.raises(ConfigError, match=r"^guidance.grid\[\d+\]: guidance.rule=sag: defined for model families "
                                           r"sd, sdxl only, not sd3$"):
         validate(compose_cfg("experiment=guidance_zoo", "model=tiny_sd3", "guidance.skip_unsupported=false"))
-    result = run("guidance_zoo", "model=tiny_sd3", "guidance.grid=[{rule: cfg},{rule: sag}]", "seeds=[0]",
+    run("guidance_zoo", "model=tiny_sd3", "guidance.grid=[{rule: cfg},{rule: sag}]", "seeds=[0]",
                  "guidance_scales=[3.0]", "steps=2", "prompts=[a red circle]", "metrics=[]", run_dir=tmp_path / "zoo")
     assert [v["variant"] for v in json.loads((tmp_path / "zoo" / "guidance_grid.json").read_text())] == ["cfg"]
 

@@ -8,11 +8,10 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPAGPipeline
 
 from stablefused.guidance import Guidance
-from stablefused.models import build_tiny_random, load_components, save_components
+from stablefused.models import build_tiny_random, save_components
 from stablefused.pipeline import Sampler
-from tests.test_scheduler_parity import SD15_SCHEDULER
 
-from conftest import run_loop
+from conftest import run_loop, saved_sd15_style
 
 PROMPTS = ["a red circle", "a small blue square on black"]
 NEG = ["green", "white background"]
@@ -22,12 +21,7 @@ SEEDS, STEPS, H, W = [3, 7], 6, 16, 24
 @pytest.fixture(scope="module")
 def sd15(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd15_pag")
-    comps = build_tiny_random(seed=0)
-    comps.scheduler_config = dict(SD15_SCHEDULER)
-    save_components(comps, folder)
-    model = dict(name="sd15_style", builtin=None, bundled=None, hub_id=None, path=str(folder),
-                 allow_pickle=False, prediction_type=None)
-    return folder, load_components(model, "cpu", "float32")
+    return folder, saved_sd15_style(folder)
 
 
 def pag(**params):
