@@ -109,11 +109,12 @@ class Run:
         todo = self.pending(cells)
         for chunk in batched(todo, int(self.cfg.batch_size)):
             gen = make(chunk)
-            for k in self.stats:
-                self.stats[k] += gen.context.stats[k]
-            compute["unet_rows"] += gen.context.stats["unet_rows"]
-            compute["model_calls"] += gen.context.stats["model_calls"]
-            compute["full_cfg_rows"] += 2 * len(chunk) * len(gen.context.timesteps)
+            for ctx in gen.contexts:  # a base + refiner batch: both loops
+                for k in self.stats:
+                    self.stats[k] += ctx.stats[k]
+                compute["unet_rows"] += ctx.stats["unet_rows"]
+                compute["model_calls"] += ctx.stats["model_calls"]
+                compute["full_cfg_rows"] += 2 * len(chunk) * len(ctx.timesteps)
             compute["images"] += len(chunk)
             self.add_images(gen.images, [record(c) for c in chunk])
             log.info("%d/%d images", len(self.records), self.total)

@@ -238,33 +238,43 @@ def handover_steps(scheduler: Any, fraction: float) -> int:
 def txt2img_refined(base: Any, refiner: Any, prompts: Sequence[str], seeds: Sequence[int],
                     guidance_scales: Sequence[float] | float, negative_prompts: Sequence[str] | str = "", *,
                     steps: int = 20, handover: float = 0.8, height: int | None = None, width: int | None = None,
-                    hooks: Sequence[Any] = (), refiner_hooks: Sequence[Any] = (), **loop_kw: Any) -> Any:
+                    eta: float = 0.0, samples: list[dict] | None = None, hooks: Sequence[Any] = (),
+                    refiner_hooks: Sequence[Any] = (), **loop_kw: Any) -> Any:
     """SDXL base + refiner as an ensemble of expert denoisers: the base (a :class:`Sampler`) denoises the first
     ``handover`` of the schedule (``denoising_end``), the refiner (another Sampler) the rest from the base's
     latents (``denoising_start``, no new noise), as ``StableDiffusionXLPipeline(..., denoising_end=f,
     output_type="latent")`` followed by ``StableDiffusionXLImg2ImgPipeline(image=latents, denoising_start=f)``.
-    Each image's generator carries on from the base into the refiner. Both use ``steps``. Returns the
-    refiner's :class:`~stablefused.pipeline.Generation` (its context counts the refiner's steps)."""
+    Each image's generator carries on from the base into the refiner. Both use ``steps``; the guidance
+    (``loop_kw``) runs in both loops, each counting its own steps. Returns the refiner's
+    :class:`~stablefused.pipeline.Generation`: its ``context`` counts the refiner's steps, its
+    ``base_context`` the base's."""
+    from stablefused.errors import ConfigError
     from stablefused.sampling import Request, denoise
 
     n = len(prompts)
     negative_prompts = [negative_prompts] * n if isinstance(negative_prompts, str) else list(negative_prompts)
     scales = [float(guidance_scales)] * n if isinstance(guidance_scales, (int, float)) else list(guidance_scales)
     height, width = height or base.family.default_size, width or base.family.default_size
-    cond, uncond = base.encode(prompts), base.encode(negative_prompts, negative=True)
+    guidance = loop_kw.get("guidance")
+    cond, uncond, negative = base.conditions(prompts, negative_prompts, guidance)
     latents, generators = base.initial_latents(seeds, height, width, steps=steps)
+    if problem := base.family.input_problem(latents, None):
+        raise ConfigError(f"model={base.c.name}: {problem}")
     end = handover_steps(base.scheduler, handover)
-    latents, _ = denoise(base.family, base.scheduler, Request(latents, cond, uncond, scales, steps,
-                                                              generators=generators, end_step=end),
-                         hooks=hooks, **loop_kw)  # latents, not decoded (the pipeline's output_type="latent")
-    cond, uncond = refiner.encode(prompts), refiner.encode(negative_prompts, negative=True)
+    latents, base_context = denoise(
+        base.family, base.scheduler, Request(latents, cond, uncond, scales, steps, generators=generators,
+                                             end_step=end, samples=samples, eta=eta, negative=negative),
+        hooks=hooks, **loop_kw)  # latents, not decoded (the pipeline's output_type="latent")
+    cond, uncond, negative = refiner.conditions(prompts, negative_prompts, guidance)
     refiner.prepare(steps, seeds, start_step=end, height=height, width=width)
     if handover_steps(refiner.scheduler, handover) != end:
         raise ValueError("refiner handover: the base and the refiner schedulers split the schedule differently; "
                          "give both the same scheduler")
     latents = refiner.family.from_spatial(base.family.to_spatial(latents))
-    return refiner.sample(Request(latents, cond, uncond, scales, steps, start_step=end, generators=generators),
-                          hooks=refiner_hooks, **loop_kw)
+    gen = refiner.sample(Request(latents, cond, uncond, scales, steps, start_step=end, generators=generators,
+                                 samples=samples, eta=eta, negative=negative), hooks=refiner_hooks, **loop_kw)
+    gen.base_context = base_context
+    return gen
 
 
 # ---------------------------------------------------------------------------------------------- tiny models
