@@ -39,6 +39,10 @@ class Autoguidance(Guider):
                 return [f"weak_model={weak}: {str(e).split(': ', 1)[1]}"]
         return []
 
+    @classmethod
+    def second_model(cls, params):
+        return params.get("weak_model")
+
     def __init__(self, weak_model: str | None = None, perturbation: str | None = None,
                  perturbation_params: dict | None = None, rescale: float = 0.0):
         if (weak_model is None) == (perturbation is None):

@@ -126,16 +126,17 @@ class GuidanceGrid(Task):
             return
         if cfg.guidance.get("grid") and not cfg.guidance.get("skip_unsupported"):
             # each variant's guider against the model and scheduler (e.g. SAG on SD3)
-            problems += [f"guidance.grid[{i}]: {p}" for i, v in enumerate(vs) for p in guider_problems(cfg, v["rule"])]
+            problems += [f"guidance.grid[{i}]: {p}" for i, v in enumerate(vs)
+                         for p in guider_problems(cfg, v["rule"], v["rule_params"])]
 
     def run(self, run: Run) -> None:
         cfg = run.cfg
         vs = variants(cfg.guidance)
         if cfg.guidance.get("skip_unsupported"):  # the zoo: guiders not defined for this model/scheduler sit out
             for v in vs:
-                for p in guider_problems(cfg, v["rule"]):
+                for p in guider_problems(cfg, v["rule"], v["rule_params"]):
                     log.warning("guidance variant %s skipped: %s", v["label"], p)
-            vs = [v for v in vs if not guider_problems(cfg, v["rule"])]
+            vs = [v for v in vs if not guider_problems(cfg, v["rule"], v["rule_params"])]
         rows, scales = prompt_seed_rows(cfg), [float(g) for g in cfg.guidance_scales]
         ncols = len(vs) * len(scales)
         run.total = len(rows) * ncols
