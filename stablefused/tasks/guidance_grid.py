@@ -114,6 +114,8 @@ def _labels(vs: list[dict]) -> None:
 class GuidanceGrid(Task):
     """The same prompts and seeds under several guidance variants (schedule + rule), side by side."""
 
+    refiner = True  # its batches are txt2img's
+
     def image_count(self, cfg: Any) -> int | None:
         n, grid = grid_image_count(cfg), cfg.guidance.get("grid")
         return n and n * (len(grid) if isinstance(grid, (list, ListConfig)) and grid else 1)
