@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from stablefused import signals
 from stablefused.config import ConfigError, literal_overrides, renamed, validate
 from stablefused.errors import USER_ERRORS, PluginError
+from stablefused.families.sdxl import REFINER_KEYS, load_refiner
 from stablefused.guidance import Guidance
 from stablefused.logger import make_logger, resolve_mode
 from stablefused.models import load_components
@@ -64,20 +65,22 @@ def _start(cfg: DictConfig, run_dir: Path, group: str | None, given: dict[str, A
             if unsupported:
                 raise ConfigError("\n".join(unsupported))
             scheduler = components.make_scheduler(cfg.scheduler.get("cls"), **(cfg.scheduler.get("overrides") or {}))
+            refiner = load_refiner(cfg, components, scheduler)  # model.refiner (SDXL), after the base: None unset
             logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir,
                                  name=f"{cfg.name}/{run_dir.name}", group=group, job_type=cfg.name)
         except signals.Interrupted as e:
             log.error("interrupted (%s) while starting (checks, model load), before any new image; run dir %s",
                       e, run_dir)
             raise
-        return _run(cfg, run_dir, task, done, plugins, guidance, components, scheduler, logger, start)
+        return _run(cfg, run_dir, task, done, plugins, guidance, components, scheduler, logger, start, refiner)
 
 
 def _run(cfg: DictConfig, run_dir: Path, task: Any, done: dict, plugins: dict, guidance: Guidance, components: Any,
-         scheduler: Any, logger: Any, start: float) -> Run:
+         scheduler: Any, logger: Any, start: float, refiner: Any = None) -> Run:
     r = Run(
         cfg=cfg, run_dir=run_dir, components=components, sampler=Sampler(components, scheduler),
-        guidance=guidance, logger=logger, manifest=Manifest(run_dir / "manifest.jsonl"), done=done, **plugins,
+        guidance=guidance, logger=logger, manifest=Manifest(run_dir / "manifest.jsonl"), done=done, refiner=refiner,
+        **plugins,
     )
     ok = False
     try:
@@ -263,13 +266,14 @@ def override_problems(args: list[str]) -> list[str]:
 def model_key_overrides(args: list[str]) -> list[str]:
     """``model.<key>=v`` for a key every model may have (config.MODEL_KEYS) that the selected model's file does
     not list: added (``++``), as Hydra would only say "Could not override" with "+key" advice; the value is
-    then checked like any other (model.seed=abc: must be an integer)."""
+    then checked like any other (model.seed=abc: must be an integer). ``model.refiner`` too: on a model that is
+    not SDXL its check says so in one line."""
     from stablefused.config import MODEL_KEYS
 
     out = []
     for arg in args:
         key = arg.split("=", 1)[0]
-        if "=" in arg and key.startswith("model.") and key.count(".") == 1 and key[6:] in MODEL_KEYS:
+        if "=" in arg and key.startswith("model.") and key.count(".") == 1 and key[6:] in MODEL_KEYS | set(REFINER_KEYS):
             arg = "++" + arg
         out.append(arg)
     return out

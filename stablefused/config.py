@@ -532,9 +532,13 @@ _A = {str: "a string", bool: "true or false", int: "an integer"}
 def _check_family(cfg: DictConfig, problems: list[str]) -> None:
     """The model-level GPU settings, and what the model's family cannot do (``Family.unsupported``, e.g.
     attention maps on Flux) where the family is known before loading (``model.family``, a built-in, or the
-    model_index.json of a local folder or cached hub model)."""
+    model_index.json of a local folder or cached hub model); an SDXL refiner (``model.refiner``) and what it
+    needs (an SDXL model, a task and scheduler that hand over, its own files)."""
     from stablefused.families import family_class, family_names, family_of_model_cfg
+    from stablefused.families.sdxl import refiner_problems
     from stablefused.models import OFFLOAD_MODES
+
+    problems += refiner_problems(cfg)
 
     if cfg.model.get("gpu_dtype") not in (None, "float32", "float16", "bfloat16"):
         problems.append(f"model.gpu_dtype={cfg.model.get('gpu_dtype')!r}: must be null, float32, float16 or bfloat16 "

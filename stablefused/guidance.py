@@ -127,6 +127,13 @@ class Guider:
     diffusers_class: str | None = None
     model2: Any = None  # the second model's family (autoguidance), set by whoever loads it
 
+    @classmethod
+    def second_model(cls, params: dict) -> str | None:
+        """The second model these parameters make the guider load next to the run's model (autoguidance's
+        ``weak_model``), or None: checked before loading where a run has two models of its own (an SDXL
+        refiner, whose conditioning such a second model does not take)."""
+        return None
+
     def passes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         both = torch.ones_like(w, dtype=torch.bool)
         return both, both
@@ -241,10 +248,12 @@ def _family_problem(cls: Any, family: str) -> str:
     return f"guidance.rule={name}: defined for model families {', '.join(cls.families)} only, not {family}"
 
 
-def guider_problems(cfg: Any, rule: str | None = None) -> list[str]:
-    """Settings a guider (``rule``, else ``guidance.rule``) cannot run with, one line each (checked before the
-    model loads): a guider defined only for some schedulers (CFG++) under another one, or only for some model
-    families (SAG) on another (where the family is known before loading)."""
+def guider_problems(cfg: Any, rule: str | None = None, params: Any = None) -> list[str]:
+    """Settings a guider (``rule`` with ``params``, else ``guidance.rule`` with ``guidance.rule_params``) cannot
+    run with, one line each (checked before the model loads): a guider defined only for some schedulers
+    (CFG++) under another one, or only for some model families (SAG) on another (where the family is known
+    before loading), or one that loads a second model (autoguidance's weak model) in a run that has an SDXL
+    refiner (``model.refiner``: the second model takes the base's conditioning, not the refiner's)."""
     try:
         cls = registry.get("guidance_rule", rule or cfg.guidance.get("rule", "cfg"))
     except Exception:  # an unknown guider is reported by the plugin check
@@ -260,6 +269,18 @@ def guider_problems(cfg: Any, rule: str | None = None) -> list[str]:
         family = family_of_model_cfg(cfg.model)  # None: known only once loaded (bind checks it then)
         if family is not None and family not in cls.families:
             return [_family_problem(cls, family)]
+    refiner = cfg.get("model").get("refiner") if cfg.get("model") is not None else None
+    if refiner and hasattr(cls, "second_model"):
+        from omegaconf import OmegaConf
+
+        if rule is None:
+            params = cfg.guidance.get("rule_params")
+        if OmegaConf.is_config(params):
+            params = OmegaConf.to_container(params, resolve=True)
+        second = cls.second_model(dict(params or {})) if isinstance(params, (dict, type(None))) else None
+        if second:
+            return [f"guidance.rule={cls.plugin_name}: its second model ({second}) takes the base model's conditioning, "
+                    f"not the refiner's; drop model.refiner={refiner} or guide without a second model"]
     return []
 
 

@@ -416,6 +416,26 @@ def hub_reachable(endpoint: str, timeout: float = HUB_TIMEOUT_S) -> bool:
     return True
 
 
+def named_model_config(name: str, where: str) -> dict:
+    """The model config a setting names by one word (``model.refiner``, ``autoguidance.weak_model``):
+    ``conf/model/<name>.yaml``, a builtin model, or a model folder. ``where`` names the setting in the
+    ValueError for a name that is none of these."""
+    from omegaconf import OmegaConf
+
+    from stablefused.paths import config_dir
+
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{where}={name!r}: must name a conf/model config, builtin model or model folder")
+    path = config_dir() / "model" / f"{name}.yaml"
+    if path.is_file():
+        return dict(OmegaConf.to_container(OmegaConf.load(path)))
+    if name in builtin_models():
+        return {"name": name, "builtin": name}
+    if Path(name).expanduser().is_dir():
+        return {"name": Path(name).name, "path": str(Path(name).expanduser())}
+    raise ValueError(f"{where}={name!r}: not a conf/model config, builtin model or model folder")
+
+
 def builtin_models() -> dict[str, Any]:
     """Models built in code with random weights (tests and plumbing): name → ``builder(seed=0)``. Each
     family file may add its tiny model (``BUILTIN_MODELS["tiny_sdxl"] = build_tiny``)."""

@@ -44,6 +44,14 @@ class Generation:
     images: np.ndarray  # (B, H, W, 3) float32 in [0, 1]; video: (B, F, H, W, 3)
     latents: torch.Tensor  # final latents, spatial (B, C, H, W) whatever the family's scheduler layout
     context: LoopContext
+    # the base model's loop when another model finished the images (SDXL base + refiner); ``context`` is then
+    # the refiner's, and a run's compute counts both
+    base_context: LoopContext | None = None
+
+    @property
+    def contexts(self) -> list[LoopContext]:
+        """Every loop that made these images, in order (the base's, then the refiner's; usually one)."""
+        return [c for c in (self.base_context, self.context) if c is not None]
 
 
 class Sampler:

@@ -63,6 +63,7 @@ class Run:
     # False: images are written and scored but neither kept in ``images`` nor logged one by one to W&B (long
     # walks: memory stays flat; the task logs its video instead)
     keep_images: bool = True
+    refiner: Any = None  # model.refiner loaded (stablefused.families.sdxl.Refiner): txt2img batches hand over to it
 
     def __post_init__(self) -> None:
         from stablefused.records import restore_parts
@@ -109,11 +110,12 @@ class Run:
         todo = self.pending(cells)
         for chunk in batched(todo, int(self.cfg.batch_size)):
             gen = make(chunk)
-            for k in self.stats:
-                self.stats[k] += gen.context.stats[k]
-            compute["unet_rows"] += gen.context.stats["unet_rows"]
-            compute["model_calls"] += gen.context.stats["model_calls"]
-            compute["full_cfg_rows"] += 2 * len(chunk) * len(gen.context.timesteps)
+            for ctx in gen.contexts:  # a base + refiner batch: both loops
+                for k in self.stats:
+                    self.stats[k] += ctx.stats[k]
+                compute["unet_rows"] += ctx.stats["unet_rows"]
+                compute["model_calls"] += ctx.stats["model_calls"]
+                compute["full_cfg_rows"] += 2 * len(chunk) * len(ctx.timesteps)
             compute["images"] += len(chunk)
             self.add_images(gen.images, [record(c) for c in chunk])
             log.info("%d/%d images", len(self.records), self.total)
@@ -207,6 +209,17 @@ def fingerprint(cfg: DictConfig, task: Any = None) -> dict:
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     fp = {k: v for k, v in plain.items() if k not in NOT_OUTPUT}
+    model = fp.get("model") if isinstance(fp.get("model"), dict) else {}
+    refiner = model.get("refiner")
+    if isinstance(refiner, str) and refiner:  # the refiner's own config (its source), not only its name
+        from stablefused.models import named_model_config
+
+        try:
+            fp["refiner_model"] = named_model_config(refiner, "model.refiner")
+        except ValueError:  # validation names it
+            pass
+    elif refiner is None and "model" in fp:  # no refiner: its settings change nothing (and runs made before they existed match)
+        fp["model"] = {k: v for k, v in model.items() if k not in ("refiner", "refiner_handover")}
     inputs = input_digests(cfg, task) if task is not None else {}
     if inputs:
         fp["inputs"] = inputs
@@ -577,6 +590,8 @@ def image_record(run: Run, cell: dict) -> dict:
         "model": cfg.model.name, "height": height, "width": width,
         "guidance_schedule": cfg.guidance.schedule, "guidance_rule": cfg.guidance.rule,
     }
+    if run.refiner is not None:  # base + refiner: which refiner, where it took over
+        rec.update(run.refiner.record())
     rec.update(cell)
     return rec
 

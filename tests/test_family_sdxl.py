@@ -382,3 +382,167 @@ def test_vae_latents_mean_std_parity(tmp_path):
     ours = img2img(Sampler(comps, EulerDiscreteScheduler.from_config(comps.scheduler_config)), _sources(), PROMPTS,
                    SEEDS, [7.5, 7.5], 0.6, "", steps=STEPS, progress=False).images
     assert np.abs(ours - ref).max() <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------- the refiner by config
+REFINED_RUN = ("model=tiny_sdxl", "model.refiner=tiny_sdxl_refiner", "steps=4", "seeds=[1,2]",
+               "prompts=[a red circle,a blue square on black]", "guidance_scales=[1,5]", "negative_prompt=green")
+
+
+def _spy_refined(monkeypatch):
+    """Every Generation txt2img_refined returns inside a run (the float images before they become PNGs)."""
+    import stablefused.families.sdxl as sdxl_module
+
+    seen, real = [], sdxl_module.txt2img_refined
+
+    def spy(*args, **kw):
+        seen.append(real(*args, **kw))
+        return seen[-1]
+
+    monkeypatch.setattr(sdxl_module, "txt2img_refined", spy)
+    return seen
+
+
+def _pngs(run_dir):
+    recs = sorted((m for m in _manifest(run_dir) if m["type"] == "image"), key=lambda m: m["index"])
+    return np.stack([np.asarray(Image.open(run_dir / m["path"]).convert("RGB")) for m in recs]), recs
+
+
+def test_refiner_from_config_equals_txt2img_refined(tmp_path, monkeypatch):
+    """model.refiner + model.refiner_handover on the command line: the same images as txt2img_refined called
+    directly with the same components, seeds and handover (bit for bit, floats and PNGs); the refiner is
+    loaded once per process; records and run.json say which refiner and where it took over; another handover
+    makes other images and is another run for resume."""
+    from stablefused.errors import ConfigError
+    from stablefused.families.sdxl import txt2img_refined
+    from stablefused.outputs import to_uint8
+    from stablefused.runs import fingerprint, open_run_dir
+    from stablefused.tasks import get_task
+
+    seen = _spy_refined(monkeypatch)
+    cfg = compose_cfg(*REFINED_RUN, "model.refiner_handover=0.5")
+    r = run(cfg, tmp_path / "a")
+    pngs, recs = _pngs(tmp_path / "a")
+    assert len(seen) == 1 and len(recs) == 8  # 4 prompt/seed rows x 2 scales, one batch
+
+    base = load_components(cfg.model, "cpu", "float32")
+    refiner = load_components({"name": "tiny_sdxl_refiner", "builtin": "tiny_sdxl_refiner"}, "cpu", "float32")
+    assert r.refiner.sampler.c.unet is refiner.unet and r.sampler.c.unet is base.unet  # the process's cache
+    prompts, seeds, scales = [x["prompt"] for x in recs], [x["seed"] for x in recs], [x["guidance_scale"] for x in recs]
+    direct = txt2img_refined(Sampler(base), Sampler(refiner), prompts, seeds, scales, "green", steps=4, handover=0.5,
+                             height=16, width=16, progress=False)
+    assert float(np.abs(seen[0].images - direct.images).max()) == 0.0
+    assert np.array_equal(pngs, to_uint8(direct.images))
+    assert recs[0]["refiner"] == "tiny_sdxl_refiner" and recs[0]["refiner_handover"] == 0.5
+    assert recs[0]["refiner_start_step"] == 2  # leading spacing, 4 steps: 751 501 | 251 1
+    # compute: both loops (base 2 steps + refiner 2 steps), scale 1 one row, scale 5 two
+    assert r.stats == {"model_calls": 4, "unet_rows": 4 * (4 * 1 + 4 * 2)}
+    fp = json.loads((tmp_path / "a" / "run.json").read_text())["config"]
+    assert fp["model"]["refiner"] == "tiny_sdxl_refiner" and fp["model"]["refiner_handover"] == 0.5
+    assert fp["refiner_model"] == {"name": "tiny_sdxl_refiner", "builtin": "tiny_sdxl_refiner"}
+
+    # the default handover 0.8: the base runs 3 of 4 steps; other images, same cached refiner
+    r2 = run(compose_cfg(*REFINED_RUN), tmp_path / "b")
+    assert r2.refiner.sampler.c.unet is refiner.unet and r2.refiner.start_step == 3
+    assert float(np.abs(seen[1].images - seen[0].images).max()) > 1e-3
+    with pytest.raises(ConfigError, match=r"model.refiner_handover: 0.5 -> 0.8"):  # not taken for the 0.5 run
+        open_run_dir(compose_cfg(*REFINED_RUN), tmp_path / "a", get_task("txt2img"))
+    # without a refiner the handover changes nothing, and is no part of the run's identity
+    assert fingerprint(compose_cfg("model=tiny_sdxl")) == fingerprint(compose_cfg("model=tiny_sdxl",
+                                                                                  "model.refiner_handover=0.5"))
+
+
+def test_refiner_from_config_matches_diffusers_base_then_refiner(models, tmp_path, monkeypatch):
+    """model.path + model.refiner=<folder> against StableDiffusionXLPipeline(denoising_end) followed by
+    StableDiffusionXLImg2ImgPipeline(denoising_start), as test_refiner_handover_parity runs them."""
+    seen = _spy_refined(monkeypatch)
+    base, refiner, handover, steps = models["base"], models["refiner"], 0.6, STEPS + 3
+    run(compose_cfg("model=tiny_sdxl", "model.builtin=null", f"model.path={base.source}",
+                    f"model.refiner={refiner.source}", f"model.refiner_handover={handover}", f"steps={steps}",
+                    "prompts=[a red circle,a blue square on black]", "seeds=[3,4]", "combine=zip",
+                    "guidance_scales=[7.5]", f"height={H}", f"width={W}"), tmp_path)
+    gens = _gens()
+    latents = _pipe(StableDiffusionXLPipeline, base, EulerDiscreteScheduler.from_config(base.scheduler_config))(
+        PROMPTS, num_inference_steps=steps, guidance_scale=7.5, height=H, width=W, generator=gens,
+        denoising_end=handover, output_type="latent").images
+    ref = _pipe(StableDiffusionXLImg2ImgPipeline, refiner, EulerDiscreteScheduler.from_config(refiner.scheduler_config))(
+        PROMPTS, image=latents, num_inference_steps=steps, guidance_scale=7.5, generator=gens,
+        denoising_start=handover, output_type="np").images
+    assert float(np.abs(seen[0].images - ref).max()) <= 1e-5
+
+
+def test_refiner_on_guidance_grid(tmp_path):
+    """guidance_grid shares txt2img's batches: every variant through base + refiner."""
+    r = run(compose_cfg(*REFINED_RUN, "task=guidance_grid", "guidance=rules", "seeds=[1]",
+                        "prompts=[a red circle]", "guidance_scales=[5]"), tmp_path)
+    recs = _images_decode(tmp_path, 5)
+    assert {m["refiner"] for m in recs} == {"tiny_sdxl_refiner"} and r.stats["model_calls"] == 5 * 4
+
+
+def _refiner_lines(*overrides):
+    from stablefused.config import validate
+    from stablefused.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(*overrides))
+    return str(e.value).splitlines()
+
+
+def test_refiner_settings_are_checked_before_loading_one_line_each():
+    assert _refiner_lines("+model.refiner=tiny_sdxl_refiner", "+model.refiner_handover=1.5") == [
+        "model.refiner_handover=1.5: must be a number in (0, 1), the fraction of the schedule the base model runs "
+        "before the refiner (diffusers' denoising_end), e.g. 0.8",
+        "model.refiner=tiny_sdxl_refiner: a refiner finishes an SDXL base model's images; model tiny_random is not "
+        "SDXL (family sd); drop model.refiner"]
+    lines = _refiner_lines("model=tiny_sdxl", "model.refiner=tiny_sdxl_refiner", "model.refiner_handover=0",
+                           "scheduler=heun", "task=img2img", "init_image=shapes:red circle", "recorders=[x0]")
+    assert [x for x in lines if x.startswith("model.refiner")] == [
+        "model.refiner_handover=0: must be a number in (0, 1), the fraction of the schedule the base model runs "
+        "before the refiner (diffusers' denoising_end), e.g. 0.8",
+        "model.refiner=tiny_sdxl_refiner: task=img2img does not hand over to a refiner; guidance_grid and txt2img do "
+        "(drop model.refiner)",
+        "model.refiner=tiny_sdxl_refiner: scheduler=heun (HeunDiscreteScheduler) is a second-order scheduler; the "
+        "handover splits a first-order schedule: use a first-order one (euler, dpm_multistep, ddim, ...)",
+        "model.refiner=tiny_sdxl_refiner: recorders (x0) record one model's loop and a run with a refiner has two; "
+        "drop the recorders or model.refiner"]
+    assert _refiner_lines("model=tiny_sdxl", "model.refiner=nosuch") == [
+        "model.refiner='nosuch': not a conf/model config, builtin model or model folder; e.g. model.refiner=sdxl_refiner"]
+    assert _refiner_lines("model=tiny_sdxl", "model.refiner=tiny_random", "model.refiner_handover=true") == [
+        "model.refiner_handover=True: must be a number in (0, 1), the fraction of the schedule the base model runs "
+        "before the refiner (diffusers' denoising_end), e.g. 0.8",
+        "model.refiner=tiny_random: not an SDXL model (family sd); the refiner takes the base's latents: an SDXL "
+        "refiner, e.g. model.refiner=sdxl_refiner"]
+    assert _refiner_lines("model=tiny_sdxl", "model.refiner=sdxl_refiner") == [
+        "model.refiner=sdxl_refiner: stabilityai/stable-diffusion-xl-refiner-1.0 is not downloaded and the hub is "
+        "offline (HF_HUB_OFFLINE is set); run `hf download stabilityai/stable-diffusion-xl-refiner-1.0` with "
+        "network, or set model.refiner=<local SDXL refiner folder>"]
+    assert _refiner_lines("model=tiny_sdxl", "model.refiner=tiny_sdxl_refiner", "guidance.rule=autoguidance",
+                          "+guidance.rule_params.weak_model=tiny_sdxl") == [
+        "guidance.rule=autoguidance: its second model (tiny_sdxl) takes the base model's conditioning, not the "
+        "refiner's; drop model.refiner=tiny_sdxl_refiner or guide without a second model"]
+
+
+def test_refiner_checks_that_need_the_loaded_base():
+    """A hub model's family and the model's own scheduler class are known only once it is loaded: checked then,
+    before the refiner loads, every line at once."""
+    from stablefused.errors import ConfigError
+    from stablefused.families.sdxl import load_refiner
+
+    cfg = compose_cfg("+model.refiner=tiny_sdxl_refiner")
+    base = load_components(cfg.model, "cpu", "float32")
+    with pytest.raises(ConfigError) as e:
+        load_refiner(cfg, base, base.make_scheduler("KDPM2DiscreteScheduler"))
+    assert str(e.value).splitlines() == [
+        "model.refiner=tiny_sdxl_refiner: a refiner finishes an SDXL base model's images; model tiny_random is not "
+        "SDXL (family sd); drop model.refiner",
+        "model.refiner=tiny_sdxl_refiner: KDPM2DiscreteScheduler is a second-order scheduler; the handover splits a "
+        "first-order schedule: use a first-order one (euler, dpm_multistep, ddim, ...)"]
+
+
+def test_refiner_override_reaches_the_check_on_any_model():
+    """On the command line model.refiner is accepted on any model's config (++), so a non-SDXL model gets the
+    refiner's own line instead of Hydra's "Could not override"."""
+    from stablefused.app import model_key_overrides
+
+    assert model_key_overrides(["model.refiner=sdxl_refiner", "model.refiner_handover=0.7", "steps=3"]) == [
+        "++model.refiner=sdxl_refiner", "++model.refiner_handover=0.7", "steps=3"]

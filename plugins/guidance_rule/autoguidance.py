@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import torch
 
 from stablefused import registry
@@ -40,6 +38,10 @@ class Autoguidance(Guider):
             except ValueError as e:
                 return [f"weak_model={weak}: {str(e).split(': ', 1)[1]}"]
         return []
+
+    @classmethod
+    def second_model(cls, params):
+        return params.get("weak_model")
 
     def __init__(self, weak_model: str | None = None, perturbation: str | None = None,
                  perturbation_params: dict | None = None, rescale: float = 0.0):
@@ -82,16 +84,6 @@ class Autoguidance(Guider):
 
 def weak_model_config(name: str) -> dict:
     """A model config for ``weak_model``: ``conf/model/<name>.yaml``, a builtin model, or a folder."""
-    from omegaconf import OmegaConf
+    from stablefused.models import named_model_config
 
-    from stablefused.models import builtin_models
-    from stablefused.paths import config_dir
-
-    path = config_dir() / "model" / f"{name}.yaml"
-    if path.is_file():
-        return dict(OmegaConf.to_container(OmegaConf.load(path)))
-    if name in builtin_models():
-        return {"name": name, "builtin": name}
-    if Path(name).expanduser().is_dir():
-        return {"name": Path(name).name, "path": str(Path(name).expanduser())}
-    raise ValueError(f"autoguidance.weak_model={name!r}: not a conf/model config, builtin model or model folder")
+    return named_model_config(name, "autoguidance.weak_model")

@@ -19,11 +19,15 @@ the denoising loop's ``added_cond_kwargs``):
 
 Model-level settings (``model.<key>``, defaults in :attr:`SDXL.settings`): ``original_size``,
 ``crops_coords_top_left``, ``target_size`` and their ``negative_*`` counterparts (each defaults to the
-positive one), ``aesthetic_score`` / ``negative_aesthetic_score`` (refiner-style UNets only).
+positive one), ``aesthetic_score`` / ``negative_aesthetic_score`` (refiner-style UNets only); ``refiner`` (a
+second SDXL model that finishes text-to-image: a conf/model name, builtin model or folder) and
+``refiner_handover`` (the fraction of the schedule the base runs first: diffusers' ``denoising_end`` /
+``denoising_start``), see :func:`txt2img_refined`, :func:`refiner_problems` and :func:`load_refiner`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any, Sequence
@@ -62,16 +66,17 @@ class SDXL(Family):
         "original_size": None, "crops_coords_top_left": (0, 0), "target_size": None,
         "negative_original_size": None, "negative_crops_coords_top_left": None, "negative_target_size": None,
         "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5,
+        "refiner": None, "refiner_handover": 0.8,  # base + refiner (txt2img_refined); null: the base alone
     }
 
     @classmethod
     def setting_problems(cls, model_cfg: Any) -> list[str]:
         from numbers import Real
 
-        out = []
+        out = refiner_setting_problems(model_cfg)
         for key in cls.settings:
             v = model_cfg.get(key)
-            if v is None:
+            if v is None or key in REFINER_KEYS:
                 continue
             if key.endswith("aesthetic_score"):
                 if isinstance(v, bool) or not isinstance(v, Real):
@@ -238,33 +243,216 @@ def handover_steps(scheduler: Any, fraction: float) -> int:
 def txt2img_refined(base: Any, refiner: Any, prompts: Sequence[str], seeds: Sequence[int],
                     guidance_scales: Sequence[float] | float, negative_prompts: Sequence[str] | str = "", *,
                     steps: int = 20, handover: float = 0.8, height: int | None = None, width: int | None = None,
-                    hooks: Sequence[Any] = (), refiner_hooks: Sequence[Any] = (), **loop_kw: Any) -> Any:
+                    eta: float = 0.0, samples: list[dict] | None = None, hooks: Sequence[Any] = (),
+                    refiner_hooks: Sequence[Any] = (), **loop_kw: Any) -> Any:
     """SDXL base + refiner as an ensemble of expert denoisers: the base (a :class:`Sampler`) denoises the first
     ``handover`` of the schedule (``denoising_end``), the refiner (another Sampler) the rest from the base's
     latents (``denoising_start``, no new noise), as ``StableDiffusionXLPipeline(..., denoising_end=f,
     output_type="latent")`` followed by ``StableDiffusionXLImg2ImgPipeline(image=latents, denoising_start=f)``.
-    Each image's generator carries on from the base into the refiner. Both use ``steps``. Returns the
-    refiner's :class:`~stablefused.pipeline.Generation` (its context counts the refiner's steps)."""
+    Each image's generator carries on from the base into the refiner. Both use ``steps``; the guidance
+    (``loop_kw``) runs in both loops, each counting its own steps. Returns the refiner's
+    :class:`~stablefused.pipeline.Generation`: its ``context`` counts the refiner's steps, its
+    ``base_context`` the base's."""
+    from stablefused.errors import ConfigError
     from stablefused.sampling import Request, denoise
 
     n = len(prompts)
     negative_prompts = [negative_prompts] * n if isinstance(negative_prompts, str) else list(negative_prompts)
     scales = [float(guidance_scales)] * n if isinstance(guidance_scales, (int, float)) else list(guidance_scales)
     height, width = height or base.family.default_size, width or base.family.default_size
-    cond, uncond = base.encode(prompts), base.encode(negative_prompts, negative=True)
+    guidance = loop_kw.get("guidance")
+    cond, uncond, negative = base.conditions(prompts, negative_prompts, guidance)
     latents, generators = base.initial_latents(seeds, height, width, steps=steps)
+    if problem := base.family.input_problem(latents, None):
+        raise ConfigError(f"model={base.c.name}: {problem}")
     end = handover_steps(base.scheduler, handover)
-    latents, _ = denoise(base.family, base.scheduler, Request(latents, cond, uncond, scales, steps,
-                                                              generators=generators, end_step=end),
-                         hooks=hooks, **loop_kw)  # latents, not decoded (the pipeline's output_type="latent")
-    cond, uncond = refiner.encode(prompts), refiner.encode(negative_prompts, negative=True)
+    latents, base_context = denoise(
+        base.family, base.scheduler, Request(latents, cond, uncond, scales, steps, generators=generators,
+                                             end_step=end, samples=samples, eta=eta, negative=negative),
+        hooks=hooks, **loop_kw)  # latents, not decoded (the pipeline's output_type="latent")
+    cond, uncond, negative = refiner.conditions(prompts, negative_prompts, guidance)
     refiner.prepare(steps, seeds, start_step=end, height=height, width=width)
     if handover_steps(refiner.scheduler, handover) != end:
         raise ValueError("refiner handover: the base and the refiner schedulers split the schedule differently; "
                          "give both the same scheduler")
     latents = refiner.family.from_spatial(base.family.to_spatial(latents))
-    return refiner.sample(Request(latents, cond, uncond, scales, steps, start_step=end, generators=generators),
-                          hooks=refiner_hooks, **loop_kw)
+    gen = refiner.sample(Request(latents, cond, uncond, scales, steps, start_step=end, generators=generators,
+                                 samples=samples, eta=eta, negative=negative), hooks=refiner_hooks, **loop_kw)
+    gen.base_context = base_context
+    return gen
+
+
+# ---------------------------------------------------------------------------------------------- the refiner, by config
+REFINER_KEYS = ("refiner", "refiner_handover")
+SECOND_ORDER_HINT = "use a first-order one (euler, dpm_multistep, ddim, ...)"
+
+
+def refiner_setting_problems(model_cfg: Any) -> list[str]:
+    """``model.refiner`` / ``model.refiner_handover`` values on their own, one line each."""
+    from numbers import Real
+
+    out = []
+    name, handover = model_cfg.get("refiner"), model_cfg.get("refiner_handover")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        out.append(f"model.refiner={name!r}: must name an SDXL refiner (a conf/model config, builtin model or model "
+                   "folder), e.g. model.refiner=sdxl_refiner; null: the base model alone")
+    if handover is not None and (isinstance(handover, bool) or not isinstance(handover, Real)
+                                 or not 0 < handover < 1):
+        out.append(f"model.refiner_handover={handover!r}: must be a number in (0, 1), the fraction of the schedule "
+                   "the base model runs before the refiner (diffusers' denoising_end), e.g. 0.8")
+    return out
+
+
+def refiner_handover(model_cfg: Any) -> float:
+    value = model_cfg.get("refiner_handover")
+    return float(SDXL.settings["refiner_handover"] if value is None else value)
+
+
+def refiner_problems(cfg: Any) -> list[str]:
+    """What a run with ``model.refiner`` set cannot do, one line each, every one at once, before any model
+    loads: a model that is not SDXL (where its family is known before loading), a refiner name that is no
+    model (or not SDXL, or not downloaded while offline), a task that does not hand over to a refiner, a
+    second-order scheduler (the handover splits a first-order schedule, as :func:`handover_steps`), recorders
+    (they record one model's loop). Bad values of the settings themselves: :func:`refiner_setting_problems`.
+    A guider that loads a second model of its own is refused by :func:`stablefused.guidance.guider_problems`."""
+    import diffusers
+
+    from stablefused import registry
+    from stablefused.errors import ConfigError
+    from stablefused.families import family_of_model_cfg
+    from stablefused.models import named_model_config
+    from stablefused.tasks import get_task, task_names
+
+    model, name = cfg.model, cfg.model.get("refiner")
+    if not isinstance(name, str) or not name.strip():
+        return []  # none, or a bad value (refiner_setting_problems)
+    where, out = f"model.refiner={name}", []
+    family = family_of_model_cfg(model)
+    if family is not None and family != SDXL.name:
+        out.append(f"{where}: a refiner finishes an SDXL base model's images; model {model.get('name')} is not SDXL "
+                   f"(family {family}); drop model.refiner")
+    try:
+        task = get_task(cfg.task)
+    except ConfigError:  # an unknown task is named by its own check
+        task = None
+    if task is not None and not task.refiner:
+        able = [t for t in task_names() if get_task(t).refiner]
+        out.append(f"{where}: task={cfg.task} does not hand over to a refiner; {' and '.join(able)} do (drop "
+                   "model.refiner)")
+    sched = cfg.scheduler.get("cls") if cfg.get("scheduler") is not None else None
+    if isinstance(sched, str) and getattr(getattr(diffusers, sched, None), "order", 1) != 1:
+        out.append(f"{where}: scheduler={cfg.scheduler.get('name', sched)} ({sched}) is a second-order scheduler; "
+                   f"the handover splits a first-order schedule: {SECOND_ORDER_HINT}")
+    try:
+        recorders = list(registry.selected(cfg, "recorders"))
+    except Exception:  # a malformed recorders group is named by the plugin check
+        recorders = []
+    if recorders:
+        out.append(f"{where}: recorders ({', '.join(recorders)}) record one model's loop and a run with a refiner has "
+                   "two; drop the recorders or model.refiner")
+    out += _refiner_model_problems(name, where, named_model_config, family_of_model_cfg)
+    return out
+
+
+def _refiner_model_problems(name: str, where: str, named_model_config: Any, family_of_model_cfg: Any) -> list[str]:
+    """The refiner's own config: it names a model, an SDXL one where that is known before loading, whose files
+    are there (a folder that exists; hub weights downloaded, or the hub reachable)."""
+    from pathlib import Path
+
+    from stablefused.models import hub_files_missing, hub_unavailable_reason, model_source
+
+    try:
+        rcfg = named_model_config(name, "model.refiner")
+    except ValueError as e:
+        return [f"{e}; e.g. model.refiner=sdxl_refiner"]
+    family = family_of_model_cfg(rcfg)
+    if family is not None and family != SDXL.name:
+        return [f"{where}: not an SDXL model (family {family}); the refiner takes the base's latents: an SDXL "
+                "refiner, e.g. model.refiner=sdxl_refiner"]
+    try:
+        source = model_source(rcfg)
+    except Exception as e:  # ModelLoadError: its config names no source
+        return [f"{where}: {e}"]
+    if rcfg.get("path") or rcfg.get("bundled"):
+        if not Path(source).exists():
+            return [f"{where}: no such folder ({source})"]
+    elif not source.startswith("builtin:") and hub_files_missing(source, "model_index.json", rcfg.get("revision")):
+        return [f"{where}: {source} is not downloaded and {hub_unavailable_reason()}; run `hf download {source}` "
+                "with network, or set model.refiner=<local SDXL refiner folder>"]
+    return []
+
+
+@dataclasses.dataclass
+class Refiner:
+    """A run's refiner, loaded: its :class:`~stablefused.pipeline.Sampler` (the base's scheduler class on the
+    refiner's scheduler config), the handover fraction and the step of ``steps`` where the refiner takes
+    over (what the image records say)."""
+
+    sampler: Any
+    handover: float
+    start_step: int
+
+    @property
+    def name(self) -> str:
+        return self.sampler.c.name
+
+    def record(self) -> dict:
+        return {"refiner": self.name, "refiner_handover": self.handover, "refiner_start_step": self.start_step}
+
+
+def load_refiner(cfg: Any, base: Any, scheduler: Any) -> Refiner | None:
+    """The refiner ``model.refiner`` names (None when unset), loaded once per process (the model cache) on the
+    base's device and dtype (with the base's ``model.offload`` unless its own config sets one), after the base:
+    the checks that need the loaded base (a hub model's family, the scheduler's order) come first, then the
+    refiner's family and latent space, then the handover step on both schedules."""
+    import logging
+
+    from stablefused.errors import ConfigError
+    from stablefused.models import load_components, named_model_config
+    from stablefused.pipeline import Sampler
+
+    name = cfg.model.get("refiner")
+    if not name:
+        return None
+    where, handover = f"model.refiner={name}", refiner_handover(cfg.model)
+    problems = []
+    if base.family.name != SDXL.name:
+        problems.append(f"{where}: a refiner finishes an SDXL base model's images; model {base.name} is not SDXL "
+                        f"(family {base.family.name}); drop model.refiner")
+    if scheduler.order != 1:
+        problems.append(f"{where}: {type(scheduler).__name__} is a second-order scheduler; the handover splits a "
+                        f"first-order schedule: {SECOND_ORDER_HINT}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    rcfg = named_model_config(name, "model.refiner")
+    if rcfg.get("offload") is None:
+        rcfg["offload"] = cfg.model.get("offload")
+    comps = load_components(rcfg, str(base.device), str(base.dtype).removeprefix("torch."))
+    fam = comps.family
+    if fam.name != SDXL.name or fam.latent_channels != base.family.latent_channels \
+            or fam.vae_scale_factor != base.family.vae_scale_factor:
+        raise ConfigError(f"{where}: family {fam.name}, {fam.latent_channels} latent channels; the refiner must be an "
+                          f"SDXL model that takes the base's latents ({base.family.latent_channels} channels)")
+    overrides = dict(cfg.scheduler.get("overrides") or {})
+    cls_name = type(scheduler).__name__
+    sampler = Sampler(comps, comps.make_scheduler(cls_name, **overrides))
+    steps, height, width = int(cfg.steps), cfg.get("height") or cfg.model.get("height"), \
+        cfg.get("width") or cfg.model.get("width")
+    ends = []
+    for c in (base, comps):  # the split on fresh schedulers: refused before any image, not after the base ran
+        probe = c.make_scheduler(cls_name, **overrides)
+        c.family.set_timesteps(probe, steps, height or c.family.default_size, width or c.family.default_size)
+        ends.append(handover_steps(probe, handover))
+    if ends[0] != ends[1]:
+        raise ConfigError(f"{where}: its scheduler config splits the {steps}-step schedule at step {ends[1]}, the base "
+                          f"model's at step {ends[0]}; give the refiner the base's scheduler config")
+    log = logging.getLogger("stablefused")
+    if ends[0] in (0, steps):
+        log.warning("model.refiner_handover=%g with steps=%d: the %s runs all %d steps (the other none)", handover,
+                    steps, "refiner" if ends[0] == 0 else "base", steps)
+    log.info("refiner %s: the base runs steps 1-%d of %d, the refiner the rest (handover %g)", comps.name, ends[0],
+             steps, handover)
+    return Refiner(sampler, handover, ends[0])
 
 
 # ---------------------------------------------------------------------------------------------- tiny models

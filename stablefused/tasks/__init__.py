@@ -82,6 +82,10 @@ class Task:
     # max_pixels itself against the size its inputs give (config checks the model's default size otherwise).
     size_from_inputs: bool = False
 
+    # True when the task's text-to-image batches can hand over to an SDXL refiner (``model.refiner``,
+    # :func:`stablefused.families.sdxl.txt2img_refined`); other tasks refuse that setting before loading.
+    refiner: bool = False
+
     def frames_per_output(self, cfg: Any) -> int:
         """Images of height x width in one output (a video's frames): what max_pixels counts per batch item."""
         return 1

@@ -114,6 +114,8 @@ def _labels(vs: list[dict]) -> None:
 class GuidanceGrid(Task):
     """The same prompts and seeds under several guidance variants (schedule + rule), side by side."""
 
+    refiner = True  # its batches are txt2img's
+
     def image_count(self, cfg: Any) -> int | None:
         n, grid = grid_image_count(cfg), cfg.guidance.get("grid")
         return n and n * (len(grid) if isinstance(grid, (list, ListConfig)) and grid else 1)
@@ -126,16 +128,17 @@ class GuidanceGrid(Task):
             return
         if cfg.guidance.get("grid") and not cfg.guidance.get("skip_unsupported"):
             # each variant's guider against the model and scheduler (e.g. SAG on SD3)
-            problems += [f"guidance.grid[{i}]: {p}" for i, v in enumerate(vs) for p in guider_problems(cfg, v["rule"])]
+            problems += [f"guidance.grid[{i}]: {p}" for i, v in enumerate(vs)
+                         for p in guider_problems(cfg, v["rule"], v["rule_params"])]
 
     def run(self, run: Run) -> None:
         cfg = run.cfg
         vs = variants(cfg.guidance)
         if cfg.guidance.get("skip_unsupported"):  # the zoo: guiders not defined for this model/scheduler sit out
             for v in vs:
-                for p in guider_problems(cfg, v["rule"]):
+                for p in guider_problems(cfg, v["rule"], v["rule_params"]):
                     log.warning("guidance variant %s skipped: %s", v["label"], p)
-            vs = [v for v in vs if not guider_problems(cfg, v["rule"])]
+            vs = [v for v in vs if not guider_problems(cfg, v["rule"], v["rule_params"])]
         rows, scales = prompt_seed_rows(cfg), [float(g) for g in cfg.guidance_scales]
         ncols = len(vs) * len(scales)
         run.total = len(rows) * ncols

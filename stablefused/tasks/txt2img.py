@@ -28,6 +28,14 @@ def txt2img_batch(run: Run, guidance=None):
     height, width = image_size(cfg)
 
     def make(chunk: list[dict]):
+        if run.refiner is not None:  # SDXL base, then the refiner from model.refiner_handover of the schedule
+            from stablefused.families.sdxl import txt2img_refined
+
+            return txt2img_refined(
+                run.sampler, run.refiner.sampler, [x["prompt"] for x in chunk], [x["seed"] for x in chunk],
+                [x["guidance_scale"] for x in chunk], cfg.negative_prompt, steps=cfg.steps,
+                handover=run.refiner.handover, height=height, width=width, guidance=guidance or run.guidance,
+                samples=chunk, eta=cfg.eta, progress=cfg.progress)
         return run.sampler.txt2img(
             [x["prompt"] for x in chunk], [x["seed"] for x in chunk], [x["guidance_scale"] for x in chunk],
             cfg.negative_prompt, steps=cfg.steps, height=height, width=width, guidance=guidance or run.guidance,
@@ -51,6 +59,8 @@ def grid_image_count(cfg) -> int | None:
 @register_task("txt2img")
 class Txt2Img(Task):
     """Text to image: rows = prompt/seed, columns = guidance scale."""
+
+    refiner = True
 
     def image_count(self, cfg) -> int | None:
         return grid_image_count(cfg)
