@@ -1,5 +1,5 @@
 """The bundled scene models (``scenes``: UNet/epsilon/DDIM; ``scenes_flow``: SD3 transformer/flow matching) and
-the low-noise behaviour of every bundled model: diffusers folders of standard classes loaded like any
+their low-noise behaviour: diffusers folders of standard classes loaded like any
 checkpoint, VAE reconstructions the judge passes, prompts followed at guidance 7.5 and not at 0, image-to-image
 at low strength keeps the source's colour while strength 1 takes the prompt's, the prompt's pull
 (ε_cond − ε_uncond) shrinking with σ; retraining reproduces the shipped weights (slow)."""
@@ -56,7 +56,7 @@ def test_prompts_followed_at_7_5_not_at_0(model):
     assert guided >= 0.4 and guided >= unguided + 0.2, rows
 
 
-@pytest.mark.parametrize("name", ["shapes", *SCENE_MODELS])
+@pytest.mark.parametrize("name", SCENE_MODELS)
 def test_low_strength_keeps_the_source_and_full_strength_takes_the_prompt(name):
     from stablefused.guidance_gap import img2img_colours, world_of
 
@@ -64,11 +64,11 @@ def test_low_strength_keeps_the_source_and_full_strength_takes_the_prompt(name):
     assert rates[0.2]["source"] >= 0.9 and rates[1.0]["prompt"] >= 0.9, rates
 
 
-@pytest.mark.parametrize("name", ["shapes", *SCENE_MODELS])
+@pytest.mark.parametrize("name", SCENE_MODELS)
 def test_a_contradicting_prompt_barely_pulls_at_low_noise(name):
     """At σ 0.1 and 0.2 a contradicting prompt's ε_cond − ε_uncond is no larger than twice an agreeing one's and
     under 10 % of the noise: the image wins over the prompt (before prompt swapping the shapes model's was
-    0.65 at σ 0.1, four times its own prompt's)."""
+    0.65 at σ 0.1, four times its own prompt's; benchmarks/results/guidance_gap_shapes_before.txt)."""
     from stablefused.guidance_gap import gap_curve, world_items, world_of
 
     imgs, prompts = world_items(world_of(name), 16)
