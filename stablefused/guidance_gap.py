@@ -144,8 +144,6 @@ def main(argv: list[str] | None = None) -> None:
             print(line)
 
 
-if __name__ == "__main__":
-    main()
 
 
 def _source(world: str, seed: int) -> tuple[np.ndarray, str, str, str]:
@@ -205,3 +203,7 @@ def img2img_colours(comps, world: str, strengths: Sequence[float], n: int = 20, 
         out[float(strength)] = {"source": float(np.mean([g == c for g, c in zip(got, colours)])),
                                 "prompt": float(np.mean([g == w for g, w in zip(got, wanted)]))}
     return out
+
+
+if __name__ == "__main__":
+    main()

@@ -243,3 +243,14 @@ def test_guider_needs_skip_only_what_the_output_does_not_depend_on():
             junk = {k: torch.where(needs.get(k, torch.zeros(2, dtype=torch.bool)).view(-1, 1, 1, 1), v, 1e3 + v)
                     for k, v in full.items()}
             assert torch.allclose(Guidance(None, g).combine(junk, ws, st), want, atol=1e-4), (name, w)
+
+
+def test_fdg_on_latents_whose_side_is_not_a_power_of_two():
+    """12x12 latents (the 48-px scene models): kornia pads the pyramid to 16x16; the guided prediction comes back
+    12x12, equal to the conditional prediction at w = 1."""
+    from stablefused.guidance import Guidance
+
+    g = Guidance.from_config({"rule": "fdg"}).rule
+    c, u = torch.randn(2, 4, 12, 12, generator=torch.Generator().manual_seed(0)), torch.randn(2, 4, 12, 12)
+    out = g(c, u, torch.tensor([7.5, 1.0]), None)
+    assert out.shape == c.shape and torch.equal(out[1], c[1]) and not torch.allclose(out[0], c[0])

@@ -70,4 +70,6 @@ class FDG(Guider):
         img = out[-1]
         for level in reversed(out[:-1]):
             img = pyrup(img) + level
+        # kornia pads a side that is not a power of two (12x12 latents: 16x16) at the bottom/right: crop back
+        img = img[..., : cond.shape[-2], : cond.shape[-1]]
         return torch.where(per_sample(w, cond) == 1, cond, img)

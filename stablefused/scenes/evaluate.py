@@ -72,12 +72,13 @@ def chance(prompts: Sequence[str], first_seed: int = 6_000_000) -> dict[str, flo
 
 
 def table(comps, n: int = 240, scales: Sequence[float] = SCALES, steps: int = 20, seed: int = 0,
-          chunk: int = 120) -> dict[str, dict[str, float]]:
-    """Pass rates per guidance scale (one image per prompt, seeds seed..seed+n-1, ``steps`` steps of the model's
-    scheduler through the project's sampler), and the chance row."""
+          chunk: int = 120, prompts: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    """Pass rates per guidance scale (one image per prompt — ``prompts``, else :func:`eval_prompts` (n) —, seeds
+    seed..seed+n-1, ``steps`` steps of the model's scheduler through the project's sampler), and the chance row."""
     from stablefused.pipeline import Sampler
 
-    prompts = eval_prompts(n)
+    prompts = list(prompts) if prompts is not None else eval_prompts(n)
+    n = len(prompts)
     sampler = Sampler(comps)
     rows = {}
     for g in scales:
