@@ -14,13 +14,10 @@ from stablefused.guidance import Guidance, guider_problems
 from stablefused.hooks import BaseHook
 from stablefused.models import build_tiny_random
 from stablefused.pipeline import Sampler
-from tests.test_guiders_loop import Counting
+from tests.test_guiders_loop import NEG, PROMPTS, SEEDS, STEPS, Counting, H, W
 
 from conftest import compose_cfg, run_loop, saved_sd15_style
 
-PROMPTS = ["a red circle", "a small blue square on black"]
-NEG = ["green", "white background"]
-SEEDS, STEPS, H, W = [3, 7], 6, 16, 24
 
 
 @pytest.fixture(scope="module")
