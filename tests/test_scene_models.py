@@ -94,3 +94,24 @@ def test_retraining_reproduces_the_shipped_weights(tmp_path, name):
     for f in shipped.rglob("*.safetensors"):
         sub = f.relative_to(shipped)
         assert _sha(tmp_path / name, sub) == _sha(shipped, sub), sub
+
+
+def test_the_weak_companion_takes_the_scene_models_conditioning():
+    """``scenes_weak`` (autoguidance's weak model: smaller, less trained) shares ``scenes``' text encoder and VAE
+    byte for byte, loads as the autoguidance weak model and changes the images."""
+    from safetensors.torch import load_file
+
+    from stablefused.guidance import Guidance
+    from stablefused.pipeline import Sampler
+
+    weak_dir, main_dir = bundled_models_dir() / "scenes_weak", bundled_models_dir() / "scenes"
+    for sub in ("text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(weak_dir / sub), load_file(main_dir / sub)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    assert sum(f.stat().st_size for f in weak_dir.rglob("*") if f.is_file()) <= 10 * 1024 * 1024
+    sampler = Sampler(evaluate.load("scenes"))
+    args = (["two yellow triangles", "a purple square"], [0, 1], 3.0)
+    auto = Guidance.from_config({"rule": "autoguidance", "rule_params": {"weak_model": "scenes_weak"}})
+    guided = sampler.txt2img(*args, steps=4, guidance=auto, progress=False).images
+    plain = sampler.txt2img(*args, steps=4, progress=False).images
+    assert guided.shape == plain.shape and abs(guided - plain).max() > 0.05

@@ -3,19 +3,27 @@
 Presets of the one training script (:mod:`stablefused.shapes.train`, which documents the stages) on the
 compositional scenes (:mod:`stablefused.scenes.data`): ``scenes`` is a UNet with epsilon prediction and a DDIM
 config (an SD 1.x-shaped model), ``scenes_flow`` an SD3-shaped transformer (two CLIP encoders, no T5) with
-flow matching and ``FlowMatchEulerDiscreteScheduler``. Both share the VAE stages (same seed and args give the
+flow matching and ``FlowMatchEulerDiscreteScheduler``; ``scenes_weak`` is ``scenes``' autoguidance companion. All share the VAE stages (same seed and args give the
 same VAE bytes) and train with prompt swapping at low noise. Further arguments override the preset's.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+BUNDLED = Path(__file__).resolve().parent.parent / "models"
 
 COMMON = ["--world", "scenes", "--max-tokens", "24", "--vae-steps", "1800", "--decoder-steps", "700", "--prompt-swap", "0.5",
           "--prompt-swap-sigma", "2.0"]
 PRESETS = {
     "scenes": ["--name", "scenes", "--arch", "unet", "--unet-batch", "32", "--unet-steps", "4500", *COMMON],
     "scenes_flow": ["--name", "scenes_flow", "--arch", "sd3", "--unet-steps", "5500", "--unet-lr", "6e-4", *COMMON],
+    # autoguidance's weak model (Karras et al. 2024): smaller (UNet 32/64 channels) and far less trained (600 steps
+    # on 10,000 scenes), on the shipped scenes model's frozen text encoder and VAE, so it takes its conditioning
+    "scenes_weak": ["--name", "scenes_weak", "--arch", "unet", "--unet-batch", "32", "--unet-steps", "600",
+                    "--unet-channels", "32", "64", "--dataset-size", "10000", *COMMON,
+                    "--vae-from", str(BUNDLED / "scenes"), "--text-from", str(BUNDLED / "scenes")],
 }
 
 
