@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from bench_loop import AlwaysBatchedCFG, print_ratios, timed
+from bench_loop import AlwaysBatchedCFG, clock_of, print_ratios, timed
 from stablefused.guidance import Guidance
 from stablefused.models import quiet_libraries
 from stablefused.pipeline import Sampler
@@ -182,7 +182,7 @@ def bench_sd3(args) -> tuple[str, list[tuple]]:
         text_encoder_3=m["text_encoder_3"], tokenizer_3=m["tokenizer_3"])
     pipe.set_progress_bar_config(disable=True)
     msl = comps.family.max_sequence_length
-    clock = CLOCKS[args.clock]
+    clock = clock_of(args)
 
     def ours():
         sampler.txt2img(prompts, seeds, 7.5, steps=args.steps, height=size, width=size, progress=False)
@@ -219,7 +219,7 @@ def bench_flux(args) -> tuple[str, list[tuple]]:
                         tokenizer=m["tokenizer"], text_encoder_2=m["text_encoder_2"], tokenizer_2=m["tokenizer_2"],
                         transformer=m["transformer"])
     pipe.set_progress_bar_config(disable=True)
-    clock = CLOCKS[args.clock]
+    clock = clock_of(args)
 
     def ours():
         sampler.txt2img(prompts, seeds, 7.5, negs, steps=args.steps, height=size, width=size, progress=False)
@@ -241,7 +241,6 @@ def bench_flux(args) -> tuple[str, list[tuple]]:
 
 
 # ---------------------------------------------------------------------------------------------- main
-CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 FAMILIES = {"sdxl": bench_sdxl, "sd3": bench_sd3, "flux": bench_flux}
 
 
