@@ -159,7 +159,7 @@ class GuidedDenoiser:
     def __init__(self, family: Any, cond: Conditioning, uncond: Conditioning, base_scales: torch.Tensor,
                  guidance: Guidance, extra_channels: torch.Tensor | None = None, negative: Conditioning | None = None):
         self.family, self.guidance, self.base_scales, self.extra = family, guidance, base_scales, extra_channels
-        self.cond, self.negative = cond, negative
+        self.cond, self.uncond, self.negative = cond, uncond, negative
         self.conds = Conditioning.cat([uncond, cond] + ([negative] if negative is not None else []))
         device = cond.embeds.device
         self.plans, self.scales = _BatchPlans(device), _DeviceCache(device)
@@ -180,10 +180,14 @@ class GuidedDenoiser:
         if NEGATIVE in needs and self.negative is None and bool(needs[NEGATIVE].any()):
             raise ValueError("this guider needs negative-prompt predictions; the request has no negative conditioning")
         plan = self.plans.get(needs)
-        if plan is None:  # the common case: every row needs both passes; exactly diffusers' batch
+        if plan is None and self.family.cfg_in_one_call:  # every row needs both passes; exactly diffusers' batch
             x_in = self._with_extra(torch.cat([model_input, model_input]), None)
             uncond, cond = self.family(x_in, t, self.conds).chunk(2)
             preds, rows, calls = {UNCOND: uncond, COND: cond}, x_in.shape[0], 1
+        elif plan is None:  # the same, one call per prediction as the family's pipeline does (Flux)
+            x_in = model_input if self.extra is None else torch.cat([model_input, self.extra], dim=1)
+            cond, uncond = self.family(x_in, t, self.cond), self.family(x_in, t, self.uncond)
+            preds, rows, calls = {UNCOND: uncond, COND: cond}, 2 * batch, 2
         else:
             x_in = self._with_extra(model_input.index_select(0, plan.rows), plan.rows)
             active = [(self.guidance.perturbations[n.split(":", 1)[1]], idx) for n, idx in plan.perturbed.items()]

@@ -105,6 +105,10 @@ class Family:
     pipelines: tuple[str, ...] = ()
     reference = ""
     attention = "cross"  # text→image attention: "cross" (UNet attn2), "joint" (MMDiT), None
+    # classifier-free guidance as the reference pipeline runs it: one network call on [uncond, cond] rows
+    # (SD, SDXL, SD3), or one call per prediction (False: FluxPipeline's true CFG, which keeps the peak
+    # activation memory of a large transformer at one batch)
+    cfg_in_one_call = True
     # model-level settings the family reads from the model config (``model.<key>``; None there = this default),
     # e.g. SDXL's original_size. They reach the adapter as ``components.info["model"]``.
     settings: dict[str, Any] = {}

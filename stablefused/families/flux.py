@@ -55,6 +55,7 @@ class Flux(Family):
     pipelines = ("Flux",)
     reference = "FluxPipeline"
     attention = "joint"  # MMDiT joint attention: no separate text→image cross-attention maps
+    cfg_in_one_call = False  # FluxPipeline's true CFG: a call for the prompt, then one for the negative prompt
     settings = {"distilled_guidance": None}  # dev's guidance input (null: DISTILLED_GUIDANCE); schnell has none
 
     def __init__(self, c: Any):
