@@ -165,6 +165,12 @@ class GuidedDenoiser:
         self.plans, self.scales = _BatchPlans(device), _DeviceCache(device)
         guidance.bind(family)
 
+    def _net(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, network: Any = None) -> torch.Tensor:
+        """One network call (the family's, or ``network``'s), in inference mode: no autograd bookkeeping at all
+        (no_grad still counts versions of every activation); what comes out is only ever read."""
+        with torch.inference_mode():
+            return (network or self.family)(x, t, cond)
+
     def _with_extra(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         if self.extra is None:
             return x
@@ -182,11 +188,11 @@ class GuidedDenoiser:
         plan = self.plans.get(needs)
         if plan is None and self.family.cfg_in_one_call:  # every row needs both passes; exactly diffusers' batch
             x_in = self._with_extra(torch.cat([model_input, model_input]), None)
-            uncond, cond = self.family(x_in, t, self.conds).chunk(2)
+            uncond, cond = self._net(x_in, t, self.conds).chunk(2)
             preds, rows, calls = {UNCOND: uncond, COND: cond}, x_in.shape[0], 1
         elif plan is None:  # the same, one call per prediction as the family's pipeline does (Flux)
             x_in = model_input if self.extra is None else torch.cat([model_input, self.extra], dim=1)
-            cond, uncond = self.family(x_in, t, self.cond), self.family(x_in, t, self.uncond)
+            cond, uncond = self._net(x_in, t, self.cond), self._net(x_in, t, self.uncond)
             preds, rows, calls = {UNCOND: uncond, COND: cond}, 2 * batch, 2
         else:
             x_in = self._with_extra(model_input.index_select(0, plan.rows), plan.rows)
@@ -194,12 +200,12 @@ class GuidedDenoiser:
             layer = self.guidance.attention_layer if plan.dependent else None
             with perturbed_rows(self.family.network, self.family.name, active), \
                     self_attention_map(self.family.network, layer) as seen:
-                out = self.family(x_in, t, self.conds.select(plan.embeds))
+                out = self._net(x_in, t, self.conds.select(plan.embeds))
             preds = {name: out.index_select(0, take) for name, take in plan.take.items()}
             rows, calls = x_in.shape[0], 1
             if plan.model2 is not None:  # autoguidance: the second model on its rows, under the prompt
                 x2 = self._with_extra(model_input.index_select(0, plan.model2), plan.model2)
-                weak = self.guidance.model2(x2, t, self.cond.select(plan.model2))
+                weak = self._net(x2, t, self.cond.select(plan.model2), self.guidance.model2)
                 preds[MODEL2] = preds[COND].index_copy(0, plan.model2, weak.to(preds[COND].dtype))
                 rows, calls = rows + x2.shape[0], 2
             if plan.dependent:  # SAG: inputs built from the predictions above, one more call
@@ -220,7 +226,7 @@ class GuidedDenoiser:
             embeds.append(idx + batch * on_cond.to(idx.device, torch.long).index_select(0, idx))
         rows = torch.cat(list(plan.dependent.values()))
         x_in = self._with_extra(torch.cat(xs), rows)
-        out = self.family(x_in, t, self.conds.select(torch.cat(embeds))).to(preds[COND].dtype)
+        out = self._net(x_in, t, self.conds.select(torch.cat(embeds))).to(preds[COND].dtype)
         for (name, idx), part in zip(plan.dependent.items(), out.split([len(i) for i in plan.dependent.values()])):
             preds[name] = preds[COND].index_copy(0, idx, part)
         return x_in.shape[0]
