@@ -52,7 +52,8 @@ def test_transformer_perturbation_changes_only_its_rows(request, family, name, p
         with perturbed_rows(net, family, [(p, torch.tensor([2]))]):
             mixed = net(**kw, return_dict=False)[0]
         after = net(**kw, return_dict=False)[0]
-    assert torch.equal(mixed[:2], plain[:2])  # the other rows: bit for bit
+    # the other rows: as without the perturbation, up to the rounding of a smaller batch in the perturbed modules
+    torch.testing.assert_close(mixed[:2], plain[:2], rtol=0, atol=1e-13)
     assert (mixed[2] - plain[2]).abs().max() > 1e-6  # the perturbed row changed
     assert torch.equal(after, plain)  # nothing left installed
 
