@@ -70,3 +70,18 @@ def test_guidance_0_is_near_chance(adherence):
 
 def test_negative_guidance_avoids_the_prompted_colour(adherence):
     assert adherence[-5.0]["color"] < evaluate.CHANCE["color"], adherence[-5.0]
+
+
+@pytest.mark.slow
+def test_retraining_reproduces_the_shipped_weights(tmp_path):
+    """The one training command with its defaults (~40 min on this 2-core machine, one thread): byte-identical
+    UNet, VAE and text encoder."""
+    import hashlib
+
+    from stablefused.shapes import train
+
+    train.main(["--out", str(tmp_path / "shapes"), "--no-eval"])
+    for f in FOLDER.rglob("*.safetensors"):
+        sub = f.relative_to(FOLDER)
+        assert hashlib.sha256((tmp_path / "shapes" / sub).read_bytes()).hexdigest() == \
+            hashlib.sha256(f.read_bytes()).hexdigest(), sub
