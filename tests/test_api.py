@@ -19,10 +19,10 @@ import stablefused as sf
 from stablefused.errors import ConfigError, PluginError
 from tests.test_app import cli
 
-# The bundled model, small: 4 prompts x 1 seed x 3 scales, 4 steps, apg with momentum under a cosine schedule
+# The bundled model, small: 4 prompts x 1 seed x 3 scales, 6 steps, apg with momentum under a cosine schedule
 # (a rule with state and a schedule with parameters: what a Python object must reproduce exactly).
 CLI_ARGS = ["experiment=negative_guidance", "guidance=cosine", "guidance.rule=apg", "+guidance.rule_params.momentum=-0.5",
-            "seeds=[0]", "steps=4", "guidance_scales=[-5,0,5]", "logger=none"]  # sf.run's order: strings, then keywords
+            "seeds=[0]", "steps=6", "guidance_scales=[-5,0,5]", "logger=none"]  # sf.run's order: strings, then keywords
 
 
 def manifest(run_dir: Path) -> list[dict]:
@@ -43,9 +43,9 @@ def runs(tmp_path_factory):
     res = cli(*CLI_ARGS, f"hydra.run.dir={tmp / 'cli'}", cwd=tmp)
     assert res.returncode == 0, res.stderr[-3000:]
     strings = sf.run("negative_guidance", "guidance=cosine", "guidance.rule=apg", "+guidance.rule_params.momentum=-0.5",
-                     seeds=[0], steps=4, guidance_scales=[-5, 0, 5], logger="none", run_dir=tmp / "strings")
+                     seeds=[0], steps=6, guidance_scales=[-5, 0, 5], logger="none", run_dir=tmp / "strings")
     rule = sf.plugins.guidance_rule.apg(momentum=-0.5)
-    objects = sf.run("negative_guidance", seeds=[0], steps=4, guidance_scales=[-5, 0, 5], logger="none",
+    objects = sf.run("negative_guidance", seeds=[0], steps=6, guidance_scales=[-5, 0, 5], logger="none",
                      guidance=sf.Guidance(sf.plugins.guidance_schedule.cosine(start=0.0, end=2.0), rule),
                      recorders=[sf.plugins.recorders.x0(every=2), "stats"], run_dir=tmp / "objects")
     return {"cli": tmp / "cli", "strings": strings, "objects": objects, "rule": rule}
@@ -71,7 +71,7 @@ def test_plugin_objects_are_the_ones_that_run(runs):
     assert runs["rule"]._avg is not None  # this very object guided the run
     assert res.config.guidance.rule_params == {"momentum": -0.5} and res.config.guidance.schedule == "cosine"
     assert res.config.recorders.x0.every == 2
-    assert res.records.steps("x0") == [0, 2, 3]  # every=2 (and the last step) from the object's parameters
+    assert res.records.steps("x0") == [0, 2, 4, 5]  # every=2 (and the last step) from the object's parameters
     with pytest.raises(TypeError, match="not a registered recorders plugin"):
         sf.run(recorders=[object()])
 
@@ -96,9 +96,9 @@ def test_result_reads_the_run_dir(runs):
     import imageio.v3 as iio
 
     assert iio.imread(video.path).shape[0] == video.record["frames"]  # the MP4 decodes, every frame
-    assert res.records["x0"].shape[:2] == (12, 4)
+    assert res.records["x0"].shape[:2] == (12, 6)
     assert res.stats["images"] == 12 and res.status["status"] == "ok"
-    assert res.config.steps == 4 and "hydra" not in res.config
+    assert res.config.steps == 6 and "hydra" not in res.config
     # Jupyter: the grid as PNG, and HTML with the grid, the video and the table
     assert Image.open(io.BytesIO(res._repr_png_())).size == res.grid.size
     page = res._repr_html_()
@@ -114,7 +114,7 @@ def test_finished_run_dir_is_not_run_again(runs):
     res = runs["strings"]
     before = (res.dir / "status.json").read_text()
     again = sf.run("negative_guidance", "guidance=cosine", "guidance.rule=apg", "+guidance.rule_params.momentum=-0.5",
-                   seeds=[0], steps=4, guidance_scales=[-5, 0, 5], logger="none", run_dir=res.dir)
+                   seeds=[0], steps=6, guidance_scales=[-5, 0, 5], logger="none", run_dir=res.dir)
     assert (res.dir / "status.json").read_text() == before  # skipped, as a CLI rerun skips it
     assert again.images.records == res.images.records
 
