@@ -79,12 +79,16 @@ class Sampler:
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], negative: bool = False) -> Conditioning:
-        """Prompts → the family's conditioning (one row per prompt), as the family's pipeline encodes them.
+        """Prompts → the family's conditioning (one row per prompt), as the family's pipeline encodes them;
+        each distinct prompt is encoded once.
         ``negative``: negative prompts (SDXL zeroes empty ones where its config says so). Words the model does
         not know are named once per prompt (:meth:`warn_unknown_words`)."""
         self.warn_unknown_words(prompts)
         warn_truncated(self.family.tokenizer, prompts)
-        return self.family.encode(list(prompts), negative=negative)
+        unique = {p: i for i, p in enumerate(dict.fromkeys(prompts))}  # a seed/scale sweep repeats prompts
+        if len(unique) == len(prompts):
+            return self.family.encode(list(prompts), negative=negative)
+        return self.family.encode(list(unique), negative=negative).select([unique[p] for p in prompts])
 
     def conditions(self, prompts: Sequence[str], negative_prompts: Sequence[str], guidance: Guidance | None = None
                    ) -> tuple[Conditioning, Conditioning, Conditioning | None]:
