@@ -166,3 +166,20 @@ def test_hook_interface_order_and_latent_replacement(tiny):
     assert [c[1] for c in calls[1:-1]] == [0, 1, 2]
     assert calls[1][2] == (2.0, -1.0)
     assert torch.count_nonzero(out.latents) == 0
+
+
+def test_repeated_prompts_are_encoded_once():
+    """A sweep repeats each prompt per seed and scale: the text encoder sees each distinct prompt once, and the
+    rows equal the family's own per-row encoding."""
+    s = Sampler(build_tiny_random())
+    seen = []
+    handle = s.c.text_encoder.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    prompts = ["a red circle", "a blue square", "a red circle", "a red circle", "a blue square"]
+    try:
+        cond = s.encode(prompts)
+    finally:
+        handle.remove()
+    assert seen == [2]
+    ref = s.family.encode(prompts)
+    assert cond.embeds.shape == ref.embeds.shape
+    torch.testing.assert_close(cond.embeds, ref.embeds, rtol=0, atol=1e-5)
