@@ -2,7 +2,7 @@
 
     python -m stablefused.shapes.evaluate [folder]    # default: the bundled model
 
-Used by the training script's final report and by the quality tests (tests/test_shapes_quality.py).
+Used by the training script's final report and by the quality tests (tests/test_shapes_model.py).
 """
 
 from __future__ import annotations
