@@ -202,9 +202,9 @@ def bench_sd3(args) -> tuple[str, list[tuple]]:
 
 # ---------------------------------------------------------------------------------------------- Flux.1
 def bench_flux(args) -> tuple[str, list[tuple]]:
-    """Flux: our txt2img at w = 7.5 (true CFG with the negative prompt, one batched transformer call of
-    [negative, positive] rows per step) vs ``FluxPipeline(true_cfg_scale=7.5, negative_prompt=...)`` (two
-    calls per step); both dev-style (distilled guidance input 3.5)."""
+    """Flux: our txt2img at w = 7.5 (true CFG with the negative prompt: two transformer calls per step, as
+    the pipeline makes) vs ``FluxPipeline(true_cfg_scale=7.5, negative_prompt=...)``; both dev-style
+    (distilled guidance input 3.5)."""
     from diffusers import FluxPipeline
 
     from stablefused.families.flux import build_tiny_flux
