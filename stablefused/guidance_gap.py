@@ -144,8 +144,6 @@ def main(argv: list[str] | None = None) -> None:
             print(line)
 
 
-
-
 def _source(world: str, seed: int) -> tuple[np.ndarray, str, str, str]:
     """A one-object source image of ``world``: (image, its colour, its shape, its background)."""
     rng = np.random.default_rng([4242, seed])

@@ -119,7 +119,7 @@ def _merge(outs: list[Any], indices: list[torch.Tensor], batch: int) -> Any:
     first = outs[0]
     if isinstance(first, tuple):
         return tuple(_merge([o[k] for o in outs], indices, batch) for k in range(len(first)))
-    if first is None or len(outs) == 1 and len(indices[0]) == batch:
+    if first is None or (len(outs) == 1 and len(indices[0]) == batch):
         return first
     merged = first.new_empty((batch, *first.shape[1:]))
     for out, index in zip(outs, indices):
@@ -139,12 +139,12 @@ def _per_row_forward(module: torch.nn.Module, original: Any, groups: list[tuple[
         for _, index in groups:
             keep[index] = False
         outs, indices = [], []
-        for fn, index in [(original, keep.nonzero().flatten())] + [(p.forward, i) for p, i in groups]:
+        for perturbation, index in [(None, keep.nonzero().flatten()), *groups]:  # None: the unperturbed rows
             if len(index) == 0:
                 continue
             a = tuple(_rows(x, index, batch) for x in args)
             k = {n: (_rows(v, index, batch) if n in PER_ROW_KWARGS else v) for n, v in kwargs.items()}
-            outs.append(fn(*a, **k) if fn is original else fn(module, original, a, k))
+            outs.append(original(*a, **k) if perturbation is None else perturbation.forward(module, original, a, k))
             indices.append(index)
         return _merge(outs, indices, batch)
 

@@ -172,9 +172,13 @@ class GuidedDenoiser:
             return (network or self.family)(x, t, cond)
 
     def _with_extra(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """``x`` with the extra input channels of its rows (``rows``; None: x is the batch, once or repeated)."""
         if self.extra is None:
             return x
-        extra = torch.cat([self.extra, self.extra]) if rows is None else self.extra.index_select(0, rows)
+        if rows is None:
+            extra = torch.cat([self.extra] * (len(x) // len(self.extra)))
+        else:
+            extra = self.extra.index_select(0, rows)
         return torch.cat([x, extra], dim=1)
 
     def __call__(self, model_input: torch.Tensor, t: torch.Tensor, info: StepInfo) -> Prediction:
@@ -191,7 +195,7 @@ class GuidedDenoiser:
             uncond, cond = self._net(x_in, t, self.conds).chunk(2)
             preds, rows, calls = {UNCOND: uncond, COND: cond}, x_in.shape[0], 1
         elif plan is None:  # the same, one call per prediction as the family's pipeline does (Flux)
-            x_in = model_input if self.extra is None else torch.cat([model_input, self.extra], dim=1)
+            x_in = self._with_extra(model_input, None)
             cond, uncond = self._net(x_in, t, self.cond), self._net(x_in, t, self.uncond)
             preds, rows, calls = {UNCOND: uncond, COND: cond}, 2 * batch, 2
         else:

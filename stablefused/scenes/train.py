@@ -3,8 +3,9 @@
 Presets of the one training script (:mod:`stablefused.shapes.train`, which documents the stages) on the
 compositional scenes (:mod:`stablefused.scenes.data`): ``scenes`` is a UNet with epsilon prediction and a DDIM
 config (an SD 1.x-shaped model), ``scenes_flow`` an SD3-shaped transformer (two CLIP encoders, no T5) with
-flow matching and ``FlowMatchEulerDiscreteScheduler``; ``scenes_weak`` is ``scenes``' autoguidance companion. All share the VAE stages (same seed and args give the
-same VAE bytes) and train with prompt swapping at low noise. Further arguments override the preset's.
+flow matching and ``FlowMatchEulerDiscreteScheduler``; ``scenes_weak`` is ``scenes``' autoguidance companion.
+All share the VAE stages (same seed and args give the same VAE bytes) and train with prompt swapping at low
+noise. Further arguments override the preset's.
 """
 
 from __future__ import annotations
