@@ -76,3 +76,30 @@ def test_metric_plugin_scores_by_category():
         assert o["scene_adherence/correct"] == 1 and o[f"scene_adherence/{s.category}"] == 1
         assert sum(v == v for k, v in o.items() if k.split("/")[1] in CATEGORIES) == 1
     assert metric([render(scenes[0])], [{"prompt": "a photograph of an astronaut"}]) == [{}]
+
+
+def test_judge_reads_any_image_without_failing():
+    """Model outputs are not renders: shapes touching the border, blobs spanning the image, noise. The judge
+    (and the shapes classifier under it) gives a verdict for every one (a tall bar at the right edge once broke
+    the template fit)."""
+    from stablefused.scenes.data import COLORS
+    from stablefused.shapes.classify import classify_image
+
+    rng = np.random.default_rng(0)
+    palette = np.array(list(COLORS.values()), np.float32)
+    images = []
+    bar = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+    bar[:, -3:] = palette[0]
+    images.append(bar)
+    for _ in range(60):
+        img = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), float(rng.integers(0, 2)), np.float32)
+        for _ in range(rng.integers(1, 5)):
+            y0, x0 = rng.integers(-10, IMAGE_SIZE, 2)
+            hh, ww = rng.integers(1, IMAGE_SIZE + 10, 2)
+            img[max(0, y0):y0 + hh, max(0, x0):x0 + ww] = palette[rng.integers(len(palette))]
+        images.append(img)
+    images += [rng.random((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32) for _ in range(10)]
+    prompts = [make_scene(i).prompt for i in range(len(images))]
+    for img, prompt in zip(images, prompts):
+        assert judge(img, prompt)["correct"] in (0, 1)
+        assert set(classify_image(img)) == {"background", "color", "shape", "size"}

@@ -119,8 +119,8 @@ def _fit_template(soft: np.ndarray, blob: np.ndarray) -> tuple[str, int]:
     ys, xs = np.nonzero(blob)
     top, left = int(ys.min()), int(xs.min())
     extent = int(max(ys.max() - top, xs.max() - left)) + 1
-    pad = 4
-    canvas = np.zeros((h + 2 * pad + 40, w + 2 * pad + 40), np.float32)
+    pad = 4  # windows start up to 3 px before the box and reach extent + 4 px into it: room for the largest
+    canvas = np.zeros((h + pad + max(h, w) + 8, w + pad + max(h, w) + 8), np.float32)
     canvas[pad : pad + h, pad : pad + w] = soft
     total = float((soft**2).sum())
     best, best_err = ("circle", extent), np.inf
