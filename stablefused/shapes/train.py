@@ -109,7 +109,7 @@ def build_denoiser(args: argparse.Namespace, latent_size: int) -> dict:
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(num_hidden_layers=3, projection_dim=dim, **text_cfg))
     inner = args.dit_heads * args.dit_head_dim
     transformer = SD3Transformer2DModel(
-        sample_size=latent_size, patch_size=2, in_channels=4, out_channels=4, num_layers=args.dit_layers,
+        sample_size=latent_size, patch_size=args.dit_patch, in_channels=4, out_channels=4, num_layers=args.dit_layers,
         attention_head_dim=args.dit_head_dim, num_attention_heads=args.dit_heads, joint_attention_dim=2 * dim,
         caption_projection_dim=inner, pooled_projection_dim=2 * dim, pos_embed_max_size=latent_size,
         qk_norm="rms_norm")
@@ -334,6 +334,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unet-channels", type=int, nargs="+", default=[64, 128])
     p.add_argument("--unet-layers", type=int, default=1)
     p.add_argument("--dit-layers", type=int, default=6, help="--arch sd3: joint transformer blocks")
+    p.add_argument("--dit-patch", type=int, default=2, help="--arch sd3: patch size (latent pixels per token side)")
     p.add_argument("--dit-heads", type=int, default=4)
     p.add_argument("--dit-head-dim", type=int, default=32)
     p.add_argument("--flow-shift", type=float, default=1.0, help="--arch sd3: the shipped scheduler's shift")
