@@ -266,8 +266,8 @@ def train_denoiser(mods: dict, latents, prompts, args, log, save=None) -> dict:
         ids = ids_all[idx].clone()
         drop = torch.rand(b, generator=g) < args.p_uncond
         noise = torch.randn(z0.shape, generator=g)
-        if flow:  # logit-normal s (SD3 paper); sigma = noise/signal = s / (1 - s)
-            s = torch.sigmoid(torch.randn(b, generator=g))
+        if flow:  # logit-normal s (SD3 paper) or uniform (rectified flow); sigma = noise/signal = s / (1 - s)
+            s = torch.sigmoid(torch.randn(b, generator=g)) if args.flow_times == "logit_normal" else torch.rand(b, generator=g)
             sigma, t = s / (1 - s), s * 1000
         else:
             t = torch.randint(0, 1000, (b,), generator=g)
@@ -338,6 +338,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dit-heads", type=int, default=4)
     p.add_argument("--dit-head-dim", type=int, default=32)
     p.add_argument("--flow-shift", type=float, default=1.0, help="--arch sd3: the shipped scheduler's shift")
+    p.add_argument("--flow-times", default="logit_normal", choices=("logit_normal", "uniform"),
+                   help="--arch sd3: how training draws s (uniform draws s < 0.2 or > 0.8 2.4x as often)")
     p.add_argument("--max-sequence-length", type=int, default=4,
                    help="--arch sd3: the (zero) T5 tokens the transformer sees; sample with the same model.max_sequence_length")
     p.add_argument("--text-dim", type=int, default=64)
