@@ -18,7 +18,7 @@ BUNDLED = Path(__file__).resolve().parent.parent / "models"
 COMMON = ["--world", "scenes", "--max-tokens", "24", "--vae-steps", "1800", "--decoder-steps", "700", "--prompt-swap", "0.5",
           "--prompt-swap-sigma", "2.0"]
 PRESETS = {
-    "scenes": ["--name", "scenes", "--arch", "unet", "--unet-batch", "32", "--unet-steps", "4500", *COMMON],
+    "scenes": ["--name", "scenes", "--arch", "unet", "--unet-batch", "32", "--unet-steps", "9000", *COMMON],
     "scenes_flow": ["--name", "scenes_flow", "--arch", "sd3", "--unet-steps", "5500", "--unet-lr", "6e-4", *COMMON],
     # autoguidance's weak model (Karras et al. 2024): smaller (UNet 32/64 channels) and far less trained (600 steps
     # on 10,000 scenes), on the shipped scenes model's frozen text encoder and VAE, so it takes its conditioning
