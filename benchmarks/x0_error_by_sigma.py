@@ -16,8 +16,8 @@ import types
 
 import torch
 
+from stablefused.guidance_gap import clean_latents, noised
 from stablefused.scenes import data, evaluate
-from stablefused.shapes.train import text_conditioning, to_tensor
 
 SIGMAS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8)
 
@@ -26,33 +26,20 @@ SIGMAS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8)
 def x0_errors(comps, images, prompts, sigmas=SIGMAS, seed: int = 1) -> list[float]:
     from diffusers import DDPMScheduler
 
-    vcfg = comps.vae.config
-    scale, shift = vcfg.scaling_factor, vcfg.get("shift_factor") or 0.0
-    z0 = (comps.vae.encode(to_tensor(images)).latent_dist.mean - shift) * scale
-    flow = comps.family.prediction_type == "flow"
-    ids = comps.tokenizer(list(prompts), padding="max_length", max_length=comps.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids
-    mods = {k: comps.modules[k] for k in ("text_encoder", "text_encoder_2") if comps.modules.get(k) is not None}
-    dim = comps.text_encoder.config.hidden_size
-    cond = text_conditioning(mods, ids, types.SimpleNamespace(arch="sd3" if flow else "unet", text_dim=dim,
-                                                              max_sequence_length=4))
-    alphas = DDPMScheduler(**{k: comps.scheduler_config[k] for k in ("beta_schedule", "beta_start", "beta_end")
-                              if k in comps.scheduler_config}).alphas_cumprod
+    from stablefused.pipeline import Sampler
+
+    sampler = Sampler(comps)
+    fam, scale = sampler.family, float(comps.vae.config.scaling_factor)
+    z0 = clean_latents(comps, images)
+    cond = sampler.encode(list(prompts))
+    flow = fam.prediction_type == "flow"
+    alphas = None if flow else DDPMScheduler.from_config(comps.scheduler_config).alphas_cumprod
     g = torch.Generator().manual_seed(seed)
     out = []
     for sigma in sigmas:
-        eps = torch.randn(z0.shape, generator=g)
-        if flow:
-            s = sigma / (1 + sigma)
-            zt = (1 - s) * z0 + s * eps
-            v = comps.network(hidden_states=zt, timestep=torch.full((len(z0),), s * 1000), **cond).sample
-            x0 = zt - s * v
-        else:
-            t = int(torch.argmin((((1 - alphas) / alphas).sqrt() - sigma).abs()))
-            a = alphas[t]
-            zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
-            e = comps.network(zt, torch.full((len(z0),), t), cond["encoder_hidden_states"]).sample
-            x0 = (zt - (1 - a).sqrt() * e) / a.sqrt()
+        xt, t, signal, noise_coef = noised(z0, torch.randn(z0.shape, generator=g), sigma, alphas)
+        pred = fam(xt, t, cond)  # velocity (flow) or ε
+        x0 = xt - noise_coef * pred if flow else (xt - noise_coef * pred) / signal
         out.append(((x0 - z0) / scale).pow(2).mean().sqrt().item())
     return out
 

@@ -55,6 +55,26 @@ def world_items(world: str, n: int, first_seed: int = 8_000_000) -> tuple[np.nda
 
 
 @torch.no_grad()
+def clean_latents(comps, images: np.ndarray) -> torch.Tensor:
+    """The scaled (and shifted) VAE latents of images in [0, 1], in the family's layout."""
+    vae = comps.vae
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(comps.device, comps.dtype) * 2 - 1
+    shift = float(vae.config.get("shift_factor") or 0.0)
+    return comps.family.from_spatial((vae.encode(x).latent_dist.mean - shift) * float(vae.config.scaling_factor))
+
+
+def noised(z0: torch.Tensor, noise: torch.Tensor, sigma: float, alphas: torch.Tensor | None):
+    """``(x_t, timestep, signal, noise coefficient)`` at noise/signal ``sigma``: flow (``alphas`` None)
+    x_s = (1 - s) x0 + s ε with σ = s / (1 - s); else the training timestep whose noise/signal is nearest σ."""
+    if alphas is None:
+        sv = sigma / (1 + sigma)
+        return (1 - sv) * z0 + sv * noise, torch.tensor(sv * 1000.0), 1 - sv, sv
+    ti = int(torch.argmin((((1 - alphas) / alphas).sqrt() - sigma).abs()))
+    a = float(alphas[ti])
+    return a ** 0.5 * z0 + (1 - a) ** 0.5 * noise, torch.tensor(ti), a ** 0.5, (1 - a) ** 0.5
+
+
+@torch.no_grad()
 def gap_curve(comps, images: np.ndarray, prompts: Sequence[str], sigmas: Sequence[float] = SIGMAS,
               seed: int = 0) -> list[dict[str, float]]:
     """Per σ: the mean relative gap with the images' own prompts and with contradicting ones."""
@@ -63,10 +83,8 @@ def gap_curve(comps, images: np.ndarray, prompts: Sequence[str], sigmas: Sequenc
     from stablefused.pipeline import Sampler
 
     s = Sampler(comps)
-    fam, vae = s.family, comps.vae
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(comps.device, comps.dtype) * 2 - 1
-    shift = float(vae.config.get("shift_factor") or 0.0)
-    z0 = fam.from_spatial((vae.encode(x).latent_dist.mean - shift) * float(vae.config.scaling_factor))
+    fam = s.family
+    z0 = clean_latents(comps, images)
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(z0)
     conds = {"match": s.encode(list(prompts)), "contradict": s.encode([contradict(p) for p in prompts])}
     uncond = s.encode([""] * len(prompts), negative=True)
@@ -74,17 +92,11 @@ def gap_curve(comps, images: np.ndarray, prompts: Sequence[str], sigmas: Sequenc
     alphas = None if flow else DDPMScheduler.from_config(comps.scheduler_config).alphas_cumprod
     rows = []
     for sigma in sigmas:
-        if flow:  # x_s = (1 - s) x0 + s ε, σ = s / (1 - s)
-            sv = sigma / (1 + sigma)
-            xt, t = (1 - sv) * z0 + sv * noise, torch.tensor(sv * 1000.0)
-        else:  # the training timestep whose noise/signal is nearest σ
-            ti = int(torch.argmin((((1 - alphas) / alphas).sqrt() - sigma).abs()))
-            a = float(alphas[ti])
-            xt, t = a ** 0.5 * z0 + (1 - a) ** 0.5 * noise, torch.tensor(ti)
+        xt, t, signal, _ = noised(z0, noise, sigma, alphas)
 
         def eps(cond):
             out = fam(xt, t.to(comps.device), cond)
-            return xt + (1 - sv) * out if flow else out
+            return xt + signal * out if flow else out
 
         e_u = eps(uncond)
         row = {"sigma": float(sigma)}
