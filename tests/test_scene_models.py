@@ -97,9 +97,8 @@ def _sha(folder, sub):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [*SCENE_MODELS, "scenes_weak"])
 def test_retraining_reproduces_the_shipped_weights(tmp_path, name):
-    """The full preset command (about 2 h 40 min for scenes, 1 h 50 min for scenes_flow on this 2-core machine,
-    minutes for the companion):
-    byte-identical weights."""
+    """The full preset command (about 2 h 40 min for scenes, 75 min for scenes_flow on scenes' shipped VAE, on
+    this 2-core machine, minutes for the companion): byte-identical weights."""
     from stablefused.scenes import train
 
     train.main([name, "--out", str(tmp_path / name), "--no-eval"])
