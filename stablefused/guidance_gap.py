@@ -164,6 +164,7 @@ def _source(world: str, seed: int) -> tuple[np.ndarray, str, str, str]:
         from stablefused.scenes import data as sd
 
         scene = sd.make_scene(seed, category="single")
+        scene.objects = scene.objects[:1]  # the named shape alone (a single scene may hold unnamed others)
         scene.objects[0].color = colour
         return sd.render(scene), colour, scene.objects[0].shape, scene.background
     from stablefused.shapes import data as shd

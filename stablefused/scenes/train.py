@@ -21,8 +21,8 @@ PRESETS = {
     "scenes": ["--name", "scenes", "--arch", "unet", "--unet-batch", "32", "--unet-steps", "9000", *COMMON],
     # the transformer on scenes' VAE: the VAE stages' random stream follows the denoiser's initialisation, so a VAE
     # of its own would differ from scenes' by the architecture alone (the shipped one is scenes', byte for byte)
-    "scenes_flow": ["--name", "scenes_flow", "--arch", "sd3", "--unet-steps", "5500", "--unet-lr", "6e-4", *COMMON,
-                    "--vae-from", str(BUNDLED / "scenes")],
+    "scenes_flow": ["--name", "scenes_flow", "--arch", "sd3", "--unet-batch", "32", "--unet-steps", "18000", "--unet-lr",
+                    "6e-4", *COMMON, "--vae-from", str(BUNDLED / "scenes")],
     # autoguidance's weak model (Karras et al. 2024): smaller (UNet 32/64 channels) and far less trained (600 steps
     # on 10,000 scenes), on the shipped scenes model's frozen text encoder and VAE, so it takes its conditioning
     "scenes_weak": ["--name", "scenes_weak", "--arch", "unet", "--unet-batch", "32", "--unet-steps", "600",
