@@ -115,14 +115,18 @@ def grid(
     f = font(fsize)
     pad = fsize // 2
     left = _text_width(row_labels, f) + 2 * pad if row_labels else 0
-    top = (fsize + 2 * pad) * (2 if title else 1) if col_labels or title else 0
+    lh = int(fsize * 1.2)  # line height of multi-line labels ("cfg\nw=7.5")
+    col_lines = max((len(str(lab).split("\n")) for lab in col_labels), default=0)
+    top = (fsize + 2 * pad if title else 0) + (fsize + 2 * pad + (col_lines - 1) * lh if col_lines else 0)
     out = Image.new("RGB", (left + cols * cw, top + rows * ch), "white")
     d = ImageDraw.Draw(out)
     if title:
         d.text((pad, pad), title, fill="black", font=f)
-    for j, lab in enumerate(col_labels):
+    for j, lab in enumerate(col_labels):  # bottom-aligned: each label's last line sits just above the cells
         x = left + j * cw + cw // 2
-        d.text((x, top - pad), str(lab), fill="black", font=f, anchor="ms")
+        lines = str(lab).split("\n")
+        for n, line in enumerate(lines):
+            d.text((x, top - pad - (len(lines) - 1 - n) * lh), line, fill="black", font=f, anchor="ms")
     for i, lab in enumerate(row_labels):
         y = top + i * ch + ch // 2
         _multiline(d, (pad, y), str(lab), f)

@@ -153,3 +153,17 @@ def test_stats_plot_shows_a_gap_where_a_pass_was_skipped(tmp_path):
     assert np.isnan(lines["w=0"][1]).all() and np.isnan(lines["w=1"][1]).all()
     assert np.isfinite(lines["w=7.5"][1]).all()
     assert (tmp_path / "stats_plot.png").is_file()
+
+
+def test_grid_shows_every_line_of_a_column_label():
+    """A guider at two scales gets columns "cfg\\nw=3" and "cfg\\nw=7.5": the header grows to hold both lines
+    (it used to keep one line's height, so the second line was drawn under the images)."""
+    from stablefused.outputs import grid
+
+    cells = [Image.new("RGB", (48, 48), "white")] * 2
+    one, two = grid(cells, 1, 2, col_labels=["cfg", "cfg"]), grid(cells, 1, 2, col_labels=["cfg\nw=3", "cfg\nw=7.5"])
+    top_one, top_two = one.height - 192, two.height - 192  # cells are upscaled to 192 px
+    assert top_two > top_one
+    ink = (np.asarray(two.convert("L"))[:top_two] < 128).any(axis=1)  # header rows with text in them
+    bands = int(ink[0]) + int(np.sum(ink[1:] & ~ink[:-1]))  # separate runs of inked rows: one per line
+    assert bands == 2
