@@ -104,3 +104,24 @@ def test_judge_reads_any_image_without_failing():
     for img, prompt in zip(images, prompts):
         assert judge(img, prompt)["correct"] in (0, 1)
         assert set(classify_image(img)) == {"background", "color", "shape", "size"}
+
+
+def test_object_neglect_counts_a_second_shape_drawn_as_the_first():
+    """benchmarks/object_neglect.py's tally on rendered scenes: a right two-object scene loses nothing; the same
+    scene with the second-named shape drawn as the first is 'second missing' and 'second drawn as the first'."""
+    import copy
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "object_neglect.py"
+    spec = importlib.util.spec_from_file_location("object_neglect", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    scene = make_scene(11, "two")
+    (_, _, first), (_, _, second) = parse_prompt(scene.prompt)["wants"]
+    assert bench.neglect([render(scene)], [scene.prompt]) == {
+        "pass": 1.0, "first missing": 0.0, "second missing": 0.0, "second drawn as first": 0.0}
+    leaked = copy.deepcopy(scene)
+    next(o for o in leaked.objects if o.shape == second).shape = first
+    assert bench.neglect([render(leaked)], [scene.prompt]) == {
+        "pass": 0.0, "first missing": 0.0, "second missing": 1.0, "second drawn as first": 1.0}
