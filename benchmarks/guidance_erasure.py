@@ -7,7 +7,7 @@ pass rate.
 Guidance extrapolates the conditional prediction away from the unconditional one. If the scenes a prompt
 describes hold fewer objects than the data's average (a lone object against one to three), the extrapolation
 points towards *fewer objects*, and at high guidance the named object vanishes. The prompts are the quality
-table's single-object prompts (:func:`stablefused.scenes.evaluate.eval_prompts`, every sixth of 240: 40 prompts),
+table's single-object prompts (:func:`stablefused.scenes.evaluate.category_prompts`: 40 of the 240),
 seeds 0..39, 20 steps of the model's scheduler.
 """
 
@@ -18,12 +18,8 @@ import argparse
 import numpy as np
 import torch
 
-from stablefused.scenes import data, evaluate
+from stablefused.scenes import evaluate
 from stablefused.scenes.judge import detect, judge
-
-
-def single_prompts(n: int = 240) -> list[str]:
-    return [p for i, p in enumerate(evaluate.eval_prompts(n)) if data.CATEGORIES[i % len(data.CATEGORIES)] == "single"]
 
 
 def erasure(comps, scales, prompts, steps: int = 20) -> dict[float, dict[str, float]]:
@@ -32,8 +28,7 @@ def erasure(comps, scales, prompts, steps: int = 20) -> dict[float, dict[str, fl
     sampler = Sampler(comps)
     out = {}
     for g in scales:
-        images = sampler.txt2img(prompts, list(range(len(prompts))), [float(g)] * len(prompts), steps=steps,
-                                 progress=False).images
+        images = evaluate.sample(sampler, prompts, g, steps)
         counts = [len(detect(im)[1]) for im in images]
         out[float(g)] = {"objects": float(np.mean(counts)), "empty": float(np.mean([c == 0 for c in counts])),
                          "pass": float(np.mean([judge(im, p)["correct"] for im, p in zip(images, prompts)]))}
@@ -46,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 4.0, 7.5])
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    prompts = single_prompts()
+    prompts = evaluate.category_prompts("single")
     print(f"| model | guidance | objects / image | empty canvas | single-object pass rate |  ({len(prompts)} prompts)")
     print("|---|---|---|---|---|")
     for m in a.models:

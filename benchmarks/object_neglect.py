@@ -5,8 +5,8 @@ that Attend-and-Excite (Chefer et al. 2023) describes in real text-to-image mode
 
     OMP_NUM_THREADS=1 python benchmarks/object_neglect.py scenes scenes_flow [--scales 3 7.5]
 
-The prompts are the quality table's two-object prompts (:func:`stablefused.scenes.evaluate.eval_prompts`, every
-sixth of 240 from the second: 40 prompts), seeds 0..39, 20 steps of the model's scheduler.
+The prompts are the quality table's two-object prompts (:func:`stablefused.scenes.evaluate.category_prompts`: 40
+of the 240), seeds 0..39, 20 steps of the model's scheduler.
 """
 
 from __future__ import annotations
@@ -15,12 +15,8 @@ import argparse
 
 import torch
 
-from stablefused.scenes import data, evaluate
+from stablefused.scenes import evaluate
 from stablefused.scenes.judge import detect, judge, parse_prompt
-
-
-def two_prompts(n: int = 240) -> list[str]:
-    return [p for i, p in enumerate(evaluate.eval_prompts(n)) if data.CATEGORIES[i % len(data.CATEGORIES)] == "two"]
 
 
 def neglect(images, prompts) -> dict[str, float]:
@@ -43,16 +39,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     from stablefused.pipeline import Sampler
 
-    prompts = two_prompts()
+    prompts = evaluate.category_prompts("two")
     print(f"| model | guidance | pass rate | first-named shape missing | second missing | second drawn as the first |"
           f"  ({len(prompts)} prompts)")
     print("|---|---|---|---|---|---|")
     for name in a.models:
         sampler = Sampler(evaluate.load(name))
         for g in a.scales:
-            images = sampler.txt2img(prompts, list(range(len(prompts))), [g] * len(prompts), steps=20,
-                                     progress=False).images
-            r = neglect(images, prompts)
+            r = neglect(evaluate.sample(sampler, prompts, g), prompts)
             print(f"| {name} | {g:g} | " + " | ".join(f"{v:.2f}" for v in r.values()) + " |", flush=True)
 
 

@@ -115,7 +115,7 @@ def grid(
     f = font(fsize)
     pad = fsize // 2
     left = _text_width(row_labels, f) + 2 * pad if row_labels else 0
-    lh = int(fsize * 1.2)  # line height of multi-line labels ("cfg\nw=7.5")
+    lh = _line_height(f)  # of multi-line labels ("cfg\nw=7.5")
     col_lines = max((len(str(lab).split("\n")) for lab in col_labels), default=0)
     top = (fsize + 2 * pad if title else 0) + (fsize + 2 * pad + (col_lines - 1) * lh if col_lines else 0)
     out = Image.new("RGB", (left + cols * cw, top + rows * ch), "white")
@@ -146,9 +146,13 @@ def _text_width(labels: Sequence[str], f: ImageFont.ImageFont) -> int:
     return width
 
 
+def _line_height(f: ImageFont.ImageFont) -> int:
+    return int(f.size * 1.2)
+
+
 def _multiline(d: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, f: ImageFont.ImageFont) -> None:
     lines = text.split("\n")
-    lh = int(f.size * 1.2)
+    lh = _line_height(f)
     x, y = xy
     y0 = y - lh * len(lines) // 2
     for n, line in enumerate(lines):

@@ -46,6 +46,23 @@ def eval_prompts(n: int, first_seed: int = EVAL_FIRST_SEED) -> list[str]:
             for i in range(n)]
 
 
+def category_prompts(category: str, n: int = 240, first_seed: int = EVAL_FIRST_SEED) -> list[str]:
+    """The prompts of one category among :func:`eval_prompts` (n) — every sixth, in order."""
+    k = len(data.CATEGORIES)
+    return [data.make_scene(first_seed + i, category=category).prompt
+            for i in range(data.CATEGORIES.index(category), n, k)]
+
+
+def sample(sampler, prompts: Sequence[str], scale: float, steps: int = 20, seed: int = 0, chunk: int = 120) -> list:
+    """One image per prompt at guidance ``scale``, seeds seed, seed+1, ..., in batches of ``chunk``."""
+    images = []
+    for i in range(0, len(prompts), chunk):
+        ps = list(prompts[i:i + chunk])
+        images.extend(sampler.txt2img(ps, list(range(seed + i, seed + i + len(ps))), [float(scale)] * len(ps),
+                                      steps=steps, progress=False).images)
+    return images
+
+
 @torch.no_grad()
 def vae_accuracy(comps, n: int = 300, first_seed: int = 5_000_000) -> dict[str, float]:
     """Judge pass rate of VAE reconstructions of fresh scenes, against their own prompts."""
@@ -78,17 +95,11 @@ def table(comps, n: int = 240, scales: Sequence[float] = SCALES, steps: int = 20
     from stablefused.pipeline import Sampler
 
     prompts = list(prompts) if prompts is not None else eval_prompts(n)
-    n = len(prompts)
     sampler = Sampler(comps)
     rows = {}
     for g in scales:
-        verdicts = []
-        for i in range(0, n, chunk):
-            ps = prompts[i:i + chunk]
-            images = sampler.txt2img(ps, list(range(seed + i, seed + i + len(ps))), [float(g)] * len(ps),
-                                     steps=steps, progress=False).images
-            verdicts += [judge(im, p) for im, p in zip(images, ps)]
-        rows[f"guidance {g:g}"] = pass_rates(verdicts)
+        images = sample(sampler, prompts, g, steps, seed, chunk)
+        rows[f"guidance {g:g}"] = pass_rates([judge(im, p) for im, p in zip(images, prompts)])
     rows["chance (random scene)"] = chance(prompts)
     return rows
 
