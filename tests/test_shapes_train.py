@@ -57,6 +57,28 @@ def test_scene_presets_train_loadable_models(tmp_path, preset):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_vae_threads_keep_the_vae_of_a_single_threaded_run(tmp_path):
+    """--vae-threads 1 with --threads 2: the VAE stages give the one-thread run's bytes (the VAE the companion
+    presets load), while the denoiser stage runs on two threads."""
+    from safetensors.torch import load_file
+
+    from stablefused.shapes import train
+
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    small = ARGS[2:] + ["--vae-only"]
+    before = torch.get_num_threads()
+    try:
+        for run, threads in (("one", ["--threads", "1"]), ("two", ["--threads", "2"]),
+                             ("split", ["--threads", "2", "--vae-threads", "1"])):
+            train.main(["--out", str(tmp_path / run), *threads, *small])
+    finally:
+        torch.set_num_threads(before)
+    one, two, split = (load_file(tmp_path / run / vae) for run in ("one", "two", "split"))
+    assert all(torch.equal(one[k], split[k]) for k in one)
+    assert not all(torch.equal(one[k], two[k]) for k in one)  # two threads round differently: the flag matters
+
+
 def test_default_output_is_a_new_folder_not_the_shipped_weights(tmp_path, monkeypatch):
     from stablefused.shapes import train
 

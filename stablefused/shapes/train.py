@@ -313,6 +313,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"write over the shipped weights in {MODELS_DIR}/<name> (the only way to write there)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
+    p.add_argument("--vae-threads", type=int, default=None,
+                   help="threads for stages 1-2 (default --threads); the thread count changes float rounding, so "
+                        "a VAE other presets load keeps its bytes only at the thread count it was trained with")
     p.add_argument("--device", default="cpu")
     p.add_argument("--vae-steps", type=int, default=2500)
     p.add_argument("--vae-batch", type=int, default=32)
@@ -395,6 +398,7 @@ def _vae_stages(vae, args, out: Path, log):
         finetune_decoder(vae, args, log)
         if args.eval:
             log(f"vae reconstruction accuracy after decoder fine-tuning: {ev.vae_accuracy(SimpleNamespace(vae=vae))}")
+    torch.set_num_threads(args.threads)  # stages 1-2 ran on --vae-threads
     means, stds, prompts = encode_dataset(vae, args.dataset_size, args)
     z = means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(args.seed))
     args.shift_factor = float(z.mean()) if args.arch == "sd3" else 0.0  # SD1.x-style pipelines apply no shift
@@ -409,7 +413,7 @@ def _vae_stages(vae, args, out: Path, log):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.world = world(args.world)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.vae_threads or args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(args.seed)
     out = Path(args.out)
