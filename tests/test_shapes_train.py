@@ -61,7 +61,7 @@ def test_scene_presets_train_loadable_models(tmp_path, preset):
 @pytest.mark.slow
 def test_vae_threads_keep_the_vae_of_a_single_threaded_run(tmp_path):
     """--vae-threads 1 with --threads 2: the VAE stages give the one-thread run's bytes (the VAE the companion
-    presets load), while the denoiser stage runs on two threads."""
+    presets load); what follows them runs on --threads."""
     from safetensors.torch import load_file
 
     from stablefused.shapes import train
