@@ -47,10 +47,8 @@ def eval_prompts(n: int, first_seed: int = EVAL_FIRST_SEED) -> list[str]:
 
 
 def category_prompts(category: str, n: int = 240, first_seed: int = EVAL_FIRST_SEED) -> list[str]:
-    """The prompts of one category among :func:`eval_prompts` (n) — every sixth, in order."""
-    k = len(data.CATEGORIES)
-    return [data.make_scene(first_seed + i, category=category).prompt
-            for i in range(data.CATEGORIES.index(category), n, k)]
+    """The prompts of one category among :func:`eval_prompts` (n), in order."""
+    return eval_prompts(n, first_seed)[data.CATEGORIES.index(category)::len(data.CATEGORIES)]
 
 
 def sample(sampler, prompts: Sequence[str], scale: float, steps: int = 20, seed: int = 0, chunk: int = 120) -> list:
