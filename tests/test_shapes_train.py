@@ -61,7 +61,7 @@ def test_scene_presets_train_loadable_models(tmp_path, preset):
 @pytest.mark.slow
 def test_vae_threads_keep_the_vae_of_a_single_threaded_run(tmp_path):
     """--vae-threads 1 with --threads 2: the VAE stages give the one-thread run's bytes (the VAE the companion
-    presets load); what follows them runs on --threads."""
+    presets load); what follows them runs on --threads, with or without the VAE stages (--vae-from)."""
     from safetensors.torch import load_file
 
     from stablefused.shapes import train
@@ -78,6 +78,14 @@ def test_vae_threads_keep_the_vae_of_a_single_threaded_run(tmp_path):
     one, two, split = (load_file(tmp_path / run / vae) for run in ("one", "two", "split"))
     assert all(torch.equal(one[k], split[k]) for k in one)
     assert not all(torch.equal(one[k], two[k]) for k in one)  # two threads round differently: the flag matters
+    # the shipped scenes weights are a --vae-from run of its preset (UNet on two threads): the full run's bytes
+    full = ["--threads", "2", "--vae-threads", "1", *ARGS[2:]]
+    try:
+        train.main(["--out", str(tmp_path / "full"), *full])
+        train.main(["--out", str(tmp_path / "from"), "--vae-from", str(tmp_path / "full"), *full])
+    finally:
+        torch.set_num_threads(before)
+    _same(tmp_path / "full", tmp_path / "from")
 
 
 def test_default_output_is_a_new_folder_not_the_shipped_weights(tmp_path, monkeypatch):
