@@ -125,3 +125,26 @@ def test_object_neglect_counts_a_second_shape_drawn_as_the_first():
     next(o for o in leaked.objects if o.shape == second).shape = first
     assert bench.neglect([render(leaked)], [scene.prompt]) == {
         "pass": 0.0, "first missing": 0.0, "second missing": 1.0, "second drawn as first": 1.0}
+
+
+def test_single_scenes_hold_the_asked_number_of_unnamed_objects():
+    """``single_others`` sets how many unnamed objects share a single-object scene (scenes_flow's preset: 1-2,
+    so "a circle" does not mean fewer objects than average); the prompt names the first object's shape alone."""
+    for lo, hi in ((0, 2), (1, 2), (0, 0), (2, 2)):
+        scenes = [make_scene(i, "single", single_others=(lo, hi)) for i in range(60)]
+        assert {len(s.objects) - 1 for s in scenes} == set(range(lo, hi + 1))
+        assert all(s.prompt.split(" on ")[0] == f"a {s.objects[0].shape}" for s in scenes)
+        assert all(o.shape != s.objects[0].shape for s in scenes for o in s.objects[1:])
+        assert all(judge(render(s), s.prompt)["correct"] for s in scenes)
+
+
+def test_default_scenes_are_the_ones_the_shipped_models_were_trained_on():
+    """The training items' bytes for seeds 0..599, pinned: a change to the default scene stream (even the order of
+    the random draws) would make the presets' weights unreproducible."""
+    import hashlib
+
+    from stablefused.scenes.data import items
+
+    imgs, prompts, masks = items(range(600))
+    digest = hashlib.sha256(imgs.tobytes() + "|".join(prompts).encode() + masks.tobytes()).hexdigest()
+    assert digest == "709e791c9f323af4e4ca4bdc1430809065f34a5bef5fee77623fa577a44c9939"

@@ -96,3 +96,25 @@ def test_default_output_is_a_new_folder_not_the_shipped_weights(tmp_path, monkey
     assert train.parse_args(["--overwrite-bundled"]).out == str(bundled)
     with pytest.raises(SystemExit):
         train.parse_args(["--out", str(bundled)])
+
+
+def test_single_others_is_checked_and_reaches_the_training_items():
+    import numpy as np
+
+    from stablefused.scenes.data import make_scene
+    from stablefused.shapes import train
+
+    for bad in (["--single-others", "1", "3", "--world", "scenes"], ["--single-others", "2", "1", "--world", "scenes"],
+                ["--single-others", "1", "2"]):  # (the last: shapes has no single-object scenes)
+        with pytest.raises(SystemExit):
+            train.parse_args(bad + ["--out", "x"])
+    args = train.parse_args(["--world", "scenes", "--single-others", "1", "2", "--out", "x"])
+    args.world = train.world(args.world)
+    _, prompts, masks = train.world_items(args, range(300))
+    plain = train.parse_args(["--world", "scenes", "--out", "x"])
+    plain.world = train.world(plain.world)
+    _, same_prompts, plain_masks = train.world_items(plain, range(300))
+    single = np.array([make_scene(i).category == "single" for i in range(300)])
+    assert np.array_equal(masks[~single], plain_masks[~single])  # only single scenes change
+    assert [p for p, s in zip(prompts, single) if not s] == [p for p, s in zip(same_prompts, single) if not s]
+    assert masks[single].sum() > 1.15 * plain_masks[single].sum()  # (2.5 objects on average against 2: 1.24 here)

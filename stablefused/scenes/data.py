@@ -39,6 +39,7 @@ RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": 
 NUMBERS = {2: "two", 3: "three"}
 GAP = 2
 MIN_APART = IMAGE_SIZE // 4
+SINGLE_OTHERS = (0, 2)  # unnamed objects beside a single scene's named one (min, max)
 
 
 @dataclass
@@ -97,8 +98,10 @@ def _describe(count: int, color: str | None, shape: str) -> str:
     return f"a {words}" if count == 1 else f"{NUMBERS[count]} {words}s"
 
 
-def make_scene(seed: int, category: str | None = None, size: int = IMAGE_SIZE) -> Scene:
-    """Scene number ``seed`` (a category drawn from the seed unless given)."""
+def make_scene(seed: int, category: str | None = None, size: int = IMAGE_SIZE,
+               single_others: tuple[int, int] = SINGLE_OTHERS) -> Scene:
+    """Scene number ``seed`` (a category drawn from the seed unless given); a ``single`` scene holds
+    ``single_others`` (min, max) unnamed objects beside the named one."""
     rng = np.random.default_rng([48_017, int(seed)])
     category = category or CATEGORIES[int(rng.integers(len(CATEGORIES)))]
     colors, shapes = list(COLORS), list(SHAPES)
@@ -112,8 +115,9 @@ def make_scene(seed: int, category: str | None = None, size: int = IMAGE_SIZE) -
         if category == "single":  # the named shape once, and 0-2 objects of other shapes the prompt leaves out
             shape = pick(shapes, 1)[0]
             others = [s for s in shapes if s != shape]
-            specs = [(pick(colors, 1)[0], shape)] + [(pick(colors, 1)[0], others[int(rng.integers(len(others)))])
-                                                     for _ in range(int(rng.integers(3)))]
+            specs = [(pick(colors, 1)[0], shape)]  # (the draws in this order: each seed's scene as before)
+            specs += [(pick(colors, 1)[0], others[int(rng.integers(len(others)))])
+                      for _ in range(int(rng.integers(single_others[0], single_others[1] + 1)))]
             wants = [(1, None, shape)]
         elif category == "two":
             (c1, c2), (s1, s2) = pick(colors, 2), pick(shapes, 2)
@@ -162,9 +166,9 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     return img
 
 
-def batch(seeds, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[Scene]]:
+def batch(seeds, size: int = IMAGE_SIZE, single_others: tuple[int, int] = SINGLE_OTHERS) -> tuple[np.ndarray, list[Scene]]:
     """Images (N, H, W, 3) and scenes for ``seeds``."""
-    scenes = [make_scene(int(s), size=size) for s in seeds]
+    scenes = [make_scene(int(s), size=size, single_others=single_others) for s in seeds]
     return np.stack([render(s, size) for s in scenes]), scenes
 
 
@@ -174,9 +178,10 @@ VOCABULARY = tuple(dict.fromkeys(
     + tuple(w for rel in RELATIONS for w in rel.split()) + tuple(BACKGROUNDS)))
 
 
-def items(seeds, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[str], np.ndarray]:
+def items(seeds, size: int = IMAGE_SIZE, single_others: tuple[int, int] = SINGLE_OTHERS
+          ) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Training items for ``seeds``: images (N, H, W, 3), prompts, foreground masks (N, H, W) (the objects'
     pixels), as :func:`stablefused.shapes.data.batch` gives them for shapes."""
-    imgs, scenes = batch(seeds, size)
+    imgs, scenes = batch(seeds, size, single_others)
     bgs = np.array([BACKGROUNDS[s.background] for s in scenes], np.float32)[:, None, None, :]
     return imgs, [s.prompt for s in scenes], np.abs(imgs - bgs).sum(-1) > 0

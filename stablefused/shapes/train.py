@@ -63,6 +63,12 @@ def world(name: str) -> SimpleNamespace:
     return SimpleNamespace(name=name, data=importlib.import_module(data_mod), evaluate=eval_mod)
 
 
+def world_items(args: argparse.Namespace, seeds):
+    """The world's training items for ``seeds`` (scenes: with ``--single-others``)."""
+    kw = {"single_others": tuple(args.single_others)} if args.single_others else {}
+    return args.world.data.items(seeds, **kw)
+
+
 def schedule(args: argparse.Namespace) -> dict:
     """The noise schedule for training (DDPMScheduler) and sampling (the shipped DDIM config)."""
     return dict(num_train_timesteps=1000, beta_start=args.beta_start, beta_end=args.beta_end, beta_schedule=args.beta_schedule)
@@ -204,7 +210,7 @@ def finetune_decoder(vae, args, log) -> None:
     t0 = time.time()
     for step in range(args.decoder_steps):
         seeds = range(20_000_000 + step * args.vae_batch, 20_000_000 + (step + 1) * args.vae_batch)
-        imgs, _, masks = args.world.data.items(seeds)
+        imgs, _, masks = world_items(args, seeds)
         x = to_tensor(imgs).to(args.device)
         w = (vae_loss_weights(masks) * (1 + args.edge_weight * torch.from_numpy(edge_map(masks)).float()[:, None])).to(args.device)
         with torch.no_grad():
@@ -224,7 +230,7 @@ def encode_dataset(vae, n: int, args) -> tuple[torch.Tensor, torch.Tensor, list[
     """Latent means/stds and prompts of dataset items 0..n-1."""
     means, stds, prompts = [], [], []
     for start in range(0, n, 256):
-        imgs, p, _ = args.world.data.items(range(start, min(n, start + 256)))
+        imgs, p, _ = world_items(args, range(start, min(n, start + 256)))
         post = vae.encode(to_tensor(imgs).to(args.device)).latent_dist
         means.append(post.mean.cpu())
         stds.append(post.std.cpu())
@@ -351,6 +357,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-swap", type=float, default=0.5, help="prompt-swap probability at sigma 0 (see above)")
     p.add_argument("--prompt-swap-sigma", type=float, default=2.0, help="sigma where prompt swapping stops")
     p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--single-others", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="--world scenes: unnamed objects beside a single-object scene's named one (data default 0 2)")
     p.add_argument("--dataset-size", type=int, default=50_000, help="items encoded for stage 3")
     p.add_argument("--decoder-steps", type=int, default=1500, help="stage 2: decoder-only fine-tuning steps")
     p.add_argument("--decoder-lr", type=float, default=5e-4)
@@ -358,6 +366,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=0, help="also save EMA checkpoints every N stage-3 steps (to <out>-step<N>)")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True, help="VAE accuracy after its stages and a quality report at the end")
     args = p.parse_args(argv)
+    if args.single_others and (args.world != "scenes" or not 0 <= args.single_others[0] <= args.single_others[1] <= 2):
+        p.error(f"--single-others {' '.join(map(str, args.single_others))}: give MIN MAX with 0 <= MIN <= MAX <= 2, "
+                "for --world scenes only")
     args.out = str(output_dir(args, p.error))
     return args
 
