@@ -472,7 +472,8 @@ def main(argv: list[str] | None = None) -> None:
                            {**sched.config, "_class_name": type(sched).__name__}, torch.device("cpu"), torch.float32,
                            family_name="sd" if args.arch == "unet" else "sd3")
         save_components(comps, folder)
-        if step is not None:
+        if step is not None:  # loadable like the final folder: a flow model's T5 length is in its training args
+            _write_training_args(args, folder, start, step=step)
             log(f"checkpoint at step {step}: {folder}")
         return folder
 
@@ -481,12 +482,18 @@ def main(argv: list[str] | None = None) -> None:
     _finish(args, out, start, log)
 
 
-def _finish(args, out: Path, start: float, log) -> None:
+def _write_training_args(args, folder: Path, start: float, step: int | None = None) -> None:
     skip = ("out", "overwrite_bundled", "device", "vae_from", "vae_only", "world")
     train_info = {k: v for k, v in vars(args).items() if k not in skip}
     train_info["world"] = args.world.name
+    if step is not None:
+        train_info["checkpoint_step"] = step
     train_info["train_seconds"] = round(time.time() - start, 1)
-    (out / "training_args.json").write_text(json.dumps(train_info, indent=2) + "\n")
+    (folder / "training_args.json").write_text(json.dumps(train_info, indent=2) + "\n")
+
+
+def _finish(args, out: Path, start: float, log) -> None:
+    _write_training_args(args, out, start)
     log(f"saved to {out} ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
     if args.eval:
         ev = importlib.import_module(args.world.evaluate)
