@@ -112,7 +112,7 @@ def make_scene(seed: int, category: str | None = None, size: int = IMAGE_SIZE,
 
     while True:
         relation = None
-        if category == "single":  # the named shape once, and 0-2 objects of other shapes the prompt leaves out
+        if category == "single":  # the named shape once, and single_others objects of other shapes (unnamed)
             shape = pick(shapes, 1)[0]
             others = [s for s in shapes if s != shape]
             specs = [(pick(colors, 1)[0], shape)]  # (the draws in this order: each seed's scene as before)
@@ -166,7 +166,8 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     return img
 
 
-def batch(seeds, size: int = IMAGE_SIZE, single_others: tuple[int, int] = SINGLE_OTHERS) -> tuple[np.ndarray, list[Scene]]:
+def batch(seeds, size: int = IMAGE_SIZE, single_others: tuple[int, int] = SINGLE_OTHERS
+          ) -> tuple[np.ndarray, list[Scene]]:
     """Images (N, H, W, 3) and scenes for ``seeds``."""
     scenes = [make_scene(int(s), size=size, single_others=single_others) for s in seeds]
     return np.stack([render(s, size) for s in scenes]), scenes
