@@ -41,14 +41,15 @@ def unknown_words(prompt: str, known: set[str] | None) -> list[str]:
     return list(dict.fromkeys(w for w in words(prompt) if w not in known))
 
 
-def build_word_tokenizer(words: list[str], model_max_length: int = 16) -> CLIPTokenizer:
+def build_word_tokenizer(words: list[str], model_max_length: int = 16, whole_words: bool = False) -> CLIPTokenizer:
     """A CLIP tokenizer with a BPE merge chain for every word in ``words`` (left to right).
 
     Most words become one token; a word whose chain is pre-empted by an earlier word's higher-ranked merge
-    stays a few tokens (e.g. "green" after "red": ``g re e n</w>``) — still deterministic. Other text
-    tokenizes letter by letter, so any prompt encodes. Token ids: 0 = BOS, 1 = EOS/pad, then single
-    characters, then merge products in a fixed order: the same words give the same ids. (The bundled
-    shapes model's tokenizer was built with this function; keep its behaviour stable.)
+    stays a few tokens (e.g. "green" after "red": ``g re e n</w>``) — still deterministic. ``whole_words``
+    appends, lowest-ranked, the merges that join such a word's leftover pieces, until every word is one token.
+    Other text tokenizes letter by letter, so any prompt encodes. Token ids: 0 = BOS, 1 = EOS/pad, then single
+    characters, then merge products in a fixed order: the same words give the same ids. (The bundled shapes
+    and ``scenes`` models' tokenizers were built without ``whole_words``; keep that behaviour stable.)
     """
     from transformers import CLIPTokenizer
 
@@ -72,5 +73,14 @@ def build_word_tokenizer(words: list[str], model_max_length: int = 16) -> CLIPTo
             left = left + right
             add(left)
     tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    while whole_words:  # join the first two leftover pieces of each split word; appended merges rank last
+        split = [p for w in dict.fromkeys(w.lower() for w in words) if len(p := tok.tokenize(w)) > 1]
+        if not split:
+            break
+        for pieces in split:
+            if (pieces[0], pieces[1]) not in merges:
+                merges.append((pieces[0], pieces[1]))
+                add(pieces[0] + pieces[1])
+        tok = CLIPTokenizer(vocab=vocab, merges=merges)
     tok.model_max_length = model_max_length
     return tok

@@ -148,3 +148,30 @@ def test_default_scenes_are_the_ones_the_shipped_models_were_trained_on():
     imgs, prompts, masks = items(range(600))
     digest = hashlib.sha256(imgs.tobytes() + "|".join(prompts).encode() + masks.tobytes()).hexdigest()
     assert digest == "709e791c9f323af4e4ca4bdc1430809065f34a5bef5fee77623fa577a44c9939"
+
+
+def test_whole_word_tokenizer_fits_every_scene_prompt_and_keeps_the_shipped_one():
+    """``--whole-word-tokens`` (scenes_flow's preset): every vocabulary word is one token ("green" and "triangle"
+    are 4 and 5 pieces otherwise), so every scene prompt fits the preset's 16-token window; without the flag the
+    build is the shipped scenes tokenizer, token for token (its weights stay reproducible)."""
+    from transformers import CLIPTokenizer
+
+    from stablefused.paths import bundled_models_dir
+    from stablefused.scenes.data import VOCABULARY
+    from stablefused.text import build_word_tokenizer
+
+    whole = build_word_tokenizer(list(VOCABULARY), 16, whole_words=True)
+    plain = build_word_tokenizer(list(VOCABULARY), 24)
+    assert [w for w in VOCABULARY if len(whole.tokenize(w)) > 1] == []
+    assert len(plain.tokenize("green")) == 4 and len(plain.tokenize("triangle")) == 5
+    lengths = [len(whole(make_scene(s).prompt).input_ids) for s in range(2000)]
+    assert max(lengths) <= whole.model_max_length and max(lengths) > 12
+    text = "a green triangle right of two blue squares on a black background"
+    assert whole.decode(whole(text).input_ids, skip_special_tokens=True).strip() == text
+    assert whole.tokenize("xyz") == ["x", "y", "z</w>"]  # other words letter by letter, as before
+    folder = bundled_models_dir() / "scenes" / "tokenizer"
+    if folder.is_dir():
+        shipped = CLIPTokenizer.from_pretrained(folder)
+        texts = [*VOCABULARY, *(make_scene(s).prompt for s in range(300)), "greens triangular xyz"]
+        assert shipped.get_vocab() == plain.get_vocab()
+        assert [shipped.tokenize(t) for t in texts] == [plain.tokenize(t) for t in texts]

@@ -32,7 +32,8 @@ image that contradicts the prompt: image-to-image at strength 0.15 becomes a noi
 Stages are independent given the seed: ``--vae-from FOLDER`` (a finished run's VAE, trained with the same args)
 skips stages 1-2 and gives the same weights as the full run.
 
-The tokenizers are CLIP tokenizers over the world's vocabulary (:func:`stablefused.text.build_word_tokenizer`).
+The tokenizers are CLIP tokenizers over the world's vocabulary (:func:`stablefused.text.build_word_tokenizer`;
+``--whole-word-tokens``: every word one token).
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def build_denoiser(args: argparse.Namespace, latent_size: int) -> dict:
     from stablefused.text import build_word_tokenizer
 
     window = args.max_tokens
-    tokenizer = build_word_tokenizer(list(args.world.data.VOCABULARY), model_max_length=window)
+    tokenizer = build_word_tokenizer(list(args.world.data.VOCABULARY), model_max_length=window,
+                                     whole_words=args.whole_word_tokens)
     dim = args.text_dim
     text_cfg = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=dim, intermediate_size=2 * dim,
                     num_attention_heads=4, vocab_size=len(tokenizer), max_position_embeddings=window)
@@ -353,6 +355,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--arch sd3: the (zero) T5 tokens the transformer sees; sample with the same model.max_sequence_length")
     p.add_argument("--text-dim", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=16, help="tokenizer window (prompts are truncated to it)")
+    p.add_argument("--whole-word-tokens", action="store_true",
+                   help="one token per vocabulary word (without it some words split into pieces, as the shipped "
+                        "shapes and scenes tokenizers do: stablefused.text.build_word_tokenizer)")
     p.add_argument("--p-uncond", type=float, default=0.1, help="prompt dropout for classifier-free guidance")
     p.add_argument("--prompt-swap", type=float, default=0.5, help="prompt-swap probability at sigma 0 (see above)")
     p.add_argument("--prompt-swap-sigma", type=float, default=2.0, help="sigma where prompt swapping stops")
