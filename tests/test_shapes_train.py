@@ -52,6 +52,8 @@ def test_scene_presets_train_loadable_models(tmp_path, preset):
     assert comps.family.name == ("sd" if preset == "scenes" else "sd3")
     if preset == "scenes_flow":  # a checkpoint loads as the final folder does: with the T5 length it was trained with
         assert evaluate.load(str(tmp_path / "m-step1")).family.max_sequence_length == comps.family.max_sequence_length == 4
+        # its saved tokenizers (--whole-word-tokens) load with a word a token; scenes' splits "green triangle" in 9
+        assert [len(t.tokenize("green triangle")) for t in (comps.tokenizer, comps.modules["tokenizer_2"])] == [2, 2]
     images = Sampler(comps).txt2img(["a red circle left of a blue square"], [0], 3.0, steps=2, progress=False).images
     assert images.shape == (1, 48, 48, 3)
     train.main([preset, "--out", str(tmp_path / "weak"), "--vae-from", str(tmp_path / "m"), "--text-from",

@@ -26,9 +26,13 @@ PRESETS = {
     # of its own would differ from scenes' by the architecture alone (the shipped one is scenes', byte for byte)
     # Its single-object scenes hold one or two unnamed objects beside the named one (scenes': zero to two), so that
     # "a circle" does not mean fewer objects than the data's average, which guidance turned into empty canvases.
-    # 22,000 steps on both cores: 1 h 49 min alone on the 2-core CPU
-    "scenes_flow": ["--name", "scenes_flow", "--arch", "sd3", "--unet-batch", "32", "--unet-steps", "22000", "--unet-lr",
-                    "6e-4", "--threads", "2", "--single-others", "1", "2", *COMMON, "--vae-from", str(BUNDLED / "scenes")],
+    # Its tokenizer gives every word one token ("green" and "triangle" are 4 and 5 pieces in scenes'), so the
+    # longest scene prompt is 14 tokens with its start and end and a 16-token window holds it (scenes': 24); the
+    # shorter window makes a step 0.22 s instead of 0.29 (the transformer attends over the padded prompt in every
+    # block; 0.25-0.29 s as this machine's speed varied), which buys 26,000 steps on both cores: 1 h 54 min alone
+    "scenes_flow": ["--name", "scenes_flow", "--arch", "sd3", "--unet-batch", "32", "--unet-steps", "26000", "--unet-lr",
+                    "6e-4", "--threads", "2", "--single-others", "1", "2", *COMMON, "--max-tokens", "16", "--whole-word-tokens",
+                    "--vae-from", str(BUNDLED / "scenes")],
     # autoguidance's weak model (Karras et al. 2024): smaller (UNet 32/64 channels) and far less trained (600 steps
     # on 10,000 scenes), on the shipped scenes model's frozen text encoder and VAE, so it takes its conditioning
     "scenes_weak": ["--name", "scenes_weak", "--arch", "unet", "--unet-batch", "32", "--unet-steps", "600",
