@@ -62,7 +62,8 @@ def build_word_tokenizer(words: list[str], model_max_length: int = 16, whole_wor
         add(ch)
         add(ch + "</w>")
     merges: list[tuple[str, str]] = []
-    for word in dict.fromkeys(w.lower() for w in words):
+    words = list(dict.fromkeys(w.lower() for w in words))
+    for word in words:
         if len(word) < 2:
             continue
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
@@ -74,7 +75,7 @@ def build_word_tokenizer(words: list[str], model_max_length: int = 16, whole_wor
             add(left)
     tok = CLIPTokenizer(vocab=vocab, merges=merges)
     while whole_words:  # join the first two leftover pieces of each split word; appended merges rank last
-        split = [p for w in dict.fromkeys(w.lower() for w in words) if len(p := tok.tokenize(w)) > 1]
+        split = [p for w in words if len(p := tok.tokenize(w)) > 1]
         if not split:
             break
         for pieces in split:
