@@ -28,7 +28,7 @@ PRESETS = {
     # "a circle" does not mean fewer objects than the data's average, which guidance turned into empty canvases.
     # Its tokenizer gives every word one token ("green" and "triangle" are 4 and 5 pieces in scenes'), so the
     # longest scene prompt is 14 tokens with its start and end and a 16-token window holds it (scenes': 24); the
-    # shorter window makes a step 0.23 s instead of 0.29 (the transformer attends over the padded prompt in every
+    # shorter window makes a step 0.23 s instead of 0.28 (the transformer attends over the padded prompt in every
     # block; 0.25-0.29 s as this machine's speed varied), which buys 26,000 steps on both cores: 1 h 54 min alone
     "scenes_flow": ["--name", "scenes_flow", "--arch", "sd3", "--unet-batch", "32", "--unet-steps", "26000", "--unet-lr",
                     "6e-4", "--threads", "2", "--single-others", "1", "2", *COMMON, "--max-tokens", "16", "--whole-word-tokens",
